@@ -1,0 +1,1 @@
+"""The aligner: a pure core (tokenview, vocabmap, alignment, projection, fusion), adapters."""

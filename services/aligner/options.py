@@ -1,0 +1,83 @@
+"""Alignment and fusion options, with the two presets: ``default`` and ``fusellm`` (compat).
+
+Covers: one validated, immutable options object naming every choice the core makes, and the
+presets. ``default`` is fuseserve's principled setting (offsets alignment anchored on the predicted
+token, soft MinED vocabulary on canonical surfaces, duplicates add their mass, MinCE per block,
+T = 1). ``fusellm`` reproduces the original FuseLLM code: DTW with its tie-breaking and one-to-one
+rule, anchored on the input token (its off-by-one), marker-swap MinED vocabulary, first duplicate
+kept, MinCE per block.
+
+Leaves out: service settings (addresses, k, limits).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from fuseserve.aligner.alignment import AlignMethod, Anchor
+from fuseserve.aligner.fusion import FusionLevel, FusionMethod
+from fuseserve.aligner.projection import DuplicateRule, Fallback
+from fuseserve.aligner.vocabmap import StringMode
+
+
+class VocabAlign(StrEnum):
+    HARD = "hard"  # EM only
+    SOFT = "soft"  # EM, then MinED
+
+
+class FusionOptions(BaseModel):
+    """Every alignment/fusion choice. Unknown fields and bad values are rejected by name."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    alignment: AlignMethod = AlignMethod.OFFSETS
+    anchor: Anchor = Anchor.NEXT
+    vocab: VocabAlign = VocabAlign.SOFT
+    strings: StringMode = StringMode.SURFACE
+    duplicates: DuplicateRule = DuplicateRule.SUM
+    fallback: Fallback = Fallback.ONEHOT
+    method: FusionMethod = FusionMethod.MIN_CE
+    level: FusionLevel = FusionLevel.SEQUENCE
+    temperature: float = Field(1.0, gt=0.0, le=100.0)
+    dtw_compat: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FusionOptions:
+        if self.alignment is AlignMethod.OFFSETS and self.anchor is Anchor.INPUT:
+            raise ValueError(
+                "anchor='input' only exists for alignment='dtw' (the original code's pairing); "
+                "offsets alignment pairs contexts and always predicts the next token"
+            )
+        if self.dtw_compat and self.alignment is not AlignMethod.DTW:
+            raise ValueError("dtw_compat=True needs alignment='dtw'")
+        return self
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> FusionOptions:
+        """``default`` or ``fusellm``, with optional field overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def cache_key(self) -> str:
+        """A canonical string of every option, for content-addressed cache keys."""
+        return self.model_dump_json()
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "fusellm": {
+        "alignment": AlignMethod.DTW,
+        "dtw_compat": True,
+        "anchor": Anchor.INPUT,
+        "vocab": VocabAlign.SOFT,
+        "strings": StringMode.FUSELLM,
+        "duplicates": DuplicateRule.FIRST,
+        "fallback": Fallback.ONEHOT,
+        "method": FusionMethod.MIN_CE,
+        "level": FusionLevel.SEQUENCE,
+    },
+}

@@ -1,0 +1,143 @@
+"""From one block's target tokens and K teachers' scores to a fused block.
+
+Covers: byte-precise context ends, alignment by the chosen method, projection through each
+teacher's vocabulary map, cross-entropies and fusion, with the consistency checks between them
+(vocabulary maps built for these tokenizers and this string mode).
+
+Leaves out: tokenising the text, calling teachers, caching (the service adapters do that).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fuseserve.aligner.alignment import Alignment, AlignMethod, align_dtw, align_offsets
+from fuseserve.aligner.fusion import FusionLevel, fuse, sequence_ce, token_costs
+from fuseserve.aligner.options import FusionOptions, VocabAlign
+from fuseserve.aligner.projection import SparseDist, project
+from fuseserve.aligner.tokenview import TokenizerView, context_ends
+from fuseserve.aligner.vocabmap import VocabMap
+from fuseserve.wire.messages import FusedBlock, TeacherScores
+
+
+@dataclass(frozen=True)
+class TeacherInput:
+    """One teacher's part in a block: its name, vocabulary view, map onto the target, scores."""
+
+    name: str
+    view: TokenizerView
+    vocab_map: VocabMap
+    scores: TeacherScores
+
+
+@dataclass(frozen=True)
+class TeacherResult:
+    """Per-teacher intermediate results, for inspection and tests."""
+
+    alignment: Alignment
+    dist: SparseDist
+    ce: float
+
+
+def align_teacher(
+    text: str,
+    target: TokenizerView,
+    target_ids: np.ndarray,
+    target_ends: np.ndarray,
+    teacher: TeacherInput,
+    options: FusionOptions,
+) -> Alignment:
+    scores = teacher.scores
+    teacher_ends = context_ends(scores.token_ids, scores.offsets, text, teacher.view)
+    if options.alignment is AlignMethod.OFFSETS:
+        return align_offsets(target_ids, target_ends, teacher_ends)
+    soft = teacher.vocab_map.table(soft=True) if options.vocab is VocabAlign.SOFT else None
+    return align_dtw(
+        target_ids,
+        scores.token_ids,
+        target,
+        teacher.view,
+        anchor=options.anchor,
+        soft_table=soft,
+        compat=options.dtw_compat,
+        target_ends=target_ends,
+        teacher_ends=teacher_ends,
+    )
+
+
+def _check_map(target: TokenizerView, teacher: TeacherInput, options: FusionOptions) -> None:
+    vmap = teacher.vocab_map
+    if vmap.target_fingerprint != target.fingerprint:
+        raise ValueError(f"teacher {teacher.name!r}: vocabulary map built for another target")
+    if vmap.teacher_fingerprint != teacher.view.fingerprint:
+        raise ValueError(f"teacher {teacher.name!r}: vocabulary map built for another tokenizer")
+    if vmap.mode != options.strings:
+        raise ValueError(
+            f"teacher {teacher.name!r}: vocabulary map mode {vmap.mode} "
+            f"!= strings={options.strings}"
+        )
+
+
+def run_teachers(
+    text: str,
+    target: TokenizerView,
+    target_ids: np.ndarray,
+    target_offsets: np.ndarray,
+    teachers: Sequence[TeacherInput],
+    options: FusionOptions,
+) -> list[TeacherResult]:
+    """Align and project every teacher onto the target positions of this block."""
+    target_ids = np.asarray(target_ids, dtype=np.int64)
+    target_ends = context_ends(target_ids, target_offsets, text, target)
+    results = []
+    for teacher in teachers:
+        _check_map(target, teacher, options)
+        alignment = align_teacher(text, target, target_ids, target_ends, teacher, options)
+        dist = project(
+            alignment,
+            teacher.scores.topk_ids,
+            teacher.scores.topk_logprobs,
+            teacher.vocab_map.table(soft=options.vocab is VocabAlign.SOFT),
+            temperature=options.temperature,
+            duplicates=options.duplicates,
+            fallback=options.fallback,
+        )
+        results.append(TeacherResult(alignment, dist, sequence_ce(teacher.scores.gold_logprobs)))
+    return results
+
+
+def fuse_block(
+    text: str,
+    target: TokenizerView,
+    target_ids: np.ndarray,
+    target_offsets: np.ndarray,
+    teachers: Sequence[TeacherInput],
+    options: FusionOptions | None = None,
+) -> FusedBlock:
+    """Fuse K teachers' scores for one block of text.
+
+    target_ids: [n]; target_offsets: [n, 2] character offsets of the target tokens in ``text``.
+    """
+    options = options or FusionOptions()
+    if not teachers:
+        raise ValueError("teachers: at least one teacher is needed")
+    results = run_teachers(text, target, target_ids, target_offsets, teachers, options)
+    ces = [r.ce for r in results]
+    costs = None
+    if options.level is FusionLevel.TOKEN:
+        costs = token_costs(
+            [r.alignment.pair for r in results], [t.scores.gold_logprobs for t in teachers], ces
+        )
+    fused = fuse([r.dist for r in results], ces, options.method, options.level, costs)
+    return FusedBlock(
+        target_ids=np.asarray(target_ids, dtype=np.int32),
+        ids=fused.ids,
+        probs=fused.probs,
+        chosen=fused.chosen,
+        ce=np.asarray(ces, dtype=np.float32),
+        coverage=np.asarray([r.alignment.coverage for r in results], dtype=np.float32),
+        teachers=tuple(t.name for t in teachers),
+    )

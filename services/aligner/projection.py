@@ -1,0 +1,143 @@
+"""Projection of one teacher's top-k distributions onto the target vocabulary.
+
+Covers: at each target position paired with a teacher position, the teacher's top-k
+(ids, log-probs) become a sparse distribution over target ids: ids go through the vocabulary map
+(entries without a target id are dropped), probabilities are ``softmax(logprob / T)`` over what
+is kept, and target ids reached by several teacher tokens either add their mass (``sum``, default)
+or keep only the first, highest-ranked entry (``first``, the original code). Positions without a
+pair (or whose kept set is empty) get a one-hot of their fallback token, or are left empty when
+the fallback is ``missing``. Positions without a label (fallback -1: the last position under
+the ``next`` anchor) stay empty.
+
+``SparseDist`` holds ids [n, width] int32 (-1 = padding) and probs [n, width] float32 (0 at
+padding), each row sorted by decreasing probability and summing to 1 (or empty), plus
+``aligned`` [n] bool (the row came from the teacher).
+
+Leaves out: combining teachers (``fusion``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+import numpy as np
+
+from fuseserve.aligner.alignment import Alignment
+
+
+class DuplicateRule(StrEnum):
+    SUM = "sum"
+    FIRST = "first"
+
+
+class Fallback(StrEnum):
+    ONEHOT = "onehot"
+    MISSING = "missing"
+
+
+@dataclass(frozen=True)
+class SparseDist:
+    """ids: [n, width] int32 (-1 pad); probs: [n, width] float32; aligned: [n] bool."""
+
+    ids: np.ndarray
+    probs: np.ndarray
+    aligned: np.ndarray
+
+    @property
+    def present(self) -> np.ndarray:
+        """[n] bool: rows that carry a distribution."""
+        return self.ids[:, 0] >= 0 if self.ids.shape[1] else np.zeros(len(self.ids), bool)
+
+
+def merge_rows(
+    row: np.ndarray, ids: np.ndarray, mass: np.ndarray, n_rows: int, width: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sum ``mass`` per (row, id) and lay the result out as padded rows sorted by mass.
+
+    row, ids, mass: [e] flat entries. Returns ids [n_rows, width] int32, probs [n_rows, width]
+    float32. Rows with more than ``width`` distinct ids keep the largest.
+    """
+    out_ids = np.full((n_rows, width), -1, dtype=np.int32)
+    out_p = np.zeros((n_rows, width), dtype=np.float32)
+    if len(row) == 0 or width == 0:
+        return out_ids, out_p
+    stride = int(ids.max()) + 1
+    keys, inverse = np.unique(row.astype(np.int64) * stride + ids, return_inverse=True)
+    summed = np.bincount(inverse, weights=mass, minlength=len(keys))
+    u_row = keys // stride
+    u_id = keys % stride
+    # Order by row, then by decreasing mass (ties: lower id first).
+    order = np.lexsort((u_id, -summed, u_row))
+    u_row, u_id, summed = u_row[order], u_id[order], summed[order]
+    starts = np.searchsorted(u_row, u_row, side="left")
+    slot = np.arange(len(u_row)) - starts
+    keep = slot < width
+    out_ids[u_row[keep], slot[keep]] = u_id[keep]
+    out_p[u_row[keep], slot[keep]] = summed[keep]
+    return out_ids, out_p
+
+
+def _first_occurrence(mapped: np.ndarray) -> np.ndarray:
+    """[r, k] bool: entries that are the first of their id in their row (ids < 0 never are)."""
+    r, k = mapped.shape
+    order = np.argsort(mapped, axis=1, kind="stable")
+    sorted_ids = np.take_along_axis(mapped, order, axis=1)
+    first_sorted = np.ones((r, k), dtype=bool)
+    first_sorted[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
+    first = np.zeros((r, k), dtype=bool)
+    np.put_along_axis(first, order, first_sorted, axis=1)
+    return first & (mapped >= 0)
+
+
+def project(
+    alignment: Alignment,
+    topk_ids: np.ndarray,
+    topk_logprobs: np.ndarray,
+    table: np.ndarray,
+    temperature: float = 1.0,
+    duplicates: DuplicateRule = DuplicateRule.SUM,
+    fallback: Fallback = Fallback.ONEHOT,
+) -> SparseDist:
+    """Project a teacher's per-position top-k onto target ids.
+
+    topk_ids, topk_logprobs: [m, k] teacher ids and log-probs; table: [teacher_vocab] int32
+    teacher id -> target id (-1 = none). Returns a SparseDist of width k over the target positions.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    topk_ids = np.asarray(topk_ids)
+    topk_logprobs = np.asarray(topk_logprobs, dtype=np.float64)
+    n = len(alignment.pair)
+    k = topk_ids.shape[1] if topk_ids.ndim == 2 else 0
+    width = max(k, 1)
+    rows = np.nonzero((alignment.pair >= 0) & (alignment.fallback >= 0))[0]
+    src = alignment.pair[rows]
+    if len(src) and src.max() >= len(topk_ids):
+        raise ValueError(f"alignment refers to teacher position {src.max()} of {len(topk_ids)}")
+
+    mapped = np.asarray(table)[topk_ids[src]].astype(np.int64) if len(rows) else np.zeros((0, k))
+    logits = topk_logprobs[src] / temperature if len(rows) else np.zeros((0, k))
+    keep = (mapped >= 0) & np.isfinite(logits)
+    if DuplicateRule(duplicates) is DuplicateRule.FIRST and len(rows):
+        keep &= _first_occurrence(np.where(keep, mapped, -1))
+    has_mass = keep.any(axis=1)
+    rows, mapped, logits, keep = rows[has_mass], mapped[has_mass], logits[has_mass], keep[has_mass]
+
+    masked = np.where(keep, logits, -np.inf)
+    peak = masked.max(axis=1, keepdims=True) if len(rows) else np.zeros((0, 1))
+    weights = np.where(keep, np.exp(masked - peak), 0.0)
+    probs = weights / weights.sum(axis=1, keepdims=True) if len(rows) else weights
+
+    aligned = np.zeros(n, dtype=bool)
+    aligned[rows] = True
+    flat_row = np.repeat(rows, k)[keep.ravel()]
+    flat_id = mapped.ravel()[keep.ravel()]
+    flat_p = probs.ravel()[keep.ravel()]
+    if Fallback(fallback) is Fallback.ONEHOT:
+        onehot = np.nonzero(~aligned & (alignment.fallback >= 0))[0]
+        flat_row = np.concatenate([flat_row, onehot])
+        flat_id = np.concatenate([flat_id, alignment.fallback[onehot]])
+        flat_p = np.concatenate([flat_p, np.ones(len(onehot))])
+    ids, p = merge_rows(flat_row, flat_id, flat_p, n, width)
+    return SparseDist(ids=ids, probs=p, aligned=aligned)
