@@ -116,7 +116,11 @@ def project(
     if len(src) and src.max() >= len(topk_ids):
         raise ValueError(f"alignment refers to teacher position {src.max()} of {len(topk_ids)}")
 
-    mapped = np.asarray(table)[topk_ids[src]].astype(np.int64) if len(rows) else np.zeros((0, k))
+    mapped = (
+        np.asarray(table)[topk_ids[src]].astype(np.int64)
+        if len(rows)
+        else np.zeros((0, k), dtype=np.int64)
+    )
     logits = topk_logprobs[src] / temperature if len(rows) else np.zeros((0, k))
     keep = (mapped >= 0) & np.isfinite(logits)
     if DuplicateRule(duplicates) is DuplicateRule.FIRST and len(rows):
@@ -139,5 +143,5 @@ def project(
         flat_row = np.concatenate([flat_row, onehot])
         flat_id = np.concatenate([flat_id, alignment.fallback[onehot]])
         flat_p = np.concatenate([flat_p, np.ones(len(onehot))])
-    ids, p = merge_rows(flat_row, flat_id, flat_p, n, width)
+    ids, p = merge_rows(flat_row.astype(np.int64), flat_id.astype(np.int64), flat_p, n, width)
     return SparseDist(ids=ids, probs=p, aligned=aligned)

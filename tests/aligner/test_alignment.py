@@ -180,7 +180,9 @@ def test_offsets_alignment_is_monotone_and_exact(
     mistral_tok, mistral, smol_tok, smol, prose, start, length
 ):
     text = prose[start : start + length]
-    t_ids, s_ids, t_ends, s_ends, al = offsets_alignment(text, mistral_tok, mistral, smol_tok, smol)
+    _t_ids, s_ids, t_ends, s_ends, al = offsets_alignment(
+        text, mistral_tok, mistral, smol_tok, smol
+    )
     paired = al.pair >= 0
     assert np.all(np.diff(al.pair[paired]) > 0)  # monotone, one-to-one
     assert np.all(t_ends[paired] == s_ends[al.pair[paired]])  # same prefix text

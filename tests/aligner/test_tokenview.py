@@ -66,7 +66,7 @@ def test_fingerprint_is_stable_and_distinguishes(mistral, smol, mistral_tok):
     changed = TokenizerView(
         name="x",
         scheme=mistral.scheme,
-        tokens=mistral.tokens[:-1] + ("▁zzz",),
+        tokens=(*mistral.tokens[:-1], "▁zzz"),
         special_ids=mistral.special_ids,
         bos_id=1,
         eos_id=2,

