@@ -35,6 +35,43 @@ def _vocab_map(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_settings_flags(parser: argparse.ArgumentParser, settings_cls) -> None:
+    """One ``--flag`` per settings field; unset flags leave env vars and defaults in charge."""
+    for name, field in settings_cls.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = field.default
+        help_text = (field.description or name.replace("_", " ")) + f" (default: {default})"
+        parser.add_argument(flag, dest=name, default=None, help=help_text)
+
+
+def settings_from_args(settings_cls, args: argparse.Namespace):
+    given = {
+        name: getattr(args, name)
+        for name in settings_cls.model_fields
+        if getattr(args, name, None) is not None
+    }
+    return settings_cls(**given)
+
+
+def _teacher(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from pydantic import ValidationError
+
+    from fuseserve.teacher.server import serve
+    from fuseserve.teacher.settings import TeacherSettings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        settings = settings_from_args(TeacherSettings, args)
+    except ValidationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(serve(settings))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fuseserve",
@@ -62,6 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     vm.add_argument("--out-dir", default="vocab-maps", help="where maps are stored and reused")
     vm.set_defaults(func=_vocab_map)
+
+    from fuseserve.teacher.settings import TeacherSettings
+
+    teacher = sub.add_parser(
+        "teacher",
+        help="serve one causal LM's per-position top-k log-probs over gRPC",
+        description=(
+            "Serve a causal LM as a fuseserve teacher (gRPC service fuseserve.teacher.v1.Teacher, "
+            "plus grpc.health.v1 and reflection). Every flag can also be set through an "
+            "environment variable FUSESERVE_TEACHER_<FLAG> (e.g. FUSESERVE_TEACHER_PORT=50051)."
+        ),
+    )
+    add_settings_flags(teacher, TeacherSettings)
+    teacher.set_defaults(func=_teacher)
     return parser
 
 

@@ -1,0 +1,154 @@
+"""In-process Hugging Face backend: any ``AutoModelForCausalLM`` on CPU or CUDA.
+
+Covers loading (local directory, hub id, ``.gguf`` file, or ``shipped:smollm2``), tokenising with
+offsets, and scoring a padded batch in one forward pass. Top-k and gold log-probs are computed on
+the device in chunks of positions (``log_softmax`` of at most [chunk, vocab] in fp32 at a time), so
+no full [tokens, vocab] fp32 copy exists beyond the logits the forward returns.
+
+Leaves out: batching policy (``batcher``) and transport (``server``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from fuseserve.aligner.tokenview import TokenizerView
+from fuseserve.teacher.backend import BackendInfo, TokenizedText, tokenize_with_offsets
+from fuseserve.teacher.errors import InvalidRequest
+from fuseserve.wire.messages import TeacherScores
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model_spec(spec: str) -> tuple[str, dict]:
+    """(path or hub id, extra from_pretrained kwargs) for a model spec."""
+    if spec == "shipped:smollm2":
+        from fuseserve import shipped
+
+        path = shipped.smollm2_gguf()
+        return str(path.parent), {"gguf_file": path.name}
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return str(path.parent), {"gguf_file": path.name}
+    return spec, {}
+
+
+class HFBackend:
+    """Scores with a transformers causal LM held in this process."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        model_id: str,
+        revision: str = "main",
+        max_sequence_length: int = 2048,
+        max_k: int = 64,
+        chunk_positions: int = 256,
+    ) -> None:
+        import torch
+
+        self.torch = torch
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.view = TokenizerView.from_hf(tokenizer, model_id)
+        self.device = next(model.parameters()).device
+        self.chunk_positions = chunk_positions
+        self.max_sequence_length = max_sequence_length
+        limit = getattr(model.config, "max_position_embeddings", None) or max_sequence_length
+        self.info = BackendInfo(
+            model_id=model_id,
+            revision=revision,
+            architecture=(getattr(model.config, "architectures", None) or ["?"])[0],
+            max_sequence_length=min(max_sequence_length, int(limit)),
+            max_k=max_k,
+            dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+            device=str(self.device),
+            backend="hf",
+        )
+
+    @classmethod
+    def load(
+        cls,
+        spec: str,
+        tokenizer_spec: str | None = None,
+        revision: str = "main",
+        device: str = "auto",
+        dtype: str = "auto",
+        **kwargs,
+    ) -> HFBackend:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from fuseserve.loading import load_tokenizer
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if dtype == "auto":
+            dtype = "bfloat16" if device.startswith("cuda") else "float32"
+        source, extra = resolve_model_spec(spec)
+        if not extra:
+            extra["revision"] = revision
+        log.info("loading %s (%s, %s)", spec, device, dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=getattr(torch, dtype), **extra
+        ).to(device)
+        if tokenizer_spec is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+        else:
+            tokenizer = load_tokenizer(tokenizer_spec)
+        return cls(model, tokenizer, spec, revision=revision, **kwargs)
+
+    def tokenize(
+        self, text: str, add_bos: bool | None, truncate: bool = False, field: str = "texts"
+    ) -> TokenizedText:
+        return tokenize_with_offsets(
+            self.tokenizer, text, add_bos, self.info.max_sequence_length, truncate, field
+        )
+
+    def score(self, batch: list[TokenizedText], k: int) -> list[TeacherScores]:
+        """Score a batch in one padded forward pass. Blocking."""
+        torch = self.torch
+        if not 1 <= k <= min(self.info.max_k, self.view.vocab_size):
+            raise InvalidRequest("k", f"must be in [1, {self.info.max_k}], got {k}")
+        lengths = [len(t.ids) for t in batch]
+        width = max(lengths)
+        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, item in enumerate(batch):
+            ids[row, : lengths[row]] = torch.from_numpy(item.ids)
+            mask[row, : lengths[row]] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        with torch.inference_mode():
+            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            out = []
+            for row, item in enumerate(batch):
+                n = lengths[row]
+                top_v = torch.empty((n, k), dtype=torch.float32, device=self.device)
+                top_i = torch.empty((n, k), dtype=torch.long, device=self.device)
+                gold = torch.full((n,), float("nan"), dtype=torch.float32, device=self.device)
+                for start in range(0, n, self.chunk_positions):
+                    end = min(start + self.chunk_positions, n)
+                    logp = torch.log_softmax(logits[row, start:end].float(), dim=-1)
+                    values, indices = logp.topk(k, dim=-1)
+                    top_v[start:end], top_i[start:end] = values, indices
+                    stop = min(end, n - 1)
+                    if stop > start:
+                        nxt = ids[row, start + 1 : stop + 1]
+                        gold[start:stop] = logp[: stop - start].gather(1, nxt[:, None])[:, 0]
+                out.append(
+                    TeacherScores(
+                        token_ids=item.ids.astype(np.int32),
+                        offsets=item.offsets.astype(np.int32),
+                        topk_ids=top_i.cpu().numpy().astype(np.int32),
+                        topk_logprobs=top_v.cpu().numpy(),
+                        gold_logprobs=gold.cpu().numpy(),
+                        truncated=item.truncated,
+                    )
+                )
+        return out

@@ -1,0 +1,261 @@
+"""The teacher gRPC server: thin handlers over one backend and one batcher.
+
+Covers the ``fuseserve.teacher.v1.Teacher`` service (Info, Vocab, Score), request limits checked
+before any model work (INVALID_ARGUMENT naming the field), overload (RESOURCE_EXHAUSTED at once),
+the standard health service (NOT_SERVING until the model is loaded and while the engine fails),
+server reflection, explicit message-size limits, Prometheus metrics, and a SIGTERM drain.
+
+Leaves out: the model (``hf_backend``) and batching (``batcher``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from fuseserve.teacher.backend import ScoringBackend
+from fuseserve.teacher.batcher import DynamicBatcher
+from fuseserve.teacher.errors import EngineUnavailable, InvalidRequest, Overloaded, TeacherError
+from fuseserve.teacher.metrics import TeacherMetrics
+from fuseserve.teacher.settings import TeacherSettings
+from fuseserve.wire.v1 import teacher_pb2, teacher_pb2_grpc
+
+log = logging.getLogger(__name__)
+SERVICE = "fuseserve.teacher.v1.Teacher"
+
+_STATUS = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    EngineUnavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def grpc_options(settings: TeacherSettings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+    ]
+
+
+class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
+    def __init__(self, settings: TeacherSettings, metrics: TeacherMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.backend: ScoringBackend | None = None
+        self.batcher: DynamicBatcher | None = None
+
+    def _ready(self) -> tuple[ScoringBackend, DynamicBatcher]:
+        if self.backend is None or self.batcher is None:
+            raise EngineUnavailable("model is still loading")
+        return self.backend, self.batcher
+
+    async def _abort(self, context: grpc.aio.ServicerContext, exc: TeacherError) -> None:
+        code = _STATUS.get(type(exc), grpc.StatusCode.INTERNAL)
+        self.metrics.failures.labels(type(exc).__name__).inc()
+        await context.abort(code, str(exc))
+
+    async def Info(self, request, context):
+        try:
+            backend, _ = self._ready()
+        except TeacherError as exc:
+            await self._abort(context, exc)
+        info, view, s = backend.info, backend.view, self.settings
+
+        def role(value):
+            return -1 if value is None else value
+
+        return teacher_pb2.InfoReply(
+            model_id=info.model_id,
+            revision=info.revision,
+            architecture=info.architecture,
+            tokenizer_fingerprint=view.fingerprint,
+            vocab_size=view.vocab_size,
+            max_sequence_length=info.max_sequence_length,
+            max_k=info.max_k,
+            dtype=info.dtype,
+            device=info.device,
+            backend=info.backend,
+            tokenizer_scheme=str(view.scheme),
+            max_batch_texts=s.max_batch_texts,
+            max_request_tokens=s.max_request_tokens,
+            special_ids=sorted(view.special_ids),
+            bos_id=role(view.bos_id),
+            eos_id=role(view.eos_id),
+            unk_id=role(view.unk_id),
+            pad_id=role(view.pad_id),
+        )
+
+    async def Vocab(self, request, context) -> AsyncIterator[teacher_pb2.VocabChunk]:
+        try:
+            backend, _ = self._ready()
+        except TeacherError as exc:
+            await self._abort(context, exc)
+        size = request.chunk_size or 8192
+        if size < 0:
+            await self._abort(context, InvalidRequest("chunk_size", "must be >= 0"))
+        tokens = backend.view.tokens
+        for start in range(0, len(tokens), size):
+            yield teacher_pb2.VocabChunk(
+                start_id=start, tokens=tokens[start : start + size], vocab_size=len(tokens)
+            )
+
+    def _validate(self, request, backend: ScoringBackend):
+        s = self.settings
+        if not request.texts:
+            raise InvalidRequest("texts", "must hold at least one text")
+        if len(request.texts) > s.max_batch_texts:
+            raise InvalidRequest(
+                "texts", f"{len(request.texts)} texts exceed max_batch_texts={s.max_batch_texts}"
+            )
+        max_k = min(backend.info.max_k, backend.view.vocab_size)
+        if not 1 <= request.k <= max_k:
+            raise InvalidRequest("k", f"must be in [1, {max_k}], got {request.k}")
+        if request.float_dtype not in ("", "f16", "f32"):
+            raise InvalidRequest(
+                "float_dtype", f"must be 'f16' or 'f32', got {request.float_dtype!r}"
+            )
+        add_bos = {0: None, 1: True, 2: False}.get(request.add_bos)
+        truncate = request.too_long == teacher_pb2.TOO_LONG_TRUNCATE
+        items = []
+        for i, text in enumerate(request.texts):
+            if not text:
+                raise InvalidRequest(f"texts[{i}]", "is empty")
+            items.append(backend.tokenize(text, add_bos, truncate=truncate, field=f"texts[{i}]"))
+        total = sum(len(t.ids) for t in items)
+        if total > s.max_request_tokens:
+            raise InvalidRequest(
+                "texts", f"{total} tokens exceed max_request_tokens={s.max_request_tokens}"
+            )
+        return items
+
+    async def Score(self, request, context) -> AsyncIterator[teacher_pb2.ScoreReply]:
+        started = time.perf_counter()
+        try:
+            backend, batcher = self._ready()
+            items = self._validate(request, backend)
+            results = await batcher.submit(items, request.k)
+        except TeacherError as exc:
+            await self._abort(context, exc)
+        dtype = request.float_dtype or "f32"
+        for index, result in enumerate(results):
+            yield teacher_pb2.ScoreReply(
+                index=index,
+                scores=result.to_bytes(dtype),
+                truncated=result.truncated,
+                num_tokens=len(result.token_ids),
+            )
+        self.metrics.latency.observe(time.perf_counter() - started)
+
+
+@dataclass
+class RunningTeacher:
+    server: grpc.aio.Server
+    port: int
+    servicer: TeacherServicer
+    health: health.aio.HealthServicer
+    metrics: TeacherMetrics
+
+    async def set_backend(self, backend: ScoringBackend) -> None:
+        s = self.servicer.settings
+
+        def on_health(ok: bool) -> None:
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if ok
+                else (health_pb2.HealthCheckResponse.NOT_SERVING)
+            )
+            asyncio.get_running_loop().create_task(self._set_status(status))
+
+        batcher = DynamicBatcher(
+            backend.score,
+            token_budget=s.batch_token_budget,
+            wait_s=s.batch_wait_ms / 1000.0,
+            max_queue=s.max_queue_sequences,
+            metrics=self.metrics,
+            on_health=lambda ok: asyncio.get_event_loop().call_soon_threadsafe(on_health, ok),
+        )
+        batcher.start()
+        self.servicer.backend, self.servicer.batcher = backend, batcher
+        await self._set_status(health_pb2.HealthCheckResponse.SERVING)
+
+    async def _set_status(self, status) -> None:
+        await self.health.set("", status)
+        await self.health.set(SERVICE, status)
+
+    async def stop(self, grace: float) -> None:
+        """Refuse new work, drain what is in flight within ``grace`` seconds, stop."""
+        await self._set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(grace)
+        if self.servicer.batcher is not None:
+            await self.servicer.batcher.close()
+
+
+async def start_server(settings: TeacherSettings) -> RunningTeacher:
+    """Start serving (health NOT_SERVING) before any model is attached."""
+    metrics = TeacherMetrics()
+    server = grpc.aio.server(options=grpc_options(settings))
+    servicer = TeacherServicer(settings, metrics)
+    teacher_pb2_grpc.add_TeacherServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    await server.start()
+    running = RunningTeacher(server, port, servicer, health_servicer, metrics)
+    await running._set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
+    return running
+
+
+def load_backend(settings: TeacherSettings) -> ScoringBackend:
+    if settings.backend == "hf":
+        from fuseserve.teacher.hf_backend import HFBackend
+
+        return HFBackend.load(
+            settings.model,
+            tokenizer_spec=settings.tokenizer,
+            revision=settings.revision,
+            device=settings.device,
+            dtype=settings.dtype,
+            max_sequence_length=settings.max_sequence_length,
+            max_k=settings.max_k,
+            chunk_positions=settings.score_chunk_positions,
+        )
+    raise EngineUnavailable(
+        f"backend {settings.backend!r} is not available in this build; use backend='hf'"
+    )
+
+
+async def serve(settings: TeacherSettings) -> None:
+    """Run until SIGTERM/SIGINT, then drain and return (exit code 0)."""
+    from prometheus_client import start_http_server
+
+    running = await start_server(settings)
+    log.info("teacher listening on %s:%d (loading %s)", settings.host, running.port, settings.model)
+    if settings.metrics_port:
+        start_http_server(
+            settings.metrics_port, addr=settings.host, registry=running.metrics.registry
+        )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    load = loop.run_in_executor(None, load_backend, settings)
+    done, _ = await asyncio.wait(
+        [load, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED
+    )
+    if load in done:
+        await running.set_backend(load.result())
+        log.info("teacher ready: %s", settings.model)
+        await stop.wait()
+    log.info("draining (grace %.0fs)", settings.drain_seconds)
+    await running.stop(settings.drain_seconds)
