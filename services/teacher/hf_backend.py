@@ -62,7 +62,9 @@ class HFBackend:
         self.info = BackendInfo(
             model_id=model_id,
             revision=revision,
-            architecture=(getattr(model.config, "architectures", None) or ["?"])[0],
+            architecture=(getattr(model.config, "architectures", None) or [type(model).__name__])[
+                0
+            ],
             max_sequence_length=min(max_sequence_length, int(limit)),
             max_k=max_k,
             dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
