@@ -68,6 +68,12 @@ def _teacher(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if settings.backend != "hf":
+        print(
+            f"error: backend: {settings.backend!r} is not implemented yet; use --backend hf",
+            file=sys.stderr,
+        )
+        return 2
     asyncio.run(serve(settings))
     return 0
 

@@ -1,4 +1,4 @@
-"""End to end: ``fuseserve teacher`` as a real process serving SmolLM2-135M from the shipped GGUF."""
+"""End to end: `fuseserve teacher` as a real process serving the shipped SmolLM2-135M GGUF."""
 
 from __future__ import annotations
 
