@@ -230,8 +230,21 @@ def load_backend(settings: TeacherSettings) -> ScoringBackend:
             max_k=settings.max_k,
             chunk_positions=settings.score_chunk_positions,
         )
+    if settings.backend == "vllm":
+        from fuseserve.loading import load_tokenizer
+        from fuseserve.teacher.vllm_backend import VLLMBackend
+
+        if not settings.remote_url:
+            raise InvalidRequest("remote_url", "the vllm backend needs the server's base URL")
+        return VLLMBackend(
+            settings.remote_url,
+            settings.model,
+            load_tokenizer(settings.tokenizer or settings.model),
+            max_k=settings.max_k,
+            max_sequence_length=settings.max_sequence_length,
+        )
     raise EngineUnavailable(
-        f"backend {settings.backend!r} is not available in this build; use backend='hf'"
+        f"backend {settings.backend!r} is not available in this build; use 'hf' or 'vllm'"
     )
 
 

@@ -1,0 +1,83 @@
+"""The vLLM backend against a local HTTP server that answers in vLLM's documented format."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+import torch
+
+from fuseserve.teacher.errors import EngineUnavailable, InvalidRequest
+from fuseserve.teacher.vllm_backend import VLLMBackend
+
+
+@pytest.fixture(scope="module")
+def fake_vllm(tiny_backend):
+    """Answers /v1/completions with prompt_logprobs computed by the tiny model itself."""
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append(body)
+            ids = torch.tensor(body["prompt"])[None]
+            k = body["prompt_logprobs"]
+            with torch.inference_mode():
+                logp = torch.log_softmax(tiny_backend.model(input_ids=ids).logits[0].float(), -1)
+            entries = [None]
+            for j in range(1, ids.shape[1]):
+                row = logp[j - 1]
+                values, top = row.topk(k)
+                entry = {
+                    str(int(t)): {"logprob": float(v), "rank": r + 1, "decoded_token": "x"}
+                    for r, (t, v) in enumerate(zip(top, values))
+                }
+                actual = int(ids[0, j])
+                rank = int((row > row[actual]).sum()) + 1
+                entry.setdefault(
+                    str(actual), {"logprob": float(row[actual]), "rank": rank, "decoded_token": "x"}
+                )
+                entries.append(entry)
+            payload = {"choices": [{"text": "x", "prompt_logprobs": entries}]}
+            data = json.dumps(payload).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    server.shutdown()
+
+
+def test_vllm_scores_equal_the_local_forward(fake_vllm, tiny_backend):
+    url, seen = fake_vllm
+    backend = VLLMBackend(url, "tiny", tiny_backend.tokenizer, max_k=8)
+    item = backend.tokenize("Fusion of several teachers, one target.", None)
+    remote = backend.score([item], 5)[0]
+    local = tiny_backend.score([item], 5)[0]
+    assert seen[-1]["max_tokens"] == 1 and seen[-1]["temperature"] == 1.0
+    assert seen[-1]["prompt_logprobs"] == 5
+    np.testing.assert_array_equal(remote.topk_ids[:-1], local.topk_ids[:-1])
+    np.testing.assert_allclose(remote.topk_logprobs[:-1], local.topk_logprobs[:-1], atol=1e-5)
+    np.testing.assert_allclose(remote.gold_logprobs, local.gold_logprobs, atol=1e-5)
+    assert np.all(np.isneginf(remote.topk_logprobs[-1]))
+
+
+def test_vllm_guards(fake_vllm, tiny_backend):
+    url, _ = fake_vllm
+    backend = VLLMBackend(url, "tiny", tiny_backend.tokenizer, max_k=4)
+    item = backend.tokenize("short text here", None)
+    with pytest.raises(InvalidRequest, match="max_logprobs"):
+        backend.score([item], 5)
+    dead = VLLMBackend("http://127.0.0.1:9", "tiny", tiny_backend.tokenizer, timeout_s=2)
+    with pytest.raises(EngineUnavailable, match="vLLM"):
+        dead.score([item], 2)
