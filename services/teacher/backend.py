@@ -50,6 +50,20 @@ class ScoringBackend(Protocol):
         ...
 
 
+class LocalTokenizer:
+    """Mixin for backends that tokenise in this process: needs ``tokenizer`` and ``info``."""
+
+    tokenizer: object
+    info: BackendInfo
+
+    def tokenize(
+        self, text: str, add_bos: bool | None, truncate: bool = False, field: str = "texts"
+    ) -> TokenizedText:
+        return tokenize_with_offsets(
+            self.tokenizer, text, add_bos, self.info.max_sequence_length, truncate, field
+        )
+
+
 def tokenize_with_offsets(
     tokenizer, text: str, add_bos: bool | None, max_length: int, truncate: bool, field: str
 ) -> TokenizedText:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from fuseserve.aligner.tokenview import TokenizerView
-from fuseserve.teacher.backend import BackendInfo, TokenizedText, tokenize_with_offsets
+from fuseserve.teacher.backend import BackendInfo, LocalTokenizer, TokenizedText
 from fuseserve.teacher.errors import InvalidRequest
 from fuseserve.wire.messages import TeacherScores
 
@@ -36,7 +36,7 @@ def resolve_model_spec(spec: str) -> tuple[str, dict]:
     return spec, {}
 
 
-class HFBackend:
+class HFBackend(LocalTokenizer):
     """Scores with a transformers causal LM held in this process."""
 
     def __init__(
@@ -105,13 +105,6 @@ class HFBackend:
         else:
             tokenizer = load_tokenizer(tokenizer_spec)
         return cls(model, tokenizer, spec, revision=revision, **kwargs)
-
-    def tokenize(
-        self, text: str, add_bos: bool | None, truncate: bool = False, field: str = "texts"
-    ) -> TokenizedText:
-        return tokenize_with_offsets(
-            self.tokenizer, text, add_bos, self.info.max_sequence_length, truncate, field
-        )
 
     def score(self, batch: list[TokenizedText], k: int) -> list[TeacherScores]:
         """Score a batch in one padded forward pass. Blocking."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from fuseserve.aligner.tokenview import TokenizerView
-from fuseserve.teacher.backend import BackendInfo, TokenizedText, tokenize_with_offsets
+from fuseserve.teacher.backend import BackendInfo, LocalTokenizer, TokenizedText
 from fuseserve.teacher.errors import EngineUnavailable, InvalidRequest
 from fuseserve.wire.messages import TeacherScores
 
@@ -47,7 +47,7 @@ def parse_prompt_logprobs(
     return top_ids, top_lp, gold
 
 
-class VLLMBackend:
+class VLLMBackend(LocalTokenizer):
     def __init__(
         self,
         base_url: str,
@@ -72,13 +72,6 @@ class VLLMBackend:
             dtype="remote",
             device=base_url,
             backend="vllm",
-        )
-
-    def tokenize(
-        self, text: str, add_bos: bool | None, truncate: bool = False, field: str = "texts"
-    ) -> TokenizedText:
-        return tokenize_with_offsets(
-            self.tokenizer, text, add_bos, self.info.max_sequence_length, truncate, field
         )
 
     def score(self, batch: list[TokenizedText], k: int) -> list[TeacherScores]:

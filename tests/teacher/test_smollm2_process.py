@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
 import grpc
@@ -55,17 +54,15 @@ def test_smollm2_teacher_process_scores_and_drains_on_sigterm():
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         health = health_pb2_grpc.HealthStub(channel)
-        deadline = time.monotonic() + 240
+        # Wait for SERVING on the health Watch stream (one deadline for start-up and loading).
+        grpc.channel_ready_future(channel).result(timeout=120)
         status = None
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                status = health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
-            except grpc.RpcError:
-                status = None
+        watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=240)
+        for update in watch:
+            status = update.status
             if status == health_pb2.HealthCheckResponse.SERVING:
+                watch.cancel()
                 break
-            time.sleep(1)
         assert status == health_pb2.HealthCheckResponse.SERVING
         stub = teacher_pb2_grpc.TeacherStub(channel)
         info = stub.Info(teacher_pb2.InfoRequest(), timeout=10)
