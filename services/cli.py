@@ -68,12 +68,6 @@ def _teacher(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if settings.backend == "tgi":
-        print("error: backend: 'tgi' is not implemented yet; use hf or vllm", file=sys.stderr)
-        return 2
-    if settings.backend == "vllm" and not settings.remote_url:
-        print("error: remote_url: --backend vllm needs --remote-url", file=sys.stderr)
-        return 2
     asyncio.run(serve(settings))
     return 0
 

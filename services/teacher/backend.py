@@ -32,11 +32,16 @@ class BackendInfo:
 
 @dataclass(frozen=True)
 class TokenizedText:
-    """ids: [m] token ids; offsets: [m, 2] character offsets; truncated: cut to the max length."""
+    """ids: [m] token ids; offsets: [m, 2] character offsets; truncated: cut to the max length.
+
+    text: the characters the ids cover (the input, cut at the last kept token when truncated);
+    remote backends that tokenise on the server (TGI) send this.
+    """
 
     ids: np.ndarray
     offsets: np.ndarray
     truncated: bool = False
+    text: str = ""
 
 
 class ScoringBackend(Protocol):
@@ -88,10 +93,12 @@ def tokenize_with_offsets(
                 field, f"{len(ids)} tokens exceed max_sequence_length={max_length}"
             )
         ids, offsets, truncated = ids[:max_length], offsets[:max_length], True
+        text = text[: max(end for _, end in offsets)]
     if len(ids) < 2:
         raise InvalidRequest(field, "needs at least 2 tokens to score a next-token prediction")
     return TokenizedText(
         ids=np.asarray(ids, dtype=np.int64),
         offsets=np.asarray(offsets, dtype=np.int64).reshape(-1, 2),
         truncated=truncated,
+        text=text,
     )

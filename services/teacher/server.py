@@ -234,8 +234,6 @@ def load_backend(settings: TeacherSettings) -> ScoringBackend:
         from fuseserve.loading import load_tokenizer
         from fuseserve.teacher.vllm_backend import VLLMBackend
 
-        if not settings.remote_url:
-            raise InvalidRequest("remote_url", "the vllm backend needs the server's base URL")
         return VLLMBackend(
             settings.remote_url,
             settings.model,
@@ -243,9 +241,17 @@ def load_backend(settings: TeacherSettings) -> ScoringBackend:
             max_k=settings.max_k,
             max_sequence_length=settings.max_sequence_length,
         )
-    raise EngineUnavailable(
-        f"backend {settings.backend!r} is not available in this build; use 'hf' or 'vllm'"
-    )
+    if settings.backend == "tgi":
+        from fuseserve.loading import load_tokenizer
+        from fuseserve.teacher.tgi_backend import TGIBackend
+
+        return TGIBackend(
+            settings.remote_url,
+            settings.model,
+            load_tokenizer(settings.tokenizer or settings.model),
+            max_sequence_length=settings.max_sequence_length,
+        )
+    raise EngineUnavailable(f"backend {settings.backend!r} is not available in this build")
 
 
 async def serve(settings: TeacherSettings) -> None:

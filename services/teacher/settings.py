@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -28,7 +28,7 @@ class TeacherSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = any free port)")
     metrics_port: int = Field(9401, ge=0, le=65535, description="Prometheus port (0 = off)")
-    max_k: int = Field(64, ge=1, le=1024)
+    max_k: int = Field(64, ge=1, le=1024, description="largest k a request may ask (tgi: 1)")
     max_sequence_length: int = Field(2048, ge=2)
     max_batch_texts: int = Field(64, ge=1, description="texts per Score request")
     max_request_tokens: int = Field(65536, ge=1, description="tokens per Score request")
@@ -38,3 +38,15 @@ class TeacherSettings(BaseSettings):
     score_chunk_positions: int = Field(256, ge=1, description="positions per log-softmax chunk")
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
     drain_seconds: float = Field(20.0, ge=0, description="SIGTERM grace for in-flight work")
+
+    @model_validator(mode="after")
+    def _remote_backends(self) -> TeacherSettings:
+        if self.backend in ("vllm", "tgi") and not self.remote_url:
+            raise ValueError(f"remote_url: the {self.backend} backend needs the server's base URL")
+        if self.backend == "tgi":
+            if "max_k" in self.model_fields_set and self.max_k > 1:
+                from fuseserve.teacher.tgi_backend import TGI_K_MESSAGE
+
+                raise ValueError(f"max_k={self.max_k}: {TGI_K_MESSAGE}")
+            self.max_k = 1
+        return self
