@@ -113,9 +113,9 @@ def test_tgi_refuses_k_above_one():
     assert TeacherSettings(backend="tgi", remote_url="http://x").max_k == 1
     with pytest.raises(ValidationError, match="remote_url"):
         TeacherSettings(backend="tgi")
+    args = ["teacher", "--backend", "tgi", "--remote-url", "http://127.0.0.1:9", "--max-k", "4"]
     cli = subprocess.run(
-        [sys.executable, "-m", "fuseserve.cli", "teacher", "--backend", "tgi"]
-        + ["--remote-url", "http://127.0.0.1:9", "--max-k", "4"],
+        [sys.executable, "-m", "fuseserve.cli", *args],
         capture_output=True,
         text=True,
         timeout=120,
