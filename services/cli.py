@@ -35,13 +35,54 @@ def _vocab_map(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_settings_flags(parser: argparse.ArgumentParser, settings_cls) -> None:
+def add_settings_flags(
+    parser: argparse.ArgumentParser, settings_cls, skip: Sequence[str] = ()
+) -> None:
     """One ``--flag`` per settings field; unset flags leave env vars and defaults in charge."""
     for name, field in settings_cls.model_fields.items():
+        if name in skip:
+            continue
         flag = "--" + name.replace("_", "-")
-        default = field.default
+        default = field.default_factory() if field.default_factory else field.default
         help_text = (field.description or name.replace("_", " ")) + f" (default: {default})"
         parser.add_argument(flag, dest=name, default=None, help=help_text)
+
+
+def _aligner(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+    import logging
+
+    from pydantic import ValidationError
+
+    from fuseserve.aligner.service.app import serve
+    from fuseserve.aligner.service.settings import (
+        AlignerSettings,
+        load_settings,
+        parse_teacher_flag,
+    )
+
+    given = {
+        name: getattr(args, name)
+        for name in AlignerSettings.model_fields
+        if name not in ("teachers", "options") and getattr(args, name, None) is not None
+    }
+    try:
+        if args.teacher:
+            given["teachers"] = [parse_teacher_flag(t) for t in args.teacher]
+        if args.options:
+            given["options"] = json.loads(args.options)
+        settings = load_settings(args.config, **given)
+    except (ValidationError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not settings.teachers:
+        print("error: teachers: give at least one --teacher name=host:port", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    return asyncio.run(serve(settings))
 
 
 def settings_from_args(settings_cls, args: argparse.Namespace):
@@ -113,6 +154,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_settings_flags(teacher, TeacherSettings)
     teacher.set_defaults(func=_teacher)
+
+    from fuseserve.aligner.service.settings import AlignerSettings
+
+    aligner = sub.add_parser(
+        "aligner",
+        help="serve fused distributions over REST and gRPC, asking the teachers online",
+        description=(
+            "Run the aligner: connects to every teacher, builds or loads the vocabulary maps, "
+            "then serves POST /v1/fuse (REST, docs at /docs) and fuseserve.aligner.v1 (gRPC). "
+            "Settings come from --config (YAML), environment variables FUSESERVE_ALIGNER_<FIELD> "
+            "(REDIS_URL too) and these flags, flags winning."
+        ),
+    )
+    aligner.add_argument("--config", help="YAML file of settings (same names as the flags)")
+    aligner.add_argument(
+        "--teacher",
+        action="append",
+        metavar="NAME=HOST:PORT[,HOST:PORT]",
+        help="a teacher and its replicas (repeatable; replaces the config file's list)",
+    )
+    aligner.add_argument(
+        "--options", help="FusionOptions overrides as JSON, e.g. '{\"temperature\": 2}'"
+    )
+    add_settings_flags(aligner, AlignerSettings, skip=("teachers", "options"))
+    aligner.set_defaults(func=_aligner)
     return parser
 
 

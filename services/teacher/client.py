@@ -25,6 +25,10 @@ class TeacherClient:
             options=[
                 ("grpc.max_send_message_length", max_message_bytes),
                 ("grpc.max_receive_message_length", max_message_bytes),
+                # reconnect quickly after a teacher restarts (the default backoff reaches 120 s)
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 2000),
             ],
         )
         self.stub = teacher_pb2_grpc.TeacherStub(self.channel)

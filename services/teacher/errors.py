@@ -1,23 +1,13 @@
-"""The teacher's error hierarchy, mapped to gRPC status codes once (in ``server``)."""
+"""The teacher's errors: the shared hierarchy (``fuseserve.errors``) plus the engine failure."""
 
 from __future__ import annotations
 
+from fuseserve.errors import InvalidRequest, Overloaded, ServiceError, Unavailable
 
-class TeacherError(Exception):
-    """Base class."""
+TeacherError = ServiceError
 
-
-class InvalidRequest(TeacherError):
-    """The caller's mistake; ``field`` names what is wrong (INVALID_ARGUMENT)."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
+__all__ = ["EngineUnavailable", "InvalidRequest", "Overloaded", "TeacherError"]
 
 
-class Overloaded(TeacherError):
-    """The queue is full (RESOURCE_EXHAUSTED); retry later."""
-
-
-class EngineUnavailable(TeacherError):
+class EngineUnavailable(Unavailable):
     """The model is not loaded, has failed, or a remote engine is down (UNAVAILABLE)."""

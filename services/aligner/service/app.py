@@ -1,0 +1,195 @@
+"""Assemble and run the aligner: REST (uvicorn) and gRPC in one process and one event loop.
+
+Covers building the parts from ``AlignerSettings`` (target tokenizer, vocabulary-map store,
+teacher pool, cache, data plane), starting both servers at once (readiness false), connecting the
+teachers in the background (readiness true once every map is loaded), the periodic teacher
+refresh, and a graceful stop on SIGTERM/SIGINT.
+
+Leaves out: what the handlers do (``rest``, ``grpc_api``) and the work (``dataplane``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from dataclasses import dataclass, field
+
+import uvicorn
+
+from fuseserve.aligner.service.cache import LRUCache, RedisCache
+from fuseserve.aligner.service.dataplane import FusionService
+from fuseserve.aligner.service.grpc_api import AlignerServicer, set_serving, start_grpc
+from fuseserve.aligner.service.metrics import AlignerMetrics
+from fuseserve.aligner.service.pool import TeacherPool
+from fuseserve.aligner.service.rest import create_app
+from fuseserve.aligner.service.settings import AlignerSettings
+from fuseserve.aligner.tokenview import TokenizerView
+from fuseserve.aligner.vocabmap_store import VocabMapStore
+
+log = logging.getLogger(__name__)
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: ``serve`` below owns SIGTERM for both servers."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+@dataclass
+class RunningAligner:
+    settings: AlignerSettings
+    service: FusionService
+    metrics: AlignerMetrics
+    grpc_server: object
+    grpc_port: int
+    rest_port: int
+    rest_server: _Uvicorn
+    health: object
+    tasks: list[asyncio.Task] = field(default_factory=list)
+    startup: asyncio.Task | None = None
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        """Wait for the teachers (raises what start-up raised, e.g. Unavailable)."""
+        assert self.startup is not None
+        await asyncio.wait_for(asyncio.shield(self.startup), timeout_s)
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        await set_serving(self.health, False)
+        self.rest_server.should_exit = True
+        for task in self.tasks:
+            if task is not self.tasks[0]:
+                task.cancel()
+        if self.startup is not None:
+            self.startup.cancel()
+        await self.grpc_server.stop(grace_s)
+        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(self.tasks[0], grace_s + 5)
+        await self.service.pool.close()
+        await self.service.cache.close()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+async def start_aligner(settings: AlignerSettings, show_progress: bool = False) -> RunningAligner:
+    """Start both servers now; teachers connect in the background (see ``wait_ready``)."""
+    from fuseserve.loading import load_tokenizer
+
+    metrics = AlignerMetrics()
+    tokenizer = await asyncio.to_thread(load_tokenizer, settings.target_tokenizer)
+    target = await asyncio.to_thread(TokenizerView.from_hf, tokenizer, settings.target_tokenizer)
+    options = settings.fusion_options()
+    pool = TeacherPool(
+        settings.teachers,
+        target,
+        VocabMapStore(settings.vocab_map_dir),
+        options.strings,
+        timeout_s=settings.teacher_timeout_s,
+        retries=settings.teacher_retries,
+        backoff_s=settings.teacher_backoff_s,
+        max_message_bytes=settings.max_message_bytes,
+        float_dtype=settings.teacher_float_dtype,
+        metrics=metrics,
+    )
+    if settings.redis_url:
+        cache = RedisCache(
+            settings.redis_url,
+            prefix=settings.redis_prefix,
+            timeout_s=settings.redis_timeout_s,
+            retry_s=settings.redis_retry_s,
+            ttl_s=settings.cache_ttl_s,
+            on_error=lambda op: metrics.cache_errors.labels(op).inc(),
+        )
+    else:
+        cache = LRUCache(settings.lru_max_bytes)
+    service = FusionService(
+        tokenizer,
+        target,
+        pool,
+        cache,
+        metrics,
+        default_k=settings.k,
+        preset=settings.preset,
+        option_overrides=settings.options,
+        max_block_tokens=settings.max_block_tokens,
+        max_texts=settings.max_texts,
+        max_inflight_blocks=settings.max_inflight_blocks,
+    )
+    servicer = AlignerServicer(
+        service, metrics, settings.target_tokenizer, settings.max_stream_inflight
+    )
+    grpc_server, grpc_port, health_servicer = await start_grpc(
+        servicer, settings.host, settings.grpc_port, settings.max_message_bytes
+    )
+    api_key = settings.api_key.get_secret_value() if settings.api_key else None
+    app = create_app(service, metrics, settings.target_tokenizer, api_key, settings.max_body_bytes)
+    sock = _bind(settings.host, settings.rest_port)
+    rest = _Uvicorn(
+        uvicorn.Config(app, log_level=settings.log_level.lower(), access_log=False, lifespan="off")
+    )
+    running = RunningAligner(
+        settings,
+        service,
+        metrics,
+        grpc_server,
+        grpc_port,
+        sock.getsockname()[1],
+        rest,
+        health_servicer,
+    )
+    running.tasks.append(asyncio.create_task(rest.serve(sockets=[sock])))
+
+    async def connect() -> None:
+        await pool.start(settings.startup_timeout_s)
+        await set_serving(health_servicer, True)
+        log.info(
+            "aligner ready: REST :%d, gRPC :%d, teachers %s",
+            running.rest_port,
+            grpc_port,
+            ", ".join(pool.teachers),
+        )
+        if settings.info_refresh_s:
+            running.tasks.append(asyncio.create_task(pool.refresh_forever(settings.info_refresh_s)))
+
+    running.startup = asyncio.create_task(connect())
+    return running
+
+
+async def serve(settings: AlignerSettings) -> int:
+    """Run until SIGTERM/SIGINT (exit 0), or until the teachers never come up (exit 1)."""
+    running = await start_aligner(settings)
+    log.info(
+        "aligner listening: REST http://%s:%d (docs at /docs), gRPC %s:%d; waiting for teachers",
+        settings.host,
+        running.rest_port,
+        settings.host,
+        running.grpc_port,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    stopper = asyncio.create_task(stop.wait())
+    assert running.startup is not None
+    await asyncio.wait({stopper, running.startup}, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if running.startup.done() and not running.startup.cancelled() and running.startup.exception():
+        log.error("aligner start-up failed: %s", running.startup.exception())
+        code = 1
+    else:
+        await stopper
+    log.info("aligner stopping")
+    await running.stop()
+    return code

@@ -1,0 +1,208 @@
+"""The aligner's cache: content-addressed keys, an in-process LRU, Redis, and single-flight.
+
+Covers two levels of keys (raw teacher scores, reusable when fusion options change; fused
+blocks), both hashes of (schema version, what produced the value, the text bytes). Redis is
+optional and never on the critical path: every command has a short timeout, no retries, and after
+a failure Redis is skipped for ``retry_s`` (then tried again), so a dead or slow Redis costs a miss,
+not an error. ``SingleFlight`` computes concurrent identical requests once.
+
+Leaves out: what the values mean (callers decode them; a value that fails to decode is a miss).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol, TypeVar
+
+log = logging.getLogger(__name__)
+
+KEY_SCHEMA = 1
+T = TypeVar("T")
+
+
+def _digest(*parts: str | bytes) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        data = part.encode("utf-8", "surrogatepass") if isinstance(part, str) else part
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()
+
+
+def scores_key(teacher_fingerprint: str, k: int, float_dtype: str, text: str) -> str:
+    """Key of one teacher's raw scores for one text (teacher-level cache)."""
+    return "s:" + _digest(str(KEY_SCHEMA), "scores", teacher_fingerprint, str(k), float_dtype, text)
+
+
+def fused_key(
+    target_fingerprint: str,
+    teacher_fingerprints: Sequence[str],
+    k: int,
+    options_key: str,
+    text: str,
+) -> str:
+    """Key of one fused block: target, teachers in order, k, every fusion option, the text."""
+    return "f:" + _digest(
+        str(KEY_SCHEMA),
+        "fused",
+        target_fingerprint,
+        "\x1f".join(teacher_fingerprints),
+        str(k),
+        options_key,
+        text,
+    )
+
+
+class Cache(Protocol):
+    """Bytes by key; ``get`` returns None on a miss or when the backing store fails."""
+
+    name: str
+
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def set(self, key: str, value: bytes) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class LRUCache:
+    """A bounded in-process LRU by total value bytes (0 = caching off)."""
+
+    name = "lru"
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._data: OrderedDict[str, bytes] = OrderedDict()
+        self.bytes = 0
+
+    async def get(self, key: str) -> bytes | None:
+        value = self._data.get(key)
+        if value is not None:
+            self._data.move_to_end(key)
+        return value
+
+    async def set(self, key: str, value: bytes) -> None:
+        if len(value) > self.max_bytes:
+            return
+        old = self._data.pop(key, None)
+        if old is not None:
+            self.bytes -= len(old)
+        self._data[key] = value
+        self.bytes += len(value)
+        while self.bytes > self.max_bytes:
+            _, evicted = self._data.popitem(last=False)
+            self.bytes -= len(evicted)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    async def close(self) -> None:
+        self._data.clear()
+        self.bytes = 0
+
+
+class RedisCache:
+    """Redis with fail-fast semantics; errors are counted through ``on_error``."""
+
+    name = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        prefix: str = "fuseserve:",
+        timeout_s: float = 0.25,
+        retry_s: float = 5.0,
+        ttl_s: int = 0,
+        on_error: Callable[[str], None] = lambda op: None,
+    ) -> None:
+        import redis.asyncio as redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        self.client = redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            retry_on_timeout=False,
+        )
+        self.prefix = prefix
+        self.timeout_s = timeout_s
+        self.retry_s = retry_s
+        self.ttl_s = ttl_s
+        self.on_error = on_error
+        self._down_until = 0.0
+
+    @property
+    def healthy(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    async def _call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T | None:
+        if not self.healthy:
+            self.on_error(f"{op}_skipped")
+            return None
+        try:
+            # the socket timeout bounds each read; wait_for also bounds connect + pool waits
+            return await asyncio.wait_for(fn(), self.timeout_s * 2)
+        except Exception as exc:  # any Redis failure is a miss, never the caller's error
+            if self._down_until <= time.monotonic():
+                log.warning(
+                    "redis %s failed (%s); serving uncached for %.1fs", op, exc, self.retry_s
+                )
+            self._down_until = time.monotonic() + self.retry_s
+            self.on_error(op)
+            return None
+
+    async def get(self, key: str) -> bytes | None:
+        return await self._call("get", lambda: self.client.get(self.prefix + key))
+
+    async def set(self, key: str, value: bytes) -> None:
+        ex = self.ttl_s or None
+        await self._call("set", lambda: self.client.set(self.prefix + key, value, ex=ex))
+
+    async def ping(self) -> bool:
+        return bool(await self._call("ping", self.client.ping))
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):  # closing a dead connection is not worth an error
+            await self.client.aclose()
+
+
+class SingleFlight:
+    """One computation per key at a time; concurrent callers of that key share its result.
+
+    ``claim(key)`` returns (future, owner). The owner computes and calls ``resolve``; everyone
+    else awaits the future (shielded, so one impatient caller cannot cancel the others' answer).
+    """
+
+    def __init__(self) -> None:
+        self._running: dict[str, asyncio.Future] = {}
+
+    def __len__(self) -> int:
+        return len(self._running)
+
+    def claim(self, key: str) -> tuple[asyncio.Future, bool]:
+        running = self._running.get(key)
+        if running is not None:
+            return running, False
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._running[key] = future
+        return future, True
+
+    def resolve(self, key: str, result: object = None, error: BaseException | None = None) -> None:
+        future = self._running.pop(key, None)
+        if future is None or future.done():
+            return
+        if error is None:
+            future.set_result(result)
+        elif isinstance(error, asyncio.CancelledError):
+            future.cancel()
+        else:
+            future.set_exception(error)

@@ -1,0 +1,289 @@
+"""The aligner's data plane: one object both transports call (REST and gRPC handlers stay thin).
+
+Covers validating a fuse query (texts, k, preset, option overrides, teacher subset) into
+``InvalidRequest`` naming the field, admission control (``Overloaded`` past
+``max_inflight_blocks``), the two cache levels (fused blocks, then each teacher's raw scores),
+computing identical concurrent blocks once, asking all teachers concurrently (one Score call per
+teacher for all of a request's missing texts), and fusing each block with the core in a worker
+thread.
+
+Leaves out: transport encoding (``rest``, ``grpc_api``) and teacher connections (``pool``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from fuseserve.aligner.options import PRESETS, FusionOptions
+from fuseserve.aligner.pipeline import TeacherInput, fuse_block
+from fuseserve.aligner.service.cache import Cache, SingleFlight, fused_key, scores_key
+from fuseserve.aligner.service.metrics import AlignerMetrics
+from fuseserve.aligner.service.pool import TeacherPool
+from fuseserve.aligner.tokenview import TokenizerView
+from fuseserve.errors import InvalidRequest, Overloaded, Unavailable
+from fuseserve.wire.codec import CodecError
+from fuseserve.wire.messages import FusedBlock, TeacherScores
+
+
+@dataclass(frozen=True)
+class FuseQuery:
+    """A validated request: texts plus everything that decides the answer."""
+
+    texts: tuple[str, ...]
+    k: int
+    options: FusionOptions
+    teachers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class BlockResult:
+    """One answered block. offsets: [n, 2] character offsets of the target tokens in ``text``."""
+
+    text: str
+    offsets: np.ndarray
+    block: FusedBlock
+    source: str  # "hit" (fused cache), "shared" (computed for a concurrent caller), "computed"
+
+    @property
+    def cache_hit(self) -> bool:
+        return self.block.cache_hit
+
+
+@dataclass(frozen=True)
+class _Target:
+    ids: np.ndarray  # [n]
+    offsets: np.ndarray  # [n, 2]
+
+
+def validation_field(exc: ValidationError, prefix: str) -> tuple[str, str]:
+    """The first error of a pydantic ValidationError as (dotted field, message)."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err.get("loc", ()) if p != "__root__")
+    return (f"{prefix}.{loc}" if loc else prefix), err.get("msg", str(exc))
+
+
+class FusionService:
+    def __init__(
+        self,
+        target_tokenizer,
+        target_view: TokenizerView,
+        pool: TeacherPool,
+        cache: Cache,
+        metrics: AlignerMetrics,
+        default_k: int = 10,
+        preset: str = "default",
+        option_overrides: dict[str, Any] | None = None,
+        max_block_tokens: int = 4096,
+        max_texts: int = 32,
+        max_inflight_blocks: int = 256,
+    ) -> None:
+        self.tokenizer = target_tokenizer
+        self.target = target_view
+        self.pool = pool
+        self.cache = cache
+        self.metrics = metrics
+        self.default_k = default_k
+        self.preset = preset
+        self.option_overrides = dict(option_overrides or {})
+        self.max_block_tokens = max_block_tokens
+        self.max_texts = max_texts
+        self.max_inflight_blocks = max_inflight_blocks
+        self.inflight = 0
+        self.flights = SingleFlight()
+
+    # ------------------------------------------------------------------ readiness
+    @property
+    def ready(self) -> bool:
+        return self.pool.ready
+
+    def problems(self) -> dict[str, str]:
+        return {n: t.problem for n, t in self.pool.teachers.items() if not t.ready}
+
+    def query_options_json(self) -> str:
+        """The service's default FusionOptions as JSON."""
+        return FusionOptions.preset(self.preset, **self.option_overrides).model_dump_json()
+
+    # ------------------------------------------------------------------ validation
+    def query(
+        self,
+        texts: Sequence[str],
+        k: int | None = None,
+        preset: str | None = None,
+        options: dict[str, Any] | None = None,
+        teachers: Sequence[str] | None = None,
+    ) -> FuseQuery:
+        if isinstance(texts, str) or not texts:
+            raise InvalidRequest("texts", "must hold at least one text")
+        if len(texts) > self.max_texts:
+            raise InvalidRequest("texts", f"{len(texts)} texts exceed max_texts={self.max_texts}")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text:
+                raise InvalidRequest(f"texts[{i}]", "must be a non-empty string")
+        preset = preset or self.preset
+        if preset not in PRESETS:
+            raise InvalidRequest("preset", f"unknown preset {preset!r}; choose {sorted(PRESETS)}")
+        try:
+            resolved = FusionOptions.preset(preset, **{**self.option_overrides, **(options or {})})
+        except ValidationError as exc:
+            raise InvalidRequest(*validation_field(exc, "options")) from exc
+        names = tuple(teachers) if teachers else tuple(self.pool.teachers)
+        if len(set(names)) != len(names):
+            raise InvalidRequest("teachers", f"duplicate names in {list(names)}")
+        chosen = [self.pool.get(n) for n in names]
+        not_ready = [t for t in chosen if not t.ready]
+        if not_ready:
+            raise Unavailable("; ".join(t.problem or f"{t.name!r} not ready" for t in not_ready))
+        k = self.default_k if k in (None, 0) else k
+        max_k = min(t.max_k for t in chosen)
+        if not 1 <= k <= max_k:
+            raise InvalidRequest("k", f"must be in [1, {max_k}] (the teachers' limit), got {k}")
+        return FuseQuery(tuple(texts), k, resolved, names)
+
+    def tokenize_target(self, text: str, field: str) -> _Target:
+        enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+        n = len(enc["input_ids"])
+        if n > self.max_block_tokens:
+            raise InvalidRequest(
+                field, f"{n} target tokens exceed max_block_tokens={self.max_block_tokens}"
+            )
+        if n < 2:
+            raise InvalidRequest(field, "needs at least 2 target tokens (one next-token label)")
+        return _Target(
+            np.asarray(enc["input_ids"], dtype=np.int64),
+            np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2),
+        )
+
+    # ------------------------------------------------------------------ fusing
+    async def fuse(self, query: FuseQuery) -> list[BlockResult]:
+        """Answer every block of a validated query, in order."""
+        targets = [self.tokenize_target(t, f"texts[{i}]") for i, t in enumerate(query.texts)]
+        n = len(query.texts)
+        if self.inflight + n > self.max_inflight_blocks:
+            raise Overloaded(
+                f"{self.inflight} blocks in flight (max_inflight_blocks="
+                f"{self.max_inflight_blocks}); retry later"
+            )
+        self.inflight += n
+        self.metrics.inflight.set(self.inflight)
+        try:
+            return await self._fuse(query, targets)
+        finally:
+            self.inflight -= n
+            self.metrics.inflight.set(self.inflight)
+
+    def _fused_key(self, query: FuseQuery, text: str) -> str:
+        prints = [f"{n}={self.pool.teachers[n].fingerprint}" for n in query.teachers]
+        return fused_key(self.target.fingerprint, prints, query.k, query.options.cache_key(), text)
+
+    async def _fuse(self, query: FuseQuery, targets: list[_Target]) -> list[BlockResult]:
+        keys = [self._fused_key(query, text) for text in query.texts]
+        cached = await asyncio.gather(*(self.cache.get(key) for key in keys))
+        results: list[BlockResult | None] = [None] * len(keys)
+        waits: dict[int, asyncio.Future] = {}
+        owned: list[int] = []
+        for i, (key, value) in enumerate(zip(keys, cached)):
+            block = self._decode_fused(value, targets[i], query)
+            if block is not None:
+                results[i] = BlockResult(query.texts[i], targets[i].offsets, block, "hit")
+                continue
+            future, owner = self.flights.claim(key)
+            if owner:
+                owned.append(i)
+            else:
+                waits[i] = future
+        if owned:
+            try:
+                computed = await self._compute(query, [targets[i] for i in owned], owned)
+            except BaseException as exc:
+                for i in owned:
+                    self.flights.resolve(keys[i], error=exc)
+                raise
+            for i, block in zip(owned, computed):
+                self.flights.resolve(keys[i], block)
+                results[i] = BlockResult(query.texts[i], targets[i].offsets, block, "computed")
+            await asyncio.gather(
+                *(self.cache.set(keys[i], block.to_bytes()) for i, block in zip(owned, computed))
+            )
+        for i, future in waits.items():
+            block = await asyncio.shield(future)
+            results[i] = BlockResult(query.texts[i], targets[i].offsets, block, "shared")
+        for r in results:
+            self.metrics.blocks.labels(r.source).inc()
+        return results  # type: ignore[return-value]
+
+    def _decode_fused(self, value: bytes | None, target: _Target, query: FuseQuery):
+        if value is None:
+            self.metrics.cache_lookups.labels("fused", "miss").inc()
+            return None
+        try:
+            block = FusedBlock.from_bytes(value)
+            if block.teachers != query.teachers or not np.array_equal(block.target_ids, target.ids):
+                raise CodecError("cached block is for other tokens or teachers")
+        except CodecError:
+            self.metrics.cache_lookups.labels("fused", "corrupt").inc()
+            return None
+        self.metrics.cache_lookups.labels("fused", "hit").inc()
+        return dataclasses.replace(block, cache_hit=True)
+
+    async def _compute(
+        self, query: FuseQuery, targets: list[_Target], indices: list[int]
+    ) -> list[FusedBlock]:
+        texts = [query.texts[i] for i in indices]
+        per_teacher = await asyncio.gather(
+            *(self._teacher_scores(name, texts, query.k) for name in query.teachers)
+        )
+        blocks = []
+        for j, (text, target) in enumerate(zip(texts, targets)):
+            inputs = [
+                TeacherInput(
+                    name, self.pool.teachers[name].view, self.pool.teachers[name].vocab_map, s[j]
+                )
+                for name, s in zip(query.teachers, per_teacher)
+            ]
+            start = time.perf_counter()
+            block = await asyncio.to_thread(
+                fuse_block, text, self.target, target.ids, target.offsets, inputs, query.options
+            )
+            self.metrics.fuse_seconds.observe(time.perf_counter() - start)
+            blocks.append(block)
+        return blocks
+
+    async def _teacher_scores(self, name: str, texts: list[str], k: int) -> list[TeacherScores]:
+        """One teacher's scores of ``texts``: cached where possible, one call for the rest."""
+        teacher = self.pool.teachers[name]
+        dtype = self.pool.float_dtype
+        keys = [scores_key(teacher.fingerprint, k, dtype, text) for text in texts]
+        values = await asyncio.gather(*(self.cache.get(key) for key in keys))
+        out: list[TeacherScores | None] = []
+        for value in values:
+            scores = None
+            if value is not None:
+                try:
+                    scores = TeacherScores.from_bytes(value)
+                    if scores.k != k:
+                        raise CodecError("cached scores for another k")
+                except CodecError:
+                    scores = None
+                    self.metrics.cache_lookups.labels("scores", "corrupt").inc()
+            if value is None:
+                self.metrics.cache_lookups.labels("scores", "miss").inc()
+            elif scores is not None:
+                self.metrics.cache_lookups.labels("scores", "hit").inc()
+            out.append(scores)
+        missing = [i for i, s in enumerate(out) if s is None]
+        if missing:
+            fresh = await self.pool.score(name, [texts[i] for i in missing], k)
+            for i, scores in zip(missing, fresh):
+                out[i] = scores
+            await asyncio.gather(
+                *(self.cache.set(keys[i], s.to_bytes(dtype)) for i, s in zip(missing, fresh))
+            )
+        return out  # type: ignore[return-value]

@@ -1,0 +1,70 @@
+"""Prometheus metrics of the aligner service, in a registry of its own (served at REST /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class AlignerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "fuseserve_aligner_requests",
+            "requests by transport and outcome",
+            ["transport", "outcome"],
+            registry=r,
+        )
+        self.request_latency = Histogram(
+            "fuseserve_aligner_request_seconds",
+            "request latency",
+            ["transport"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.blocks = Counter(
+            "fuseserve_aligner_blocks",
+            "blocks answered, by source: hit (fused cache), shared (identical request in "
+            "flight), computed",
+            ["source"],
+            registry=r,
+        )
+        self.cache_lookups = Counter(
+            "fuseserve_aligner_cache_lookups",
+            "cache lookups by level (fused|scores) and result (hit|miss|corrupt)",
+            ["level", "result"],
+            registry=r,
+        )
+        self.cache_errors = Counter(
+            "fuseserve_aligner_cache_errors",
+            "cache backend failures by operation (served uncached)",
+            ["op"],
+            registry=r,
+        )
+        self.teacher_calls = Counter(
+            "fuseserve_aligner_teacher_calls",
+            "teacher Score calls by teacher and outcome",
+            ["teacher", "outcome"],
+            registry=r,
+        )
+        self.teacher_latency = Histogram(
+            "fuseserve_aligner_teacher_seconds",
+            "teacher Score call latency",
+            ["teacher"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.fuse_seconds = Histogram(
+            "fuseserve_aligner_fuse_seconds",
+            "alignment + fusion CPU time per block (teacher time excluded)",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1),
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "fuseserve_aligner_inflight_blocks", "blocks being answered", registry=r
+        )
+        self.teacher_ready = Gauge(
+            "fuseserve_aligner_teacher_ready", "1 when a teacher is usable", ["teacher"], registry=r
+        )

@@ -1,0 +1,272 @@
+"""The aligner's teachers: connections, vocabularies, vocabulary maps, and resilient scoring.
+
+Covers, per teacher: one client per replica address (round-robin; a headless Kubernetes Service
+gives one address per pod), waiting for the teacher at start-up, reading Info and the vocabulary,
+building or loading the vocabulary map onto the target, a cache fingerprint (model id, revision,
+tokenizer fingerprint, dtype, backend), Score with a deadline per call and retries with
+exponential backoff on UNAVAILABLE / DEADLINE_EXCEEDED / RESOURCE_EXHAUSTED, and detecting a
+teacher whose tokenizer changed (``refresh``): its map is rebuilt before it is used again.
+
+Leaves out: caching and fusion (``dataplane``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from fuseserve.aligner.tokenview import Scheme, TokenizerView
+from fuseserve.aligner.vocabmap import StringMode, VocabMap
+from fuseserve.aligner.vocabmap_store import VocabMapStore
+from fuseserve.errors import InvalidRequest, Overloaded, Unavailable
+from fuseserve.teacher.client import TeacherClient
+from fuseserve.wire.messages import TeacherScores
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+def view_from_info(name: str, info, tokens: list[str]) -> TokenizerView:
+    """Rebuild a teacher's TokenizerView from its Info reply and vocabulary."""
+
+    def role(value: int) -> int | None:
+        return None if value < 0 else value
+
+    return TokenizerView(
+        name=name,
+        scheme=Scheme(info.tokenizer_scheme),
+        tokens=tuple(tokens),
+        special_ids=frozenset(info.special_ids),
+        bos_id=role(info.bos_id),
+        eos_id=role(info.eos_id),
+        unk_id=role(info.unk_id),
+        pad_id=role(info.pad_id),
+    )
+
+
+def cache_fingerprint(info) -> str:
+    """What makes two teachers' scores interchangeable: model, revision, tokenizer, dtype."""
+    parts = (info.model_id, info.revision, info.tokenizer_fingerprint, info.dtype, info.backend)
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
+
+
+@dataclass
+class Teacher:
+    """One teacher's state; ``ready`` once its vocabulary map onto the target is loaded."""
+
+    name: str
+    addresses: tuple[str, ...]
+    clients: list[TeacherClient]
+    view: TokenizerView | None = None
+    vocab_map: VocabMap | None = None
+    info: object | None = None
+    fingerprint: str = ""
+    problem: str = "not connected yet"
+    reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _next: int = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.vocab_map is not None and not self.problem
+
+    @property
+    def max_k(self) -> int:
+        return min(self.info.max_k, self.view.vocab_size) if self.info and self.view else 0
+
+    def next_client(self) -> TeacherClient:
+        client = self.clients[self._next % len(self.clients)]
+        self._next += 1
+        return client
+
+
+class TeacherPool:
+    def __init__(
+        self,
+        endpoints,
+        target: TokenizerView,
+        store: VocabMapStore,
+        mode: StringMode,
+        timeout_s: float = 120.0,
+        retries: int = 2,
+        backoff_s: float = 0.2,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        float_dtype: str = "f32",
+        metrics=None,
+    ) -> None:
+        self.target = target
+        self.store = store
+        self.mode = mode
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.float_dtype = float_dtype
+        self.metrics = metrics
+        self.teachers: dict[str, Teacher] = {
+            e.name: Teacher(
+                e.name,
+                tuple(e.addresses),
+                [TeacherClient(a, timeout_s, max_message_bytes) for a in e.addresses],
+            )
+            for e in endpoints
+        }
+
+    # ------------------------------------------------------------------ start-up and refresh
+    async def start(self, timeout_s: float) -> None:
+        """Wait for every teacher (Info on each replica), then load vocabularies and maps."""
+        await asyncio.gather(*(self._connect(t, timeout_s) for t in self.teachers.values()))
+
+    async def _connect(self, teacher: Teacher, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        delay = 0.1
+        while True:
+            try:
+                await self._load(teacher)
+                return
+            except (grpc.aio.AioRpcError, Unavailable) as exc:
+                reason = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+                teacher.problem = f"waiting for teacher {teacher.name!r}: {reason}"
+                if time.monotonic() + delay > deadline:
+                    raise Unavailable(
+                        f"teacher {teacher.name!r} at {', '.join(teacher.addresses)} did not "
+                        f"become ready within {timeout_s:.0f}s: {reason}"
+                    ) from exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _load(self, teacher: Teacher) -> None:
+        infos = await asyncio.gather(*(c.info() for c in teacher.clients))
+        prints = {i.tokenizer_fingerprint for i in infos}
+        if len(prints) > 1:
+            raise Unavailable(
+                f"teacher {teacher.name!r}: replicas serve different tokenizers {sorted(prints)}"
+            )
+        info = infos[0]
+        if teacher.view is not None and teacher.view.fingerprint == info.tokenizer_fingerprint:
+            teacher.info, teacher.fingerprint, teacher.problem = info, cache_fingerprint(info), ""
+            self._set_ready(teacher)
+            return
+        tokens = await teacher.clients[0].vocab()
+        view = view_from_info(teacher.name, info, tokens)
+        if view.fingerprint != info.tokenizer_fingerprint:
+            raise Unavailable(
+                f"teacher {teacher.name!r}: vocabulary fingerprint {view.fingerprint} does not "
+                f"match its Info {info.tokenizer_fingerprint}"
+            )
+        vocab_map = await asyncio.to_thread(
+            self.store.get_or_build, view, self.target, self.mode, False
+        )
+        teacher.view, teacher.vocab_map, teacher.info = view, vocab_map, info
+        teacher.fingerprint, teacher.problem = cache_fingerprint(info), ""
+        self._set_ready(teacher)
+        log.info(
+            "teacher %s ready: %s (%d tokens, %s), map %.1f%% exact",
+            teacher.name,
+            info.model_id,
+            view.vocab_size,
+            view.scheme,
+            100 * vocab_map.exact_fraction,
+        )
+
+    def _set_ready(self, teacher: Teacher) -> None:
+        if self.metrics is not None:
+            self.metrics.teacher_ready.labels(teacher.name).set(1.0 if teacher.ready else 0.0)
+
+    async def refresh(self) -> None:
+        """Re-read every teacher's Info; a changed tokenizer gets its map rebuilt before reuse."""
+        for teacher in self.teachers.values():
+            async with teacher.reloading:
+                try:
+                    infos = await asyncio.gather(*(c.info() for c in teacher.clients))
+                except grpc.aio.AioRpcError:
+                    continue  # a down teacher shows up as 503 on use; nothing to re-check
+                if teacher.view is None or any(
+                    i.tokenizer_fingerprint != teacher.view.fingerprint for i in infos
+                ):
+                    old = teacher.view.fingerprint if teacher.view else "none"
+                    teacher.problem = (
+                        f"teacher {teacher.name!r} changed its tokenizer "
+                        f"({old} -> {infos[0].tokenizer_fingerprint}); rebuilding its map"
+                    )
+                    self._set_ready(teacher)
+                    log.warning(teacher.problem)
+                    try:
+                        await self._load(teacher)
+                    except (grpc.aio.AioRpcError, Unavailable) as exc:
+                        teacher.problem = f"teacher {teacher.name!r}: {exc}"
+                        self._set_ready(teacher)
+
+    async def refresh_forever(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.refresh()
+            except Exception:  # keep refreshing; one bad round must not end the loop
+                log.exception("teacher refresh failed")
+
+    # ------------------------------------------------------------------ scoring
+    def get(self, name: str) -> Teacher:
+        teacher = self.teachers.get(name)
+        if teacher is None:
+            raise InvalidRequest(
+                "teachers", f"unknown teacher {name!r}; known: {list(self.teachers)}"
+            )
+        return teacher
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.teachers) and all(t.ready for t in self.teachers.values())
+
+    async def score(self, name: str, texts: list[str], k: int) -> list[TeacherScores]:
+        """Score texts on one teacher (truncating at its max length), retrying on outages."""
+        teacher = self.get(name)
+        if not teacher.ready:
+            raise Unavailable(teacher.problem or f"teacher {name!r} is not ready")
+        delay = self.backoff_s
+        last: grpc.aio.AioRpcError | None = None
+        for attempt in range(self.retries + 1):
+            client = teacher.next_client()
+            start = time.perf_counter()
+            try:
+                out = await client.score(texts, k, truncate=True, float_dtype=self.float_dtype)
+            except grpc.aio.AioRpcError as exc:
+                self._count(name, exc.code().name.lower())
+                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise InvalidRequest("texts", f"teacher {name!r}: {exc.details()}") from exc
+                if exc.code() not in RETRYABLE:
+                    raise Unavailable(
+                        f"teacher {name!r} at {client.address}: {exc.code().name} {exc.details()}"
+                    ) from exc
+                last = exc
+                if attempt < self.retries:
+                    await asyncio.sleep(delay)
+                    delay *= 2
+                continue
+            if self.metrics is not None:
+                self.metrics.teacher_latency.labels(name).observe(time.perf_counter() - start)
+            self._count(name, "ok")
+            return out
+        assert last is not None
+        if last.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            raise Overloaded(f"teacher {name!r} is overloaded: {last.details()}")
+        raise Unavailable(
+            f"teacher {name!r} is unavailable ({', '.join(teacher.addresses)}): "
+            f"{last.code().name} {last.details()}"
+        )
+
+    def _count(self, name: str, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.teacher_calls.labels(name, outcome).inc()
+
+    async def close(self) -> None:
+        for teacher in self.teachers.values():
+            for client in teacher.clients:
+                await client.close()

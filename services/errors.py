@@ -1,0 +1,27 @@
+"""The error hierarchy every fuseserve service shares, mapped to a status once per transport.
+
+``InvalidRequest`` -> 422 / INVALID_ARGUMENT (names the field), ``Overloaded`` -> 429 /
+RESOURCE_EXHAUSTED, ``Unavailable`` -> 503 / UNAVAILABLE (names the dependency).
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base class."""
+
+
+class InvalidRequest(ServiceError):
+    """The caller's mistake; ``field`` names what is wrong."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class Overloaded(ServiceError):
+    """Too much work in flight; retry later."""
+
+
+class Unavailable(ServiceError):
+    """A dependency (a model, a teacher, a remote engine) is down or not ready yet."""

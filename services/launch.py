@@ -1,0 +1,172 @@
+"""Start fuseserve services (and redis-server) as local processes and wait until they are ready.
+
+Covers what the demo, the benchmarks and the tests share: free ports, one process per service with
+its log in a file, readiness by gRPC health (teachers, aligner) or a Redis PING, stopping with
+SIGTERM then SIGKILL, and a clear error with the log's tail when a process dies while starting.
+
+Leaves out: what the services do; Docker and Kubernetes (see docs/deploy.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class ProcessDied(RuntimeError):
+    """A service process exited while we waited for it."""
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    args: list[str]
+    log_path: Path
+    popen: subprocess.Popen
+    port: int
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def check_alive(self) -> None:
+        if self.popen.poll() is not None:
+            raise ProcessDied(
+                f"{self.name} exited with code {self.popen.returncode} while starting; "
+                f"last lines of {self.log_path}:\n{self.log_tail()}"
+            )
+
+    def stop(self, grace_s: float = 10.0, sig: int = signal.SIGTERM) -> int | None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(10)
+        return self.popen.returncode
+
+    def kill(self) -> None:
+        self.stop(0.0, signal.SIGKILL)
+
+
+def spawn(
+    name: str, args: list[str], port: int, log_dir: str | os.PathLike[str], env=None
+) -> ServiceProcess:
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    log = open(log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
+    popen = subprocess.Popen(
+        args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+    )
+    log.close()
+    return ServiceProcess(name, args, log_path, popen, port)
+
+
+def fuseserve_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fuseserve.cli", *args]
+
+
+def start_teacher(
+    name: str, model: str, log_dir, port: int | None = None, extra: list[str] | None = None
+) -> ServiceProcess:
+    port = port or free_port()
+    args = fuseserve_cmd(
+        "teacher", "--model", model, "--port", str(port), "--metrics-port", "0", *(extra or [])
+    )
+    return spawn(f"teacher-{name}", args, port, log_dir)
+
+
+def start_aligner(
+    teachers: dict[str, list[str]],
+    log_dir,
+    grpc_port: int | None = None,
+    rest_port: int | None = None,
+    extra: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> ServiceProcess:
+    grpc_port = grpc_port or free_port()
+    rest_port = rest_port or free_port()
+    args = fuseserve_cmd("aligner", "--grpc-port", str(grpc_port), "--rest-port", str(rest_port))
+    for name, addresses in teachers.items():
+        args += ["--teacher", f"{name}={','.join(addresses)}"]
+    proc = spawn("aligner", args + list(extra or []), grpc_port, log_dir, env)
+    proc.rest_port = rest_port  # type: ignore[attr-defined]
+    return proc
+
+
+def wait_grpc_serving(proc: ServiceProcess, timeout_s: float, host: str = "127.0.0.1") -> None:
+    """Poll grpc.health.v1 until SERVING; raise ProcessDied or TimeoutError with the log tail."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(f"{host}:{proc.port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            proc.check_alive()
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{proc.name} not SERVING after {timeout_s:.0f}s; log tail:\n{proc.log_tail()}"
+                )
+            time.sleep(0.2)
+
+
+def redis_server_path() -> str | None:
+    return shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
+    )
+
+
+def start_redis(
+    log_dir, port: int | None = None, maxmemory: str = "256mb", timeout_s: float = 20.0
+) -> ServiceProcess:
+    """A throwaway redis-server (no persistence, allkeys-lru), ready to use on return."""
+    binary = redis_server_path()
+    if binary is None:
+        raise FileNotFoundError("redis-server is not installed (apt-get install redis-server)")
+    port = port or free_port()
+    args = [
+        binary,
+        "--port", str(port),
+        "--bind", "127.0.0.1",
+        "--save", "",
+        "--appendonly", "no",
+        "--maxmemory", maxmemory,
+        "--maxmemory-policy", "allkeys-lru",
+    ]  # fmt: skip
+    proc = spawn(f"redis-{port}", args, port, log_dir)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        proc.check_alive()
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5) as s:
+            s.sendall(b"PING\r\n")
+            if s.recv(16).startswith(b"+PONG"):
+                return proc
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"redis-server on {port} did not answer PING:\n{proc.log_tail()}")
+        time.sleep(0.05)
