@@ -1,0 +1,119 @@
+"""Dependencies failing under a running aligner: Redis killed, a teacher killed or replaced."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+from fuseserve import launch
+from tests.aligner_service.conftest import aligner_settings, start_handle, start_teacher
+
+pytestmark = pytest.mark.slow
+
+
+def until(condition, timeout_s: float, what: str):
+    """Poll ``condition()`` until truthy (returns it) or fail naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_redis_killed_mid_test_leaves_the_service_answering(
+    service_loop, teacher_procs, vocab_dir, logs
+):
+    own_redis = launch.start_redis(logs)
+    port = own_redis.port
+    settings = aligner_settings(teacher_procs, vocab_dir, redis_url=f"redis://127.0.0.1:{port}/0")
+    handle = start_handle(service_loop, settings)
+    try:
+        first = handle.rest.post("/v1/fuse", json={"text": "Cached in Redis, first of all."})
+        assert first.status_code == 200
+        assert redis.Redis(port=port).dbsize() == 3  # two teachers' scores and the fused block
+
+        own_redis.kill()
+        for i in range(3):
+            answer = handle.rest.post("/v1/fuse", json={"text": f"Redis is gone, text {i}."})
+            assert answer.status_code == 200, answer.text
+        again = handle.rest.post("/v1/fuse", json={"text": "Cached in Redis, first of all."})
+        assert again.status_code == 200 and not again.json()["blocks"][0]["cache_hit"]
+        errors = handle.metric("fuseserve_aligner_cache_errors_total", {"op": "get"})
+        assert errors >= 1
+
+        own_redis = launch.start_redis(logs, port=port)
+        client = redis.Redis(port=port)
+
+        def recovered():
+            r = handle.rest.post("/v1/fuse", json={"text": "Redis is back, cache me."})
+            assert r.status_code == 200
+            return client.dbsize() > 0
+
+        until(recovered, 15, "the aligner to write to the restarted Redis")
+        hit = handle.rest.post("/v1/fuse", json={"text": "Redis is back, cache me."})
+        assert hit.json()["blocks"][0]["cache_hit"]
+    finally:
+        handle.close()
+        own_redis.stop()
+
+
+def test_teacher_killed_gives_503_naming_it_then_recovers(aligner, teacher_procs, tiny_dirs, logs):
+    bpe = teacher_procs["bpe"]
+    bpe.kill()
+    down = aligner.rest.post("/v1/fuse", json={"text": "A teacher has gone away."})
+    assert down.status_code == 503, down.text
+    assert "'bpe'" in down.json()["error"]["message"]
+    import grpc
+
+    from fuseserve.wire.v1 import aligner_pb2, aligner_pb2_grpc
+
+    with grpc.insecure_channel(aligner.grpc_address) as channel:
+        stub = aligner_pb2_grpc.AlignerStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Fuse(aligner_pb2.FuseRequest(texts=["A teacher has gone away."]), timeout=60)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "'bpe'" in err.value.details()
+
+    restarted = start_teacher("bpe", tiny_dirs["bpe"], logs, port=bpe.port)
+    teacher_procs["bpe"] = restarted
+    launch.wait_grpc_serving(restarted, 180)
+    until(
+        lambda: aligner.rest.post("/v1/fuse", json={"text": "And it came back."}).status_code
+        == 200,
+        30,
+        "the aligner to use the restarted teacher",
+    )
+
+
+def test_teacher_with_a_new_tokenizer_is_detected(aligner, teacher_procs, tiny_dirs, logs):
+    """Replace teacher 'bpe' by a WordPiece model on the same address: refresh rebuilds its map."""
+    text = "Same address, different tokenizer."
+    before = aligner.rest.post("/v1/fuse", json={"text": text})
+    assert before.status_code == 200
+    old = teacher_procs["bpe"]
+    old_fp = aligner.service.pool.teachers["bpe"].view.fingerprint
+    old.stop()
+    replaced = start_teacher("bpe", tiny_dirs["wp"], logs, port=old.port)
+    teacher_procs["bpe"] = replaced
+    try:
+        launch.wait_grpc_serving(replaced, 180)
+        aligner.loop.run(aligner.service.pool.refresh())
+        teacher = aligner.service.pool.teachers["bpe"]
+        assert teacher.ready and teacher.view.fingerprint != old_fp
+        assert str(teacher.view.scheme) == "wordpiece"
+        after = aligner.rest.post("/v1/fuse", json={"text": text})
+        assert after.status_code == 200
+        # the teacher's fingerprint is part of the key: not served from the old cache entry
+        assert not after.json()["blocks"][0]["cache_hit"]
+        assert after.json()["blocks"][0]["teachers"] != before.json()["blocks"][0]["teachers"]
+    finally:
+        replaced.stop()
+        restored = start_teacher("bpe", tiny_dirs["bpe"], logs, port=old.port)
+        teacher_procs["bpe"] = restored
+        launch.wait_grpc_serving(restored, 180)
+        aligner.loop.run(aligner.service.pool.refresh())
+    assert aligner.service.pool.teachers["bpe"].view.fingerprint == old_fp
