@@ -78,6 +78,39 @@ def merge_rows(
     return out_ids, out_p
 
 
+def merge_dense(ids: np.ndarray, mass: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """``merge_rows`` for entries already laid out by row: ids, mass [n, c] (id -1 = empty).
+
+    Same result (sum per id, rows sorted by decreasing mass, ties to the lower id, at most
+    ``width`` kept) without a global sort: c is small (k), so rows are sorted in place.
+    """
+    n, c = ids.shape
+    out_ids = np.full((n, width), -1, dtype=np.int32)
+    out_p = np.zeros((n, width), dtype=np.float32)
+    if n == 0 or c == 0 or width == 0:
+        return out_ids, out_p
+    order = np.argsort(ids, axis=1, kind="stable")
+    sid = np.take_along_axis(ids, order, axis=1)
+    smass = np.take_along_axis(mass, order, axis=1)
+    valid = sid >= 0
+    start = np.ones((n, c), dtype=bool)
+    start[:, 1:] = sid[:, 1:] != sid[:, :-1]
+    group = np.cumsum(start & valid, axis=1) - 1  # group of equal ids, in increasing id order
+    flat = (np.arange(n)[:, None] * c + group)[valid]
+    summed = np.bincount(flat, weights=smass[valid], minlength=n * c).reshape(n, c)
+    gid = np.full(n * c, -1, dtype=np.int64)
+    gid[flat] = sid[valid]
+    gid = gid.reshape(n, c)
+    # stable: equal masses keep increasing id order; empty groups sit after the real ones
+    rank = np.argsort(-summed, axis=1, kind="stable")[:, :width]
+    top_ids = np.take_along_axis(gid, rank, axis=1)
+    top_p = np.take_along_axis(summed, rank, axis=1)
+    w = top_ids.shape[1]
+    out_ids[:, :w] = top_ids
+    out_p[:, :w] = np.where(top_ids >= 0, top_p, 0.0)
+    return out_ids, out_p
+
+
 def _first_occurrence(mapped: np.ndarray) -> np.ndarray:
     """[r, k] bool: entries that are the first of their id in their row (ids < 0 never are)."""
     r, k = mapped.shape
@@ -135,13 +168,13 @@ def project(
 
     aligned = np.zeros(n, dtype=bool)
     aligned[rows] = True
-    flat_row = np.repeat(rows, k)[keep.ravel()]
-    flat_id = mapped.ravel()[keep.ravel()]
-    flat_p = probs.ravel()[keep.ravel()]
+    dense_ids = np.full((n, width), -1, dtype=np.int64)
+    dense_p = np.zeros((n, width), dtype=np.float64)
+    dense_ids[rows, :k] = np.where(keep, mapped, -1)
+    dense_p[rows, :k] = np.where(keep, probs, 0.0)
     if Fallback(fallback) is Fallback.ONEHOT:
         onehot = np.nonzero(~aligned & (alignment.fallback >= 0))[0]
-        flat_row = np.concatenate([flat_row, onehot])
-        flat_id = np.concatenate([flat_id, alignment.fallback[onehot]])
-        flat_p = np.concatenate([flat_p, np.ones(len(onehot))])
-    ids, p = merge_rows(flat_row.astype(np.int64), flat_id.astype(np.int64), flat_p, n, width)
+        dense_ids[onehot, 0] = alignment.fallback[onehot]
+        dense_p[onehot, 0] = 1.0
+    ids, p = merge_dense(dense_ids, dense_p, width)
     return SparseDist(ids=ids, probs=p, aligned=aligned)

@@ -10,14 +10,17 @@ Leaves out: the work itself (``dataplane.FusionService``); handlers only convert
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import json
+import math
 import time
 from typing import Any, Literal
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fuseserve import __version__
@@ -68,7 +71,9 @@ class Position(BaseModel):
 
 class TeacherScore(BaseModel):
     name: str
-    ce: float = Field(description="the teacher's cross-entropy on this block (nats/token)")
+    ce: float | None = Field(
+        description="the teacher's cross-entropy on this block (nats/token; null if undefined)"
+    )
     coverage: float = Field(description="fraction of labelled target positions aligned")
 
 
@@ -86,34 +91,42 @@ class FuseResponse(BaseModel):
     blocks: list[Block]
 
 
-def block_json(index: int, result: BlockResult, tokens: tuple[str, ...], top: int) -> Block:
+def block_json(index: int, result: BlockResult, tokens: tuple[str, ...], top: int) -> dict:
+    """One block as the ``Block`` schema, built with whole-array operations (2048 positions)."""
     block = result.block
     names = block.teachers
-    positions = []
-    for i, (tid, (start, end)) in enumerate(zip(block.target_ids, result.offsets)):
-        row_ids, row_probs = block.ids[i], block.probs[i]
-        keep = row_ids >= 0
-        order = np.argsort(-row_probs[keep], kind="stable")[:top]
-        ids, probs = row_ids[keep][order], row_probs[keep][order]
-        chosen = int(block.chosen[i])
-        positions.append(
-            Position(
-                position=i,
-                id=int(tid),
-                token=tokens[int(tid)],
-                text=result.text[start:end],
-                chosen=names[chosen] if 0 <= chosen < len(names) else None,
-                candidates=[
-                    Candidate(id=int(c), token=tokens[int(c)], prob=float(p))
-                    for c, p in zip(ids, probs)
-                ],
-            )
+    order = np.argsort(-block.probs, axis=1, kind="stable")[:, :top]
+    top_ids = np.take_along_axis(block.ids, order, axis=1).tolist()
+    top_p = np.take_along_axis(block.probs, order, axis=1).tolist()
+    chosen = [names[c] if 0 <= c < len(names) else None for c in block.chosen.tolist()]
+    text = result.text
+    positions = [
+        {
+            "position": i,
+            "id": tid,
+            "token": tokens[tid],
+            "text": text[start:end],
+            "chosen": chosen[i],
+            "candidates": [
+                {"id": c, "token": tokens[c], "prob": p}
+                for c, p in zip(top_ids[i], top_p[i])
+                if c >= 0
+            ],
+        }
+        for i, (tid, (start, end)) in enumerate(
+            zip(block.target_ids.tolist(), result.offsets.tolist())
         )
-    teachers = [
-        TeacherScore(name=n, ce=float(c), coverage=float(v))
-        for n, c, v in zip(names, block.ce, block.coverage)
     ]
-    return Block(index=index, cache_hit=result.cache_hit, teachers=teachers, positions=positions)
+    teachers = [
+        {"name": n, "ce": c if math.isfinite(c) else None, "coverage": v}
+        for n, c, v in zip(names, block.ce.tolist(), block.coverage.tolist())
+    ]
+    return {
+        "index": index,
+        "cache_hit": result.cache_hit,
+        "teachers": teachers,
+        "positions": positions,
+    }
 
 
 def error_response(exc: ServiceError) -> JSONResponse:
@@ -230,21 +243,36 @@ def create_app(
             headers={"WWW-Authenticate": "Bearer"},
         )
 
-    @app.post("/v1/fuse", response_model=FuseResponse, dependencies=[Depends(require_key)])
-    async def fuse(body: FuseBody) -> FuseResponse:
+    @app.post(
+        "/v1/fuse",
+        response_model=FuseResponse,
+        dependencies=[Depends(require_key)],
+        responses={413: {"description": "body larger than max_body_bytes"}},
+    )
+    async def fuse(body: FuseBody) -> Response:
+        """Fused next-token distributions for each text, per target position."""
         start = time.perf_counter()
         query = service.query(body.all_texts(), body.k, body.preset, body.options, body.teachers)
         results = await service.fuse(query)
         tokens = service.target.tokens
-        response = FuseResponse(
-            target_tokenizer=target_name,
-            k=query.k,
-            options=query.options.model_dump(mode="json"),
-            blocks=[block_json(i, r, tokens, body.top) for i, r in enumerate(results)],
-        )
+
+        def render() -> bytes:
+            return json.dumps(
+                {
+                    "target_tokenizer": target_name,
+                    "k": query.k,
+                    "options": query.options.model_dump(mode="json"),
+                    "blocks": [block_json(i, r, tokens, body.top) for i, r in enumerate(results)],
+                },
+                ensure_ascii=False,
+                allow_nan=False,
+            ).encode()
+
+        # large blocks take milliseconds to render: keep the event loop free meanwhile
+        payload = await asyncio.to_thread(render)
         metrics.requests.labels("rest", "ok").inc()
         metrics.request_latency.labels("rest").observe(time.perf_counter() - start)
-        return response
+        return Response(payload, media_type="application/json")
 
     @app.get("/v1/teachers", dependencies=[Depends(require_key)])
     async def teachers() -> list[dict[str, Any]]:

@@ -1,0 +1,183 @@
+"""Benchmark: the aligner service with 3 teachers on 2048-token blocks.
+
+Setup: three ``fuseserve teacher`` processes serving tiny Llama models (fixed seed) with three
+tokenizer families (Mistral v1 SentencePiece, SmolLM2 byte-level BPE, MiniLM WordPiece); the
+aligner in this process (target: Mistral v1), cache = in-process LRU, then the same with a real
+redis-server. Blocks: consecutive 2048-target-token spans of the Python docs (pydoc_data).
+
+Measured, per cache backend, in one run:
+- cold: blocks/s when nothing is cached (teachers compute every block);
+- aligner-only: seconds per block when the teachers' scores are cached but the fused block is not
+  (a different temperature), i.e. tokenising, aligning, projecting and fusing 3 teachers, without
+  teacher compute (target <= 20 ms);
+- warm: blocks/s when the fused block is cached (target warm/cold >= 20x);
+- REST: p50/p99 latency of ``POST /v1/fuse`` (one 2048-token block, warm, top 5 candidates) at a
+  fixed open-loop request rate.
+
+Usage: python bench/bench_aligner.py [--blocks 12] [--rate 20] [--seconds 10] [--no-redis]
+Exit status 1 when a target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from fuseserve import launch, shipped
+from fuseserve.aligner.service.app import start_aligner
+from fuseserve.aligner.service.settings import load_settings, parse_teacher_flag
+from fuseserve.teacher.tiny import save_tiny_llama
+
+BLOCK = 2048
+
+
+def make_blocks(tokenizer, count: int) -> list[str]:
+    import pydoc_data.topics
+
+    topics = pydoc_data.topics.topics
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+    offsets = enc["offset_mapping"]
+    blocks = []
+    for b in range(count):
+        start, end = b * BLOCK, (b + 1) * BLOCK
+        if end > len(offsets):
+            raise SystemExit(f"corpus too small for {count} blocks")
+        blocks.append(text[offsets[start][0] : offsets[end - 1][1]])
+    return blocks
+
+
+async def timed_fuse(service, texts, **kw) -> float:
+    start = time.perf_counter()
+    for text in texts:
+        await service.fuse(service.query([text], **kw))
+    return time.perf_counter() - start
+
+
+async def rest_latency(port: int, text: str, rate: float, seconds: float) -> list[float]:
+    """Open loop: one request every 1/rate s, regardless of answers; returns latencies (s)."""
+    latencies: list[float] = []
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+
+        async def one() -> None:
+            start = time.perf_counter()
+            r = await client.post("/v1/fuse", json={"text": text, "top": 5})
+            r.raise_for_status()
+            latencies.append(time.perf_counter() - start)
+
+        tasks = []
+        begin = time.perf_counter()
+        for i in range(int(rate * seconds)):
+            delay = begin + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one()))
+        await asyncio.gather(*tasks)
+    return latencies
+
+
+async def run_backend(label, teachers, vocab_dir, blocks, args, redis_url=None) -> dict:
+    settings = load_settings(
+        teachers=teachers,
+        rest_port=0,
+        grpc_port=0,
+        vocab_map_dir=vocab_dir,
+        redis_url=redis_url,
+        info_refresh_s=0,
+        log_level="warning",
+    )
+    running = await start_aligner(settings)
+    await running.wait_ready(600)
+    service = running.service
+    try:
+        await service.fuse(service.query(["warm-up of the tokenizer and the connections"]))
+        cold = await timed_fuse(service, blocks)
+        aligner_only = await timed_fuse(service, blocks, options={"temperature": 1.5})
+        warm = await timed_fuse(service, blocks)
+        fuse_hist = running.metrics.fuse_seconds
+        lat = await rest_latency(running.rest_port, blocks[0], args.rate, args.seconds)
+    finally:
+        await running.stop(1.0)
+    n = len(blocks)
+    lat_ms = sorted(x * 1000 for x in lat)
+    return {
+        "label": label,
+        "cold_bps": n / cold,
+        "aligner_ms": 1000 * aligner_only / n,
+        "warm_bps": n / warm,
+        "p50": statistics.median(lat_ms),
+        "p99": lat_ms[min(len(lat_ms) - 1, int(0.99 * len(lat_ms)))],
+        "requests": len(lat_ms),
+        "fuse_hist": fuse_hist,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--blocks", type=int, default=12)
+    parser.add_argument("--rate", type=float, default=20.0, help="REST requests per second")
+    parser.add_argument("--seconds", type=float, default=10.0, help="REST load duration")
+    parser.add_argument("--no-redis", action="store_true")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-aligner-"))
+    toks = {
+        "spm": shipped.mistral_v1_tokenizer(),
+        "bpe": shipped.smollm2_tokenizer(),
+        "wp": shipped.minilm_tokenizer(),
+    }
+    blocks = make_blocks(toks["spm"], args.blocks)
+    print(f"{platform.machine()}, {len(blocks)} blocks of {BLOCK} Mistral v1 tokens, 3 teachers")
+    procs = {}
+    redis_proc = None
+    try:
+        for i, (name, tok) in enumerate(toks.items()):
+            folder = save_tiny_llama(tok, work / name, seed=i)
+            procs[name] = launch.start_teacher(
+                name,
+                str(folder),
+                work / "logs",
+                extra=["--max-sequence-length", "8192", "--max-k", "32"],
+            )
+        for proc in procs.values():
+            launch.wait_grpc_serving(proc, 300)
+        teachers = [parse_teacher_flag(f"{n}=127.0.0.1:{p.port}") for n, p in procs.items()]
+        results = [asyncio.run(run_backend("lru", teachers, str(work / "maps"), blocks, args))]
+        if not args.no_redis and launch.redis_server_path():
+            redis_proc = launch.start_redis(work / "logs", maxmemory="1gb")
+            url = f"redis://127.0.0.1:{redis_proc.port}/0"
+            results.append(
+                asyncio.run(run_backend("redis", teachers, str(work / "maps"), blocks, args, url))
+            )
+    finally:
+        for proc in procs.values():
+            proc.stop()
+        if redis_proc:
+            redis_proc.stop()
+
+    ok = True
+    header = "| cache | cold blocks/s | aligner-only ms/block | warm blocks/s | warm/cold |"
+    print(header + f" REST p50 / p99 ms at {args.rate:g} req/s |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        ratio = r["warm_bps"] / r["cold_bps"]
+        print(
+            f"| {r['label']} | {r['cold_bps']:.2f} | {r['aligner_ms']:.1f} | "
+            f"{r['warm_bps']:.1f} | {ratio:.0f}x | {r['p50']:.1f} / {r['p99']:.1f} "
+            f"({r['requests']} requests) |"
+        )
+        ok &= r["aligner_ms"] <= 20.0 and ratio >= 20.0
+    print(f"targets: aligner-only <= 20 ms/block, warm/cold >= 20x: {'met' if ok else 'MISSED'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
