@@ -85,6 +85,35 @@ def _aligner(args: argparse.Namespace) -> int:
     return asyncio.run(serve(settings))
 
 
+def _train(args: argparse.Namespace) -> int:
+    import json
+    import logging
+
+    from pydantic import ValidationError
+
+    from fuseserve.trainer.config import TrainConfig, load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    given = {
+        name: getattr(args, name)
+        for name in TrainConfig.model_fields
+        if getattr(args, name, None) is not None
+    }
+    for name in ("data", "teachers"):
+        if name in given:
+            given[name] = [v for v in given[name].split(",") if v]
+    try:
+        cfg = load_config(args.config, **given)
+    except (ValidationError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from fuseserve.trainer.job import run_training
+
+    result = run_training(cfg)
+    print(json.dumps({"metrics": result.metrics, "model_dir": result.model_dir}, default=str))
+    return 0
+
+
 def settings_from_args(settings_cls, args: argparse.Namespace):
     given = {
         name: getattr(args, name)
@@ -179,6 +208,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_settings_flags(aligner, AlignerSettings, skip=("teachers", "options"))
     aligner.set_defaults(func=_aligner)
+
+    from fuseserve.trainer.config import TrainConfig
+
+    train = sub.add_parser(
+        "train",
+        help="train the target model with Ray Train on CLM + fused targets from the aligner",
+        description=(
+            "Run a Ray Train TorchTrainer job (local ray.init(), or the cluster in RAY_ADDRESS). "
+            "Each worker streams fused targets for its upcoming blocks from the aligner's gRPC "
+            "FuseStream; loss = lam * CLM + (1 - lam) * fusion. Settings come from --config "
+            "(YAML), FUSESERVE_TRAIN_<FIELD> environment variables and these flags (lists as "
+            "comma-separated values), flags winning. The same --name and --storage-path resume "
+            "from the latest checkpoint."
+        ),
+    )
+    train.add_argument("--config", help="YAML file of settings (same names as the flags)")
+    add_settings_flags(train, TrainConfig)
+    train.set_defaults(func=_train)
     return parser
 
 

@@ -8,6 +8,8 @@ import pytest
 from fuseserve import shipped
 from fuseserve.aligner.tokenview import TokenizerView
 
+pytest_plugins = ["tests.service_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def mistral_tok():

@@ -8,7 +8,7 @@ import pytest
 import redis
 
 from fuseserve import launch
-from tests.aligner_service.conftest import aligner_settings, start_handle, start_teacher
+from tests.service_fixtures import aligner_settings, start_handle, start_teacher
 
 pytestmark = pytest.mark.slow
 
@@ -82,8 +82,9 @@ def test_teacher_killed_gives_503_naming_it_then_recovers(aligner, teacher_procs
     teacher_procs["bpe"] = restarted
     launch.wait_grpc_serving(restarted, 180)
     until(
-        lambda: aligner.rest.post("/v1/fuse", json={"text": "And it came back."}).status_code
-        == 200,
+        lambda: (
+            aligner.rest.post("/v1/fuse", json={"text": "And it came back."}).status_code == 200
+        ),
         30,
         "the aligner to use the restarted teacher",
     )

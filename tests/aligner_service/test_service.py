@@ -18,8 +18,8 @@ from fuseserve.aligner.vocabmap import build_vocab_map
 from fuseserve.teacher.client import TeacherClient
 from fuseserve.wire.messages import FusedBlock
 from fuseserve.wire.v1 import aligner_pb2, aligner_pb2_grpc
-from tests.aligner_service.conftest import aligner_settings, start_handle
 from tests.conftest import encode
+from tests.service_fixtures import aligner_settings, start_handle
 
 pytestmark = pytest.mark.slow
 

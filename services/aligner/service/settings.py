@@ -17,6 +17,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, mode
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fuseserve.aligner.options import FusionOptions
+from fuseserve.config_file import load_settings_file
 
 
 def default_vocab_map_dir() -> str:
@@ -102,24 +103,4 @@ def parse_teacher_flag(value: str) -> TeacherEndpoint:
 
 def load_settings(config: str | None = None, **overrides: Any) -> AlignerSettings:
     """Settings from an optional YAML file, the environment and explicit overrides."""
-    file_values: dict[str, Any] = {}
-    if config:
-        import yaml
-
-        path = Path(config)
-        if not path.is_file():
-            raise ValueError(f"config: no such file {config!r}")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"config: {config!r} must hold a mapping of settings")
-        file_values = loaded
-
-    class _FromFile(AlignerSettings):
-        @classmethod
-        def settings_customise_sources(cls, settings_cls, init_settings, env_settings, **_):
-            def file_source() -> dict[str, Any]:
-                return file_values
-
-            return init_settings, env_settings, file_source
-
-    return _FromFile(**overrides)
+    return load_settings_file(AlignerSettings, config, **overrides)

@@ -1,0 +1,87 @@
+"""Trainer settings: env prefix ``FUSESERVE_TRAIN_``, an optional YAML file, CLI flags.
+
+Defaults follow the paper (DESIGN.md section 1): λ = 0.9, AdamW β = (0.9, 0.95), weight decay
+0.1, gradient clipping 1.0, cosine schedule with warm-up ratio 0.008, lr 1e-5, blocks of 2048
+tokens with packing, soft cross-entropy fusion loss, T = 1. ``aligner`` unset (or λ = 1) trains
+with CLM only.
+
+Leaves out: the alignment/fusion options (the aligner owns them).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from fuseserve.config_file import load_settings_file
+from fuseserve.trainer.loss import FusionLoss
+
+
+class TrainConfig(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FUSESERVE_TRAIN_", extra="forbid")
+
+    model: str = Field(description="target model to start from: a local directory or a hub id")
+    tokenizer: str | None = Field(None, description="target tokenizer spec (default: model's)")
+    data: list[str] = Field(description="text/.jsonl/.parquet files, directories, save_to_disk")
+    data_field: str = Field("text", description="text field of jsonl/parquet/datasets")
+    block_size: int = Field(2048, ge=8, description="target tokens per block")
+    seed: int = Field(0, description="data order and initialisation seed")
+    aligner: str | None = Field(None, description="aligner gRPC host:port (unset = CLM only)")
+    teachers: list[str] = Field(default_factory=list, description="teacher subset (all if empty)")
+    k: int = Field(0, ge=0, description="top-k per teacher (0 = the aligner's default)")
+    prefetch_depth: int = Field(8, ge=1, description="fused blocks requested ahead per worker")
+    aligner_timeout_s: float = Field(600.0, gt=0, description="longest wait for one fused block")
+    lam: float = Field(0.9, ge=0.0, le=1.0, description="weight of the CLM loss (λ)")
+    lam_end: float | None = Field(
+        None, ge=0.0, le=1.0, description="λ at the last step (linear schedule; unset = static)"
+    )
+    fusion_loss: FusionLoss = Field(FusionLoss.SOFT_CE, description="soft_ce or kl")
+    temperature: float = Field(1.0, gt=0.0, description="temperature of the target's softmax")
+    batch_size: int = Field(1, ge=1, description="blocks per worker per step")
+    max_steps: int = Field(100, ge=1, description="optimizer steps")
+    lr: float = Field(1e-5, gt=0.0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.95, ge=0.0, lt=1.0)
+    grad_clip: float = Field(1.0, ge=0.0, description="max gradient norm (0 = off)")
+    warmup_ratio: float = Field(0.008, ge=0.0, le=1.0)
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="model dtype")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers")
+    use_gpu: bool = Field(False, description="one GPU per worker")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    torch_threads: int = Field(0, ge=0, description="torch threads per worker (0 = auto)")
+    storage_path: str = Field(
+        str(Path("runs").absolute()), description="where Ray keeps results and checkpoints"
+    )
+    name: str = Field("fuseserve-train", description="run name (same name = resume)")
+    checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints")
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(1, ge=-1, description="worker failures to recover from")
+    log_every: int = Field(1, ge=1, description="steps between reported metrics")
+    metrics_file: str | None = Field(None, description="rank 0 appends step metrics (jsonl)")
+    export_dir: str | None = Field(None, description="copy the final HF model here")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.lam < 1.0 and not self.aligner:
+            raise ValueError("aligner: needed when lam < 1 (fusion loss); set lam=1 for CLM only")
+        return self
+
+    def lam_at(self, step: int) -> float:
+        """λ for a 0-based step (linear from ``lam`` to ``lam_end`` over ``max_steps``)."""
+        if self.lam_end is None or self.max_steps <= 1:
+            return self.lam
+        frac = min(step / (self.max_steps - 1), 1.0)
+        return self.lam + (self.lam_end - self.lam) * frac
+
+    @property
+    def fused(self) -> bool:
+        return self.aligner is not None and (self.lam < 1.0 or (self.lam_end or 1.0) < 1.0)
+
+
+def load_config(config: str | None = None, **overrides: Any) -> TrainConfig:
+    """Settings from an optional YAML file, the environment and explicit overrides."""
+    return load_settings_file(TrainConfig, config, **overrides)

@@ -1,0 +1,70 @@
+"""Assemble and run the Ray Train job: ``TorchTrainer`` over ``train_loop`` with the run's configs.
+
+Covers connecting to Ray (``RAY_ADDRESS`` or a local ``ray.init()``), ScalingConfig (workers, GPU
+or CPU, CPUs per worker), RunConfig (storage path, name, FailureConfig, CheckpointConfig), running
+``fit()``, and copying the final Hugging Face model out of the last checkpoint (``export_dir``).
+A run started again with the same ``storage_path`` and ``name`` resumes from its latest
+checkpoint (same step, same data position).
+
+Leaves out: what a worker does (``loop``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from fuseserve.trainer.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    metrics: dict
+    checkpoint_dir: str | None
+    model_dir: str | None
+
+
+def run_training(cfg: TrainConfig) -> TrainResult:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from fuseserve.trainer.loop import train_loop
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, include_dashboard=False, log_to_driver=True)
+    Path(cfg.storage_path).mkdir(parents=True, exist_ok=True)
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=cfg.model_dump(mode="json"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=cfg.storage_path,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        ),
+    )
+    result = trainer.fit()
+    checkpoint_dir = result.checkpoint.path if result.checkpoint else None
+    model_dir = None
+    if cfg.export_dir and result.checkpoint is not None:
+        with result.checkpoint.as_directory() as local:
+            target = Path(cfg.export_dir)
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.copytree(Path(local) / "model", target)
+            model_dir = str(target)
+        log.info("final model exported to %s", model_dir)
+    return TrainResult(dict(result.metrics or {}), checkpoint_dir, model_dir)

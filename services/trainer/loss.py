@@ -1,0 +1,93 @@
+"""Losses of FuseLLM training: causal LM, and fusion against a sparse fused distribution.
+
+Covers ``L = λ·L_CLM + (1−λ)·L_fusion`` where L_fusion is the soft cross-entropy (the paper's
+choice) or the KL divergence between the fused distribution P (sparse: W ids and probabilities per
+position) and the target model's distribution Q = softmax(logits / T). Q is read only at P's ids:
+log Q(id) = logits[id] / T − logsumexp(logits / T), so no dense target of size
+batch x length x vocab is ever built; the only vocab-sized tensors are the logits themselves and
+what logsumexp / cross-entropy need for their own gradients.
+
+Shapes: logits [B, L, V]; labels / input_ids [B, L] (−100 = ignore); fused_ids [B, L, W] int64
+(−1 = padding); fused_probs [B, L, W]; row i of a fused block predicts token i+1 (the same
+convention as the logits).
+
+Leaves out: where P comes from (``prefetch``), schedules of λ (``config``).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+import torch
+import torch.nn.functional as F
+
+
+class FusionLoss(StrEnum):
+    SOFT_CE = "soft_ce"
+    KL = "kl"
+
+
+def clm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy: logits[:, i] predicts labels[:, i + 1] (−100 ignored)."""
+    shifted = logits[:, :-1].reshape(-1, logits.shape[-1])
+    target = labels[:, 1:].reshape(-1)
+    return F.cross_entropy(shifted.float(), target, ignore_index=-100)
+
+
+def fusion_loss(
+    logits: torch.Tensor,
+    fused_ids: torch.Tensor,
+    fused_probs: torch.Tensor,
+    kind: FusionLoss = FusionLoss.SOFT_CE,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Mean over positions that carry a fused distribution of −Σ P log Q (or Σ P log(P/Q))."""
+    scaled = logits.float() / temperature
+    lse = torch.logsumexp(scaled, dim=-1, keepdim=True)  # [B, L, 1]
+    valid = fused_ids >= 0
+    gathered = scaled.gather(-1, fused_ids.clamp(min=0))  # [B, L, W]
+    log_q = gathered - lse
+    p = torch.where(valid, fused_probs.float(), torch.zeros((), device=logits.device))
+    per_entry = -p * log_q
+    if FusionLoss(kind) is FusionLoss.KL:
+        per_entry = per_entry + torch.where(p > 0, p * torch.log(p.clamp(min=1e-30)), 0.0)
+    per_position = per_entry.sum(-1)  # [B, L]
+    has_target = valid.any(-1)
+    count = has_target.sum().clamp(min=1)
+    return (per_position * has_target).sum() / count
+
+
+def combined_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    fused_ids: torch.Tensor | None,
+    fused_probs: torch.Tensor | None,
+    lam: float,
+    kind: FusionLoss = FusionLoss.SOFT_CE,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, clm, fusion): total = lam * clm + (1 - lam) * fusion (fusion 0 when lam == 1)."""
+    clm = clm_loss(logits, labels)
+    if lam >= 1.0 or fused_ids is None or fused_probs is None:
+        zero = torch.zeros((), device=logits.device)
+        return clm, clm, zero
+    fusion = fusion_loss(logits, fused_ids, fused_probs, kind, temperature)
+    return lam * clm + (1.0 - lam) * fusion, clm, fusion
+
+
+def dense_fusion_loss(
+    logits: torch.Tensor,
+    dense_p: torch.Tensor,
+    kind: FusionLoss = FusionLoss.SOFT_CE,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Reference with a dense target P [B, L, V] (what the sparse loss avoids); rows of zeros
+    are positions without a target."""
+    log_q = torch.log_softmax(logits.float() / temperature, dim=-1)
+    per_position = -(dense_p * log_q).sum(-1)
+    if FusionLoss(kind) is FusionLoss.KL:
+        per_position = per_position + torch.where(
+            dense_p > 0, dense_p * torch.log(dense_p.clamp(min=1e-30)), 0.0
+        ).sum(-1)
+    has_target = dense_p.sum(-1) > 0
+    return (per_position * has_target).sum() / has_target.sum().clamp(min=1)

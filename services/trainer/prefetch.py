@@ -1,0 +1,210 @@
+"""Fused targets for a worker's upcoming blocks, streamed from the aligner into a bounded queue.
+
+Covers one background gRPC ``FuseStream`` per worker: blocks are requested in the order the worker
+will train on them, at most ``depth`` ahead of the consumer (requested but not yet consumed), so a
+step does not wait when the aligner keeps up and memory stays bounded when it does not. Each answer
+is checked: the block id, the target tokenizer fingerprint, and the target ids against the
+trainer's own. A broken stream is reopened (backoff, bounded attempts) and the unanswered blocks
+are asked again. Time spent waiting in ``get`` is measured.
+
+Leaves out: the loss and the model; the aligner itself.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from fuseserve.trainer.data import Block
+from fuseserve.wire.messages import FusedBlock
+from fuseserve.wire.v1 import aligner_pb2, aligner_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+class TargetMismatch(RuntimeError):
+    """The aligner answered for other tokens or another target tokenizer."""
+
+
+class AlignerFailed(RuntimeError):
+    """The aligner stream failed for good (after retries) or refused a block."""
+
+
+@dataclass
+class PrefetchStats:
+    received: int = 0
+    consumed: int = 0
+    waits: int = 0  # get() calls that found nothing ready
+    wait_s: float = 0.0
+    cache_hits: int = 0
+    reconnects: int = 0
+    ready_on_get: list[bool] = field(default_factory=list)
+
+
+class FusedTargetStream:
+    def __init__(
+        self,
+        address: str,
+        blocks: Sequence[Block],
+        order: Iterator[int],
+        depth: int = 8,
+        target_fingerprint: str | None = None,
+        k: int = 0,
+        float_dtype: str = "f16",
+        timeout_s: float = 300.0,
+        max_reconnects: int = 5,
+        max_message_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        if depth < 1:
+            raise ValueError("prefetch_depth must be >= 1")
+        self.address = address
+        self.blocks = blocks
+        self.order = order
+        self.depth = depth
+        self.target_fingerprint = target_fingerprint
+        self.k = k
+        self.float_dtype = float_dtype
+        self.timeout_s = timeout_s
+        self.max_reconnects = max_reconnects
+        self.stats = PrefetchStats()
+        self._slots = threading.Semaphore(depth)
+        self._ready: queue.Queue = queue.Queue()
+        self._pending: collections.deque[int] = collections.deque()  # sent, not answered
+        self._lock = threading.Lock()
+        self._outstanding = 0
+        self._closed = threading.Event()
+        self._call = None
+        self._channel = grpc.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.initial_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", 2000),
+            ],
+        )
+        self._thread = threading.Thread(target=self._run, name="fused-prefetch", daemon=True)
+
+    # ------------------------------------------------------------------ producer side
+    def start(self) -> FusedTargetStream:
+        self._thread.start()
+        return self
+
+    def _requests(self, resend: list[int]):
+        for index in resend:
+            yield self._request(index)
+        while not self._closed.is_set():
+            if not self._slots.acquire(timeout=0.5):
+                continue
+            try:
+                index = next(self.order)
+            except StopIteration:
+                return
+            with self._lock:
+                self._pending.append(index)
+                self._outstanding += 1
+            yield self._request(index)
+
+    def _request(self, index: int) -> aligner_pb2.FuseRequest:
+        return aligner_pb2.FuseRequest(
+            id=str(index), texts=[self.blocks[index].text], k=self.k, float_dtype=self.float_dtype
+        )
+
+    def _run(self) -> None:
+        stub = aligner_pb2_grpc.AlignerStub(self._channel)
+        attempts = 0
+        while not self._closed.is_set():
+            with self._lock:
+                resend = list(self._pending)
+            try:
+                self._call = stub.FuseStream(self._requests(resend))
+                for reply in self._call:
+                    attempts = 0
+                    with self._lock:
+                        expected = self._pending.popleft() if self._pending else None
+                    if expected is None or reply.id != str(expected):
+                        raise AlignerFailed(
+                            f"aligner answered block {reply.id}, expected {expected}"
+                        )
+                    self.stats.received += 1
+                    self.stats.cache_hits += int(reply.cache_hit)
+                    self._ready.put((expected, reply))
+                return  # the order ran out and every answer arrived
+            except grpc.RpcError as exc:
+                if self._closed.is_set():
+                    return
+                code = exc.code() if hasattr(exc, "code") else None
+                if code in RETRYABLE and attempts < self.max_reconnects:
+                    attempts += 1
+                    self.stats.reconnects += 1
+                    log.warning("aligner stream %s (%s); reconnecting", code, exc.details())
+                    time.sleep(min(0.2 * 2**attempts, 5.0))
+                    continue
+                self._ready.put(AlignerFailed(f"aligner at {self.address}: {code} {exc.details()}"))
+                return
+            except Exception as exc:  # deliver any failure to the consumer instead of hanging
+                self._ready.put(exc)
+                return
+
+    # ------------------------------------------------------------------ consumer side
+    def get(self, expected: Block) -> FusedBlock:
+        """The fused block for ``expected`` (the next block in order), waiting if needed."""
+        start = time.perf_counter()
+        ready = not self._ready.empty()
+        try:
+            item = self._ready.get(timeout=self.timeout_s)
+        except queue.Empty:
+            raise AlignerFailed(
+                f"no fused target for block {expected.index} from {self.address} "
+                f"within {self.timeout_s:.0f}s"
+            ) from None
+        waited = time.perf_counter() - start
+        self.stats.ready_on_get.append(ready)
+        if not ready:
+            self.stats.waits += 1
+            self.stats.wait_s += waited
+        if isinstance(item, Exception):
+            raise item
+        self._slots.release()
+        with self._lock:
+            self._outstanding -= 1
+        index, reply = item
+        self.stats.consumed += 1
+        if index != expected.index:
+            raise AlignerFailed(
+                f"prefetch order broken: got block {index}, expected {expected.index}"
+            )
+        if self.target_fingerprint and reply.target_fingerprint != self.target_fingerprint:
+            raise TargetMismatch(
+                f"aligner target tokenizer {reply.target_fingerprint} != trainer's "
+                f"{self.target_fingerprint}: point both at the same target tokenizer"
+            )
+        fused = FusedBlock.from_bytes(reply.block)
+        n = len(expected.ids)
+        if len(fused.target_ids) < n or not np.array_equal(fused.target_ids[:n], expected.ids):
+            raise TargetMismatch(
+                f"block {index}: the aligner's target ids differ from the trainer's"
+            )
+        return fused
+
+    def pending(self) -> int:
+        """Blocks requested or ready but not consumed yet (never more than ``depth``)."""
+        with self._lock:
+            return self._outstanding
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._call is not None:
+            self._call.cancel()
+        self._channel.close()
+        self._thread.join(5)

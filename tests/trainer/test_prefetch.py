@@ -1,0 +1,177 @@
+"""The prefetch stream against a stand-in aligner whose answers the test releases one by one.
+
+The stand-in is a real gRPC server implementing ``FuseStream``; it is a stand-in because these
+tests are about the trainer's queue (bounds, order, checks, reconnection), not about fusion.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import numpy as np
+import pytest
+
+from fuseserve.trainer.data import pack_blocks
+from fuseserve.trainer.prefetch import AlignerFailed, FusedTargetStream, TargetMismatch
+from fuseserve.wire.messages import FusedBlock
+from fuseserve.wire.v1 import aligner_pb2, aligner_pb2_grpc
+
+FP = "target-fingerprint"
+
+
+class StandIn(aligner_pb2_grpc.AlignerServicer):
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.release = threading.Semaphore(0)
+        self.received: list[str] = []
+        self.fail_after: int | None = None  # abort the stream (UNAVAILABLE) after this many
+        self.corrupt = False
+
+    def FuseStream(self, request_iterator, context):
+        incoming: queue.Queue = queue.Queue()
+
+        def read():  # read ahead, as the real aligner does (up to its in-flight window)
+            try:
+                for r in request_iterator:
+                    self.received.append(r.id)
+                    incoming.put(r)
+            except grpc.RpcError:
+                pass  # the stream was aborted or cancelled
+            finally:
+                incoming.put(None)
+
+        threading.Thread(target=read, daemon=True).start()
+        while True:
+            request = incoming.get(timeout=30)
+            if request is None:
+                return
+            if self.fail_after is not None and len(self.received) > self.fail_after:
+                self.fail_after = None
+                context.abort(grpc.StatusCode.UNAVAILABLE, "stand-in restarting")
+            if not self.release.acquire(timeout=30):
+                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "test never released")
+            ids = np.asarray(
+                self.tokenizer(request.texts[0], add_special_tokens=False)["input_ids"]
+            )
+            if self.corrupt:
+                ids = ids[::-1].copy()
+            n = len(ids)
+            block = FusedBlock(
+                target_ids=ids.astype(np.int32),
+                ids=np.tile(np.arange(2, dtype=np.int32), (n, 1)),
+                probs=np.full((n, 2), 0.5, dtype=np.float32),
+                chosen=np.zeros(n, dtype=np.int16),
+                ce=np.ones(1, dtype=np.float32),
+                coverage=np.ones(1, dtype=np.float32),
+                teachers=("t",),
+            )
+            yield aligner_pb2.FusedBlock(
+                id=request.id, index=0, block=block.to_bytes(), target_fingerprint=FP
+            )
+
+
+@pytest.fixture
+def stand_in(mistral_tok):
+    servicer = StandIn(mistral_tok)
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    aligner_pb2_grpc.add_AlignerServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield servicer, f"127.0.0.1:{port}"
+    for _ in range(64):
+        servicer.release.release()
+    server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def blocks(mistral_tok, prose):
+    return pack_blocks(mistral_tok, [prose[:8000]], block_size=32)
+
+
+def until(condition, what, timeout_s=20):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def test_requests_stay_within_depth_and_a_full_queue_hides_a_slow_aligner(stand_in, blocks):
+    servicer, address = stand_in
+    order = [5, 1, 7, 3, 9, 2, 8, 4]
+    stream = FusedTargetStream(address, blocks, iter(order), depth=3, target_fingerprint=FP)
+    stream.start()
+    try:
+        until(lambda: len(servicer.received) == 3, "three requests")
+        assert stream.pending() == 3
+        # with nothing consumed, no fourth request goes out, however long we look
+        for _ in range(3):
+            servicer.release.release()
+        until(lambda: stream.stats.received == 3, "three answers")
+        assert servicer.received == ["5", "1", "7"]
+        # the queue is full: the next three gets return at once, in order
+        got = [stream.get(blocks[i]) for i in order[:3]]
+        assert stream.stats.ready_on_get == [True, True, True] and stream.stats.waits == 0
+        assert [g.target_ids[: len(blocks[i].ids)].tolist() for g, i in zip(got, order)] == [
+            blocks[i].ids.tolist() for i in order[:3]
+        ]
+        # consuming freed the slots: the next requests went out
+        until(lambda: len(servicer.received) == 6, "three more requests")
+        for _ in range(5):
+            servicer.release.release()
+        rest = [stream.get(blocks[i]) for i in order[3:]]
+        assert len(rest) == 5 and servicer.received == [str(i) for i in order]
+    finally:
+        stream.close()
+
+
+def test_reconnects_and_asks_again_for_unanswered_blocks(stand_in, blocks):
+    servicer, address = stand_in
+    servicer.fail_after = 2
+    for _ in range(64):
+        servicer.release.release()
+    order = list(range(6))
+    stream = FusedTargetStream(address, blocks, iter(order), depth=4, target_fingerprint=FP)
+    stream.start()
+    try:
+        got = [stream.get(blocks[i]) for i in order]
+        assert len(got) == 6 and stream.stats.reconnects == 1
+    finally:
+        stream.close()
+
+
+def test_mismatched_tokens_or_tokenizer_fail_loudly(stand_in, blocks):
+    servicer, address = stand_in
+    for _ in range(64):
+        servicer.release.release()
+    stream = FusedTargetStream(address, blocks, iter([0]), depth=1, target_fingerprint="other")
+    stream.start()
+    try:
+        with pytest.raises(TargetMismatch, match="target tokenizer"):
+            stream.get(blocks[0])
+    finally:
+        stream.close()
+    servicer.corrupt = True
+    stream = FusedTargetStream(address, blocks, iter([1]), depth=1, target_fingerprint=FP)
+    stream.start()
+    try:
+        with pytest.raises(TargetMismatch, match="target ids"):
+            stream.get(blocks[1])
+    finally:
+        stream.close()
+
+
+def test_dead_aligner_is_a_clear_error(blocks):
+    stream = FusedTargetStream(
+        "127.0.0.1:9", blocks, iter([0]), depth=1, max_reconnects=1, timeout_s=30
+    )
+    stream.start()
+    try:
+        with pytest.raises(AlignerFailed, match="127.0.0.1:9"):
+            stream.get(blocks[0])
+    finally:
+        stream.close()
