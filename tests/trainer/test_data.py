@@ -42,7 +42,7 @@ def test_read_documents_formats(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
         read_documents([tmp_path / "nope.txt"])
     (tmp_path / "bad.jsonl").write_text('{"body": 1}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:1"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1"):
         read_documents([tmp_path / "bad.jsonl"])
 
 

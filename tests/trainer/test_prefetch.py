@@ -171,7 +171,7 @@ def test_dead_aligner_is_a_clear_error(blocks):
     )
     stream.start()
     try:
-        with pytest.raises(AlignerFailed, match="127.0.0.1:9"):
+        with pytest.raises(AlignerFailed, match=r"127\.0\.0\.1:9"):
             stream.get(blocks[0])
     finally:
         stream.close()
