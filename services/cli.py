@@ -114,6 +114,38 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from fuseserve.trainer.data import read_documents
+    from fuseserve.trainer.evaluate import evaluate_domains
+
+    domains = {}
+    for spec in args.data:
+        name, sep, paths = spec.partition("=")
+        if not sep or not paths:
+            print(f"error: data: expected domain=path[,path], got {spec!r}", file=sys.stderr)
+            return 2
+        try:
+            domains[name] = read_documents(paths.split(","))
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"error: data: {exc}", file=sys.stderr)
+            return 2
+    rows = {}
+    for model in args.model:
+        results = evaluate_domains(model, domains, args.max_length)
+        rows[model] = {d: r.value for d, r in results.items()}
+    names = list(domains)
+    print("| model | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for model, row in rows.items():
+        print(f"| {model} | " + " | ".join(f"{row[d]:.4f}" for d in names) + " |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
 def settings_from_args(settings_cls, args: argparse.Namespace):
     given = {
         name: getattr(args, name)
@@ -226,6 +258,26 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML file of settings (same names as the flags)")
     add_settings_flags(train, TrainConfig)
     train.set_defaults(func=_train)
+
+    ev = sub.add_parser(
+        "eval",
+        help="bits per UTF-8 byte of causal LMs on held-out text, per domain",
+        description=(
+            "Bits per UTF-8 byte (BPB) of each model on each domain: comparable across "
+            "tokenizers. Windows of --max-length tokens, each starting with the model's BOS."
+        ),
+    )
+    ev.add_argument("--model", action="append", required=True, help="model spec (repeatable)")
+    ev.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        metavar="DOMAIN=PATH[,PATH]",
+        help="held-out text of one domain: files or directories (repeatable)",
+    )
+    ev.add_argument("--max-length", type=int, default=1024, help="tokens per window")
+    ev.add_argument("--json", help="also write the results here")
+    ev.set_defaults(func=_eval)
     return parser
 
 

@@ -1,0 +1,39 @@
+"""Bits per byte against a hand-computed value: a model whose logits are all zero is uniform."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fuseserve.teacher.tiny import build_tiny_llama
+from fuseserve.trainer.evaluate import bits_per_byte
+
+
+def test_uniform_model_bpb_is_tokens_times_log2_vocab_over_bytes(mistral_tok, prose):
+    model = build_tiny_llama(mistral_tok, seed=0)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    texts = [prose[:700], "naïve café ꙮ " * 5]
+    result = bits_per_byte(model, mistral_tok, texts, max_length=64, batch_size=3)
+    n_tokens = sum(len(mistral_tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    assert result.tokens == n_tokens and result.bytes == n_bytes  # BOS: every token predicted
+    assert result.value == pytest.approx(n_tokens * math.log2(len(mistral_tok)) / n_bytes, rel=1e-5)
+
+
+def test_a_better_model_has_lower_bpb(mistral_tok, prose):
+    uniform = build_tiny_llama(mistral_tok, seed=0)
+    with torch.no_grad():
+        uniform.lm_head.weight.zero_()
+    # a model that knows the unigram frequencies of this very text does better than uniform
+    ids = mistral_tok(prose[:2000], add_special_tokens=False)["input_ids"]
+    counts = torch.bincount(torch.tensor(ids), minlength=len(mistral_tok)).float() + 0.01
+    unigram = build_tiny_llama(mistral_tok, seed=0)
+    with torch.no_grad():
+        unigram.lm_head.weight.zero_()
+        unigram.lm_head.bias = torch.nn.Parameter(counts.log())
+    a = bits_per_byte(uniform, mistral_tok, [prose[:2000]], max_length=128)
+    b = bits_per_byte(unigram, mistral_tok, [prose[:2000]], max_length=128)
+    assert b.value < a.value
