@@ -21,5 +21,5 @@ test: $(VENV)/.installed lint
 bench: $(VENV)/.installed
 	$(PY) bench/bench_alignment.py
 
-demo: $(VENV)/.installed
-	$(PY) bench/bench_alignment.py
+demo: $(VENV)/.installed  ## teachers, aligner, fused vs CLM-only training, BPB table + plot
+	$(PY) -m fuseserve.cli demo $(DEMO_ARGS)
