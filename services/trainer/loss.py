@@ -44,17 +44,7 @@ def fusion_loss(
     """Mean over positions that carry a fused distribution of −Σ P log Q (or Σ P log(P/Q))."""
     scaled = logits.float() / temperature
     lse = torch.logsumexp(scaled, dim=-1, keepdim=True)  # [B, L, 1]
-    valid = fused_ids >= 0
-    gathered = scaled.gather(-1, fused_ids.clamp(min=0))  # [B, L, W]
-    log_q = gathered - lse
-    p = torch.where(valid, fused_probs.float(), torch.zeros((), device=logits.device))
-    per_entry = -p * log_q
-    if FusionLoss(kind) is FusionLoss.KL:
-        per_entry = per_entry + torch.where(p > 0, p * torch.log(p.clamp(min=1e-30)), 0.0)
-    per_position = per_entry.sum(-1)  # [B, L]
-    has_target = valid.any(-1)
-    count = has_target.sum().clamp(min=1)
-    return (per_position * has_target).sum() / count
+    return _sparse_term(scaled, lse, fused_ids, fused_probs, kind)
 
 
 def combined_loss(
@@ -66,13 +56,40 @@ def combined_loss(
     kind: FusionLoss = FusionLoss.SOFT_CE,
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(total, clm, fusion): total = lam * clm + (1 - lam) * fusion (fusion 0 when lam == 1)."""
-    clm = clm_loss(logits, labels)
+    """(total, clm, fusion): total = lam * clm + (1 - lam) * fusion (fusion 0 when lam == 1).
+
+    At T = 1 both terms share one logsumexp over the vocabulary, so the fused step costs about
+    what a CLM step costs (plus gathers of width W).
+    """
     if lam >= 1.0 or fused_ids is None or fused_probs is None:
-        zero = torch.zeros((), device=logits.device)
-        return clm, clm, zero
-    fusion = fusion_loss(logits, fused_ids, fused_probs, kind, temperature)
+        clm = clm_loss(logits, labels)
+        return clm, clm, torch.zeros((), device=logits.device)
+    if temperature != 1.0:
+        clm = clm_loss(logits, labels)
+        fusion = fusion_loss(logits, fused_ids, fused_probs, kind, temperature)
+        return lam * clm + (1.0 - lam) * fusion, clm, fusion
+    scores = logits.float()
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # [B, L, 1]
+    # CLM: position i predicts labels[i + 1]
+    nxt = labels[:, 1:]
+    has_label = nxt != -100
+    picked = scores[:, :-1].gather(-1, nxt.clamp(min=0)[..., None])[..., 0]
+    token_nll = (lse[:, :-1, 0] - picked) * has_label
+    clm = token_nll.sum() / has_label.sum().clamp(min=1)
+    fusion = _sparse_term(scores, lse, fused_ids, fused_probs, kind)
     return lam * clm + (1.0 - lam) * fusion, clm, fusion
+
+
+def _sparse_term(scores, lse, fused_ids, fused_probs, kind) -> torch.Tensor:
+    """Mean over positions with a fused target of −Σ P log Q (+ Σ P log P for KL)."""
+    valid = fused_ids >= 0
+    log_q = scores.gather(-1, fused_ids.clamp(min=0)) - lse  # [B, L, W]
+    p = torch.where(valid, fused_probs.float(), torch.zeros((), device=scores.device))
+    per_entry = -p * log_q
+    if FusionLoss(kind) is FusionLoss.KL:
+        per_entry = per_entry + torch.where(p > 0, p * torch.log(p.clamp(min=1e-30)), 0.0)
+    has_target = valid.any(-1)
+    return (per_entry.sum(-1) * has_target).sum() / has_target.sum().clamp(min=1)
 
 
 def dense_fusion_loss(

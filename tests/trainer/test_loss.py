@@ -79,3 +79,23 @@ def test_combined_weights_and_clm_only():
     assert total.item() == pytest.approx(0.9 * clm.item() + 0.1 * fusion.item())
     only, clm2, zero = combined_loss(logits, labels, None, None, lam=1.0)
     assert only.item() == pytest.approx(clm2.item()) and zero.item() == 0.0
+
+
+@pytest.mark.parametrize("kind", list(FusionLoss))
+def test_shared_logsumexp_path_equals_separate_terms(kind):
+    """At T = 1 combined_loss shares one logsumexp: same values and gradients as the two terms."""
+    vocab = 40
+    ids, probs = random_sparse(2, 6, vocab, 5, seed=7)
+    logits = torch.randn(2, 6, vocab, generator=torch.Generator().manual_seed(2))
+    labels = torch.randint(0, vocab, (2, 6), generator=torch.Generator().manual_seed(3))
+    labels[1, 4:] = -100
+    a = logits.clone().requires_grad_(True)
+    b = logits.clone().requires_grad_(True)
+    total, clm, fusion = combined_loss(a, labels, ids, probs, lam=0.7, kind=kind)
+    assert fusion.item() == pytest.approx(fusion_loss(logits, ids, probs, kind).item(), rel=1e-5)
+    ref = 0.7 * clm_loss(b, labels) + 0.3 * fusion_loss(b, ids, probs, kind)
+    total.backward()
+    ref.backward()
+    torch.testing.assert_close(total, ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(clm, clm_loss(logits, labels), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(a.grad, b.grad, atol=1e-7, rtol=1e-5)
