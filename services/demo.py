@@ -245,11 +245,22 @@ def write_plot(path: Path, curves: dict[str, list[dict]], table: dict[str, dict[
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+
+    def smooth(values: list[float], window: int = 10) -> list[float]:
+        out, total = [], 0.0
+        for i, v in enumerate(values):
+            total += v - (values[i - window] if i >= window else 0.0)
+            out.append(total / min(i + 1, window))
+        return out
+
     for name, rows in curves.items():
         steps = [r["step"] for r in rows]
-        ax1.plot(steps, [r["clm_loss"] for r in rows], label=f"{name}: CLM loss")
+        clm = [r["clm_loss"] for r in rows]
+        (line,) = ax1.plot(steps, smooth(clm), label=f"{name}: CLM loss (10-step mean)")
+        ax1.plot(steps, clm, color=line.get_color(), alpha=0.2)
         if any(r["fusion_loss"] for r in rows):
-            ax1.plot(steps, [r["fusion_loss"] for r in rows], "--", label=f"{name}: fusion loss")
+            fusion = smooth([r["fusion_loss"] for r in rows])
+            ax1.plot(steps, fusion, "--", label=f"{name}: fusion loss (10-step mean)")
     ax1.set_xlabel("step")
     ax1.set_ylabel("loss (nats/token)")
     ax1.set_title("training loss")
