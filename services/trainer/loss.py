@@ -68,16 +68,59 @@ def combined_loss(
         clm = clm_loss(logits, labels)
         fusion = fusion_loss(logits, fused_ids, fused_probs, kind, temperature)
         return lam * clm + (1.0 - lam) * fusion, clm, fusion
-    scores = logits.float()
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # [B, L, 1]
-    # CLM: position i predicts labels[i + 1]
-    nxt = labels[:, 1:]
-    has_label = nxt != -100
-    picked = scores[:, :-1].gather(-1, nxt.clamp(min=0)[..., None])[..., 0]
-    token_nll = (lse[:, :-1, 0] - picked) * has_label
-    clm = token_nll.sum() / has_label.sum().clamp(min=1)
-    fusion = _sparse_term(scores, lse, fused_ids, fused_probs, kind)
-    return lam * clm + (1.0 - lam) * fusion, clm, fusion
+    return _SharedSoftmaxLoss.apply(logits, labels, fused_ids, fused_probs, lam, FusionLoss(kind))
+
+
+class _SharedSoftmaxLoss(torch.autograd.Function):
+    """λ·CLM + (1−λ)·fusion at T = 1 with one softmax and one vocab-sized buffer.
+
+    Both terms are weighted sums of (lse − z[id]) per position, so with weights a_i (CLM,
+    position i predicts label i+1) and b_i·P_iw (fusion) the gradient is
+    ∂L/∂z_i = (a_i + b_i·ΣP_i)·softmax(z_i) − a_i·onehot(label) − b_i·Σ_w P_iw·onehot(id_w).
+    Forward keeps only lse [B, L] and the gathered logits; backward writes the gradient in place
+    of one softmax buffer (no gather/scatter of a second dense tensor, no dense target).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, fused_ids, fused_probs, lam, kind):
+        scores = logits.detach()
+        lse = torch.empty(scores.shape[:-1], dtype=torch.float32, device=scores.device)
+        for r in range(scores.shape[0]):  # one row at a time bounds logsumexp's temporaries
+            lse[r] = torch.logsumexp(scores[r].float(), dim=-1)
+        nxt = torch.full_like(labels, -100)
+        nxt[:, :-1] = labels[:, 1:]
+        has_label = nxt != -100
+        n_label = has_label.sum().clamp(min=1)
+        picked = scores.gather(-1, nxt.clamp(min=0)[..., None])[..., 0].float()
+        clm = ((lse - picked) * has_label).sum() / n_label
+        valid = fused_ids >= 0
+        ids = fused_ids.clamp(min=0)
+        p = torch.where(valid, fused_probs.float(), torch.zeros((), device=scores.device))
+        has_target = valid.any(-1)
+        n_target = has_target.sum().clamp(min=1)
+        log_q = scores.gather(-1, ids).float() - lse[..., None]
+        per_entry = -p * log_q
+        if kind is FusionLoss.KL:
+            per_entry = per_entry + torch.where(p > 0, p * torch.log(p.clamp(min=1e-30)), 0.0)
+        fusion = (per_entry.sum(-1) * has_target).sum() / n_target
+        a = lam * has_label / n_label  # [B, L]
+        b = (1.0 - lam) * has_target / n_target  # [B, L]
+        ctx.save_for_backward(logits, lse, nxt, ids, p, a, b)
+        ctx.mark_non_differentiable(clm, fusion)
+        return lam * clm + (1.0 - lam) * fusion, clm, fusion
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_clm, _grad_fusion):
+        logits, lse, nxt, ids, p, a, b = ctx.saved_tensors
+        weighted_p = b[..., None] * p  # [B, L, W]
+        scale = a + weighted_p.sum(-1)  # [B, L]
+        grad = torch.empty_like(logits)
+        for r in range(logits.shape[0]):
+            g = (logits[r].float() - lse[r][..., None]).exp_().mul_(scale[r][..., None])
+            g.scatter_add_(-1, nxt[r].clamp(min=0)[..., None], -a[r][..., None])
+            g.scatter_add_(-1, ids[r], -weighted_p[r])
+            grad[r] = g * grad_total
+        return grad, None, None, None, None, None
 
 
 def _sparse_term(scores, lse, fused_ids, fused_probs, kind) -> torch.Tensor:
