@@ -146,6 +146,48 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _probe(args: argparse.Namespace) -> int:
+    """Exit 0 when the target is ready: gRPC health SERVING, or HTTP 200."""
+    if args.grpc:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        try:
+            with grpc.insecure_channel(args.grpc) as channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=args.timeout
+                )
+        except grpc.RpcError as exc:
+            print(f"not ready: {args.grpc}: {exc.code().name}", file=sys.stderr)
+            return 1
+        ok = reply.status == health_pb2.HealthCheckResponse.SERVING
+        print(("ready: " if ok else "not ready: ") + args.grpc)
+        return 0 if ok else 1
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(args.http, timeout=args.timeout) as response:
+            ok = response.status == 200
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"not ready: {args.http}: {exc}", file=sys.stderr)
+        return 1
+    print(("ready: " if ok else "not ready: ") + args.http)
+    return 0 if ok else 1
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from fuseserve import demo
+
+    cfg = demo.config_from_args(args)
+    if args.prepare_only:
+        corpus, _, small = demo.prepare(cfg)
+        print(f"corpus: {corpus}\nsmall source model: {small}")
+    else:
+        demo.run_demo(cfg)
+    return 0
+
+
 def settings_from_args(settings_cls, args: argparse.Namespace):
     given = {
         name: getattr(args, name)
@@ -279,6 +321,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", help="also write the results here")
     ev.set_defaults(func=_eval)
 
+    probe = sub.add_parser(
+        "probe",
+        help="exit 0 when a service is ready (for container HEALTHCHECKs and scripts)",
+        description="Check gRPC health (teacher, aligner) or an HTTP URL (aligner /readyz).",
+    )
+    target = probe.add_mutually_exclusive_group(required=True)
+    target.add_argument("--grpc", metavar="HOST:PORT", help="grpc.health.v1 Check must be SERVING")
+    target.add_argument("--http", metavar="URL", help="GET must answer 200")
+    probe.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+    probe.set_defaults(func=_probe)
+
     from fuseserve import demo
 
     dm = sub.add_parser(
@@ -293,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     demo.add_arguments(dm)
-    dm.set_defaults(func=lambda args: (demo.run_demo(demo.config_from_args(args)), 0)[1])
+    dm.set_defaults(func=_demo)
     return parser
 
 

@@ -291,6 +291,22 @@ def format_table(table: dict[str, dict[str, float]]) -> str:
 
 
 # ---------------------------------------------------------------------------------- main
+def prepare(cfg: DemoConfig) -> tuple[Path, dict[str, list[str]], Path]:
+    """Corpus and small source model; the model is also copied to WORK_DIR/small-model."""
+    import shutil
+
+    from fuseserve import shipped
+
+    work = Path(cfg.work_dir).expanduser().absolute()
+    corpus, heldout = build_corpus(cfg, work / "corpus")
+    small = train_small_model(cfg, corpus, shipped.cache_dir() / "demo")
+    stable = work / "small-model"
+    if stable.exists():
+        shutil.rmtree(stable)
+    shutil.copytree(small, stable)
+    return corpus, heldout, stable
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     from fuseserve import launch, shipped
     from fuseserve.trainer.evaluate import evaluate_domains
@@ -300,12 +316,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     logs = work / "logs"
     print(f"fuseserve demo: working in {work} (logs in {logs})")
-    corpus, heldout = build_corpus(cfg, work / "corpus")
-    print(
-        f"corpus: {corpus} ({corpus.stat().st_size // 1000} kB), held-out "
-        + ", ".join(f"{d} {sum(len(t) for t in heldout[d]) // 1000} kB" for d in DOMAINS)
-    )
-    small = train_small_model(cfg, corpus, shipped.cache_dir() / "demo")
+    corpus, heldout, small = prepare(cfg)
+    sizes = ", ".join(f"{d} {sum(len(t) for t in heldout[d]) // 1000} kB" for d in DOMAINS)
+    print(f"corpus: {corpus} ({corpus.stat().st_size // 1000} kB), held-out {sizes}")
 
     services = []
     try:
@@ -390,6 +403,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--minimal", action="store_true", help="smoke-test size (minutes)")
     parser.add_argument("--steps", type=int, help="training steps of each target run")
     parser.add_argument("--lam", type=float, help="λ: weight of the CLM loss in the fused run")
+    parser.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="only build the corpus and the small source model (WORK_DIR/small-model) and stop: "
+        "what docker compose and Kubernetes run before the services start",
+    )
 
 
 def config_from_args(args) -> DemoConfig:

@@ -29,6 +29,8 @@ class TeacherClient:
                 ("grpc.initial_reconnect_backoff_ms", 100),
                 ("grpc.min_reconnect_backoff_ms", 100),
                 ("grpc.max_reconnect_backoff_ms", 2000),
+                # a dns:///headless-service:port address balances over every pod behind it
+                ("grpc.lb_policy_name", "round_robin"),
             ],
         )
         self.stub = teacher_pb2_grpc.TeacherStub(self.channel)
