@@ -10,6 +10,7 @@ Leaves out: the alignment/fusion options (the aligner owns them).
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,7 +18,13 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fuseserve.config_file import load_settings_file
-from fuseserve.trainer.loss import FusionLoss
+
+
+class FusionLoss(StrEnum):
+    """Soft cross-entropy −Σ P log Q (the paper's choice) or KL(P ‖ Q)."""
+
+    SOFT_CE = "soft_ce"
+    KL = "kl"
 
 
 class TrainConfig(BaseSettings):

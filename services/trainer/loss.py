@@ -16,15 +16,10 @@ Leaves out: where P comes from (``prefetch``), schedules of λ (``config``).
 
 from __future__ import annotations
 
-from enum import StrEnum
-
 import torch
 import torch.nn.functional as F
 
-
-class FusionLoss(StrEnum):
-    SOFT_CE = "soft_ce"
-    KL = "kl"
+from fuseserve.trainer.config import FusionLoss
 
 
 def clm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

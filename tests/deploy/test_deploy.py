@@ -279,3 +279,13 @@ def test_dockerfiles_run_as_non_root_with_a_healthcheck_and_no_build_tools(docke
     assert re.search(r"^HEALTHCHECK ", final, flags=re.M)
     assert not re.search(r"build-essential|\bgcc\b|\bg\+\+|pip install", final)
     assert re.search(r"^(ENTRYPOINT|CMD) ", final, flags=re.M)
+
+
+def test_deploy_doc_names_only_files_that_exist():
+    doc = (ROOT / "docs" / "deploy.md").read_text()
+    paths = set(re.findall(r"`((?:docker|k8s)/[\w./-]+)`", doc))
+    assert len(paths) >= 6
+    for path in paths:
+        assert (ROOT / path).exists(), f"docs/deploy.md names {path}, which does not exist"
+    for port in ("50051", "9401", "8080", "50061", "6379"):
+        assert port in doc
