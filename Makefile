@@ -18,8 +18,11 @@ lint: $(VENV)/.installed
 test: $(VENV)/.installed lint
 	$(PY) -m pytest -q -p no:cacheprovider
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.installed  ## every benchmark (about 20 minutes on 2 cores); results: docs/benchmarks.md
 	$(PY) bench/bench_alignment.py
+	$(PY) bench/bench_teacher.py
+	$(PY) bench/bench_aligner.py
+	$(PY) bench/bench_trainer.py
 
 demo: $(VENV)/.installed  ## teachers, aligner, fused vs CLM-only training, BPB table + plot
 	$(PY) -m fuseserve.cli demo $(DEMO_ARGS)
