@@ -232,3 +232,45 @@ def test_overload_and_api_key(service_loop, teacher_procs, vocab_dir):
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     finally:
         handle.close()
+
+
+def test_corrupt_or_foreign_cache_values_are_misses(aligner):
+    import redis
+
+    from fuseserve.aligner.service.cache import scores_key
+
+    text = "A cached value that someone tampered with."
+    service = aligner.service
+    query = service.query([text], k=8)
+    client = redis.Redis.from_url(aligner.running.settings.redis_url)
+    prefix = aligner.running.settings.redis_prefix
+    client.set(prefix + service._fused_key(query, text), b"not a codec value")
+    spm = service.pool.teachers["spm"]
+    foreign = FusedBlock(  # a valid value of the wrong kind under a teacher-scores key
+        target_ids=np.arange(3, dtype=np.int32),
+        ids=np.zeros((3, 1), dtype=np.int32),
+        probs=np.ones((3, 1), dtype=np.float32),
+        chosen=np.zeros(3, dtype=np.int16),
+        ce=np.zeros(1, dtype=np.float32),
+        coverage=np.ones(1, dtype=np.float32),
+        teachers=("x",),
+    ).to_bytes()
+    client.set(prefix + scores_key(spm.fingerprint, 8, "f32", text), foreign)
+    before = aligner.metric(
+        "fuseserve_aligner_cache_lookups_total", {"level": "fused", "result": "corrupt"}
+    )
+    answer = aligner.rest.post("/v1/fuse", json={"text": text, "k": 8})
+    assert answer.status_code == 200 and not answer.json()["blocks"][0]["cache_hit"]
+    after = aligner.metric(
+        "fuseserve_aligner_cache_lookups_total", {"level": "fused", "result": "corrupt"}
+    )
+    assert after == before + 1
+    assert (
+        aligner.metric(
+            "fuseserve_aligner_cache_lookups_total", {"level": "scores", "result": "corrupt"}
+        )
+        >= 1
+    )
+    # the recomputed value replaced the bad one: the next request is a hit
+    again = aligner.rest.post("/v1/fuse", json={"text": text, "k": 8})
+    assert again.json()["blocks"][0]["cache_hit"]
