@@ -81,3 +81,31 @@ def test_vllm_guards(fake_vllm, tiny_backend):
     dead = VLLMBackend("http://127.0.0.1:9", "tiny", tiny_backend.tokenizer, timeout_s=2)
     with pytest.raises(EngineUnavailable, match="vLLM"):
         dead.score([item], 2)
+
+
+def test_vllm_backend_served_over_grpc(fake_vllm, tiny_backend, loop_thread):
+    import grpc
+
+    from fuseserve.wire.messages import TeacherScores
+    from fuseserve.wire.v1 import teacher_pb2, teacher_pb2_grpc
+    from tests.teacher.conftest import start_teacher
+
+    url, _ = fake_vllm
+    backend = VLLMBackend(url, "tiny", tiny_backend.tokenizer, max_k=8)
+    running = start_teacher(loop_thread, backend)
+    text = "Served through gRPC, scored by a vLLM-format server."
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = teacher_pb2_grpc.TeacherStub(channel)
+            info = stub.Info(teacher_pb2.InfoRequest(), timeout=30)
+            assert info.backend == "vllm" and info.max_k == 8
+            reply = next(iter(stub.Score(teacher_pb2.ScoreRequest(texts=[text], k=5), timeout=60)))
+            served = TeacherScores.from_bytes(reply.scores)
+            local = tiny_backend.score([tiny_backend.tokenize(text, None)], 5)[0]
+            np.testing.assert_array_equal(served.topk_ids[:-1], local.topk_ids[:-1])
+            np.testing.assert_allclose(served.gold_logprobs, local.gold_logprobs, atol=1e-5)
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.Score(teacher_pb2.ScoreRequest(texts=[text], k=9), timeout=60))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        loop_thread.run(running.stop(1.0))
