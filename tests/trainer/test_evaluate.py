@@ -37,3 +37,31 @@ def test_a_better_model_has_lower_bpb(mistral_tok, prose):
     a = bits_per_byte(uniform, mistral_tok, [prose[:2000]], max_length=128)
     b = bits_per_byte(unigram, mistral_tok, [prose[:2000]], max_length=128)
     assert b.value < a.value
+
+
+def test_eval_cli_prints_a_table_per_domain(tmp_path, mistral_tok, prose):
+    import json
+    import subprocess
+    import sys
+
+    from fuseserve.teacher.tiny import save_tiny_llama
+
+    model = save_tiny_llama(mistral_tok, tmp_path / "tiny", seed=0)
+    (tmp_path / "prose.txt").write_text(prose[:1500])
+    (tmp_path / "code.jsonl").write_text(json.dumps({"text": "def f(x):\n    return x\n"}) + "\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "fuseserve.cli", "eval", "--model", str(model),
+         "--data", f"prose={tmp_path / 'prose.txt'}", "--data", f"code={tmp_path / 'code.jsonl'}",
+         "--max-length", "128", "--json", str(tmp_path / "bpb.json")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "| model | prose | code |" in run.stdout
+    values = json.loads((tmp_path / "bpb.json").read_text())[str(model)]
+    # an untrained model is close to uniform: about log2(32000) bits per token
+    assert set(values) == {"prose", "code"} and all(1.0 < v < 15.0 for v in values.values())
+    bad = subprocess.run(
+        [sys.executable, "-m", "fuseserve.cli", "eval", "--model", str(model), "--data", "nope"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "domain=path" in bad.stderr
