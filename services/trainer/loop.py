@@ -114,12 +114,18 @@ def train_loop(config: dict) -> None:
     blocks = build_blocks(cfg, tokenizer)
     fingerprint = data_fingerprint(blocks)
 
+    # Ray's own checkpoint (worker failure inside this run) or, for a run started again under
+    # the same name, the newest complete checkpoint on storage: whichever is further along (a
+    # run killed while uploading may have a newer checkpoint than the one Ray registered).
+    candidates = [find_latest_checkpoint(cfg.storage_path, cfg.name)]
     checkpoint = ray.train.get_checkpoint()
-    resume_dir = None
     if checkpoint is not None:
-        resume_dir = Path(checkpoint.to_directory())
-    else:
-        resume_dir = find_latest_checkpoint(cfg.storage_path, cfg.name)
+        candidates.append(Path(checkpoint.to_directory()))
+    resume_dir = max(
+        (c for c in candidates if c is not None and (c / STATE_FILE).exists()),
+        key=lambda c: json.loads((c / STATE_FILE).read_text())["step"],
+        default=None,
+    )
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     source = str(resume_dir / "model") if resume_dir else cfg.model
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
