@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import grpc
 
+from fuseserve.wire.grpc_service import channel_options
 from fuseserve.wire.messages import TeacherScores
 from fuseserve.wire.v1 import teacher_pb2, teacher_pb2_grpc
 
@@ -22,16 +23,7 @@ class TeacherClient:
         self.timeout_s = timeout_s
         self.channel = grpc.aio.insecure_channel(
             address,
-            options=[
-                ("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.max_receive_message_length", max_message_bytes),
-                # reconnect quickly after a teacher restarts (the default backoff reaches 120 s)
-                ("grpc.initial_reconnect_backoff_ms", 100),
-                ("grpc.min_reconnect_backoff_ms", 100),
-                ("grpc.max_reconnect_backoff_ms", 2000),
-                # a dns:///headless-service:port address balances over every pod behind it
-                ("grpc.lb_policy_name", "round_robin"),
-            ],
+            options=channel_options(max_message_bytes),
         )
         self.stub = teacher_pb2_grpc.TeacherStub(self.channel)
 

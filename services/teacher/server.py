@@ -18,14 +18,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from fuseserve.teacher.backend import ScoringBackend
 from fuseserve.teacher.batcher import DynamicBatcher
 from fuseserve.teacher.errors import EngineUnavailable, InvalidRequest, Overloaded, TeacherError
 from fuseserve.teacher.metrics import TeacherMetrics
 from fuseserve.teacher.settings import TeacherSettings
+from fuseserve.wire.grpc_service import Health, add_health_and_reflection, new_server
 from fuseserve.wire.v1 import teacher_pb2, teacher_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -36,13 +35,6 @@ _STATUS = {
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     EngineUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
-
-
-def grpc_options(settings: TeacherSettings) -> list[tuple[str, int]]:
-    return [
-        ("grpc.max_send_message_length", settings.max_message_bytes),
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
-    ]
 
 
 class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
@@ -160,19 +152,14 @@ class RunningTeacher:
     server: grpc.aio.Server
     port: int
     servicer: TeacherServicer
-    health: health.aio.HealthServicer
+    health: Health
     metrics: TeacherMetrics
 
     async def set_backend(self, backend: ScoringBackend) -> None:
         s = self.servicer.settings
 
         def on_health(ok: bool) -> None:
-            status = (
-                health_pb2.HealthCheckResponse.SERVING
-                if ok
-                else (health_pb2.HealthCheckResponse.NOT_SERVING)
-            )
-            asyncio.get_running_loop().create_task(self._set_status(status))
+            asyncio.get_running_loop().create_task(self.health.set_serving(ok))
 
         batcher = DynamicBatcher(
             backend.score,
@@ -184,15 +171,11 @@ class RunningTeacher:
         )
         batcher.start()
         self.servicer.backend, self.servicer.batcher = backend, batcher
-        await self._set_status(health_pb2.HealthCheckResponse.SERVING)
-
-    async def _set_status(self, status) -> None:
-        await self.health.set("", status)
-        await self.health.set(SERVICE, status)
+        await self.health.set_serving(True)
 
     async def stop(self, grace: float) -> None:
         """Refuse new work, drain what is in flight within ``grace`` seconds, stop."""
-        await self._set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set_serving(False)
         await self.server.stop(grace)
         if self.servicer.batcher is not None:
             await self.servicer.batcher.close()
@@ -201,19 +184,13 @@ class RunningTeacher:
 async def start_server(settings: TeacherSettings) -> RunningTeacher:
     """Start serving (health NOT_SERVING) before any model is attached."""
     metrics = TeacherMetrics()
-    server = grpc.aio.server(options=grpc_options(settings))
+    server = new_server(settings.max_message_bytes)
     servicer = TeacherServicer(settings, metrics)
     teacher_pb2_grpc.add_TeacherServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-    )
+    health = await add_health_and_reflection(server, SERVICE)
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     await server.start()
-    running = RunningTeacher(server, port, servicer, health_servicer, metrics)
-    await running._set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
-    return running
+    return RunningTeacher(server, port, servicer, health, metrics)
 
 
 def load_backend(settings: TeacherSettings) -> ScoringBackend:

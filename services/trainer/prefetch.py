@@ -24,6 +24,7 @@ import grpc
 import numpy as np
 
 from fuseserve.trainer.data import Block
+from fuseserve.wire.grpc_service import channel_options
 from fuseserve.wire.messages import FusedBlock
 from fuseserve.wire.v1 import aligner_pb2, aligner_pb2_grpc
 
@@ -86,12 +87,7 @@ class FusedTargetStream:
         self._call = None
         self._channel = grpc.insecure_channel(
             address,
-            options=[
-                ("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.initial_reconnect_backoff_ms", 200),
-                ("grpc.max_reconnect_backoff_ms", 2000),
-            ],
+            options=channel_options(max_message_bytes),
         )
         self._thread = threading.Thread(target=self._run, name="fused-prefetch", daemon=True)
 

@@ -21,13 +21,14 @@ import uvicorn
 
 from fuseserve.aligner.service.cache import LRUCache, RedisCache
 from fuseserve.aligner.service.dataplane import FusionService
-from fuseserve.aligner.service.grpc_api import AlignerServicer, set_serving, start_grpc
+from fuseserve.aligner.service.grpc_api import AlignerServicer, start_grpc
 from fuseserve.aligner.service.metrics import AlignerMetrics
 from fuseserve.aligner.service.pool import TeacherPool
 from fuseserve.aligner.service.rest import create_app
 from fuseserve.aligner.service.settings import AlignerSettings
 from fuseserve.aligner.tokenview import TokenizerView
 from fuseserve.aligner.vocabmap_store import VocabMapStore
+from fuseserve.wire.grpc_service import Health
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class RunningAligner:
     grpc_port: int
     rest_port: int
     rest_server: _Uvicorn
-    health: object
+    health: Health
     tasks: list[asyncio.Task] = field(default_factory=list)
     startup: asyncio.Task | None = None
 
@@ -59,7 +60,7 @@ class RunningAligner:
         await asyncio.wait_for(asyncio.shield(self.startup), timeout_s)
 
     async def stop(self, grace_s: float = 5.0) -> None:
-        await set_serving(self.health, False)
+        await self.health.set_serving(False)
         self.rest_server.should_exit = True
         for task in self.tasks:
             if task is not self.tasks[0]:
@@ -130,7 +131,7 @@ async def start_aligner(settings: AlignerSettings, show_progress: bool = False) 
     servicer = AlignerServicer(
         service, metrics, settings.target_tokenizer, settings.max_stream_inflight
     )
-    grpc_server, grpc_port, health_servicer = await start_grpc(
+    grpc_server, grpc_port, health = await start_grpc(
         servicer, settings.host, settings.grpc_port, settings.max_message_bytes
     )
     api_key = settings.api_key.get_secret_value() if settings.api_key else None
@@ -147,13 +148,13 @@ async def start_aligner(settings: AlignerSettings, show_progress: bool = False) 
         grpc_port,
         sock.getsockname()[1],
         rest,
-        health_servicer,
+        health,
     )
     running.tasks.append(asyncio.create_task(rest.serve(sockets=[sock])))
 
     async def connect() -> None:
         await pool.start(settings.startup_timeout_s)
-        await set_serving(health_servicer, True)
+        await health.set_serving(True)
         log.info(
             "aligner ready: REST :%d, gRPC :%d, teachers %s",
             running.rest_port,

@@ -17,12 +17,11 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from fuseserve.aligner.service.dataplane import BlockResult, FusionService
 from fuseserve.aligner.service.metrics import AlignerMetrics
 from fuseserve.errors import InvalidRequest, Overloaded, ServiceError, Unavailable
+from fuseserve.wire.grpc_service import Health, add_health_and_reflection, new_server
 from fuseserve.wire.v1 import aligner_pb2, aligner_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -168,32 +167,11 @@ class AlignerServicer(aligner_pb2_grpc.AlignerServicer):
 
 async def start_grpc(
     servicer: AlignerServicer, host: str, port: int, max_message_bytes: int
-) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """Start the aligner's gRPC server (health NOT_SERVING until ``set_serving``)."""
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
-        ]
-    )
+) -> tuple[grpc.aio.Server, int, Health]:
+    """Start the aligner's gRPC server (health NOT_SERVING until ``Health.set_serving``)."""
+    server = new_server(max_message_bytes)
     aligner_pb2_grpc.add_AlignerServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-    )
+    health = await add_health_and_reflection(server, SERVICE)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
-    for name in ("", SERVICE):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    return server, bound, health_servicer
-
-
-async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
-    status = (
-        health_pb2.HealthCheckResponse.SERVING
-        if serving
-        else health_pb2.HealthCheckResponse.NOT_SERVING
-    )
-    for name in ("", SERVICE):
-        await health_servicer.set(name, status)
+    return server, bound, health
