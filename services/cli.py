@@ -48,40 +48,48 @@ def add_settings_flags(
         parser.add_argument(flag, dest=name, default=None, help=help_text)
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+
+class SettingsError(Exception):
+    """Bad settings from flags, environment or file: printed, exit status 2."""
+
+
+def settings_from_args(settings_cls, args: argparse.Namespace, **values):
+    """Settings from the flags that were given (plus ``values``), the environment, ``--config``."""
+    from pydantic import ValidationError
+
+    from fuseserve.config_file import load_settings_file
+
+    given = {
+        name: getattr(args, name)
+        for name in settings_cls.model_fields
+        if name not in values and getattr(args, name, None) is not None
+    }
+    given.update({k: v for k, v in values.items() if v is not None})
+    try:
+        return load_settings_file(settings_cls, getattr(args, "config", None), **given)
+    except (ValidationError, ValueError) as exc:
+        raise SettingsError(str(exc)) from exc
+
+
 def _aligner(args: argparse.Namespace) -> int:
     import asyncio
     import json
     import logging
 
-    from pydantic import ValidationError
-
     from fuseserve.aligner.service.app import serve
-    from fuseserve.aligner.service.settings import (
-        AlignerSettings,
-        load_settings,
-        parse_teacher_flag,
-    )
+    from fuseserve.aligner.service.settings import AlignerSettings, parse_teacher_flag
 
-    given = {
-        name: getattr(args, name)
-        for name in AlignerSettings.model_fields
-        if name not in ("teachers", "options") and getattr(args, name, None) is not None
-    }
     try:
-        if args.teacher:
-            given["teachers"] = [parse_teacher_flag(t) for t in args.teacher]
-        if args.options:
-            given["options"] = json.loads(args.options)
-        settings = load_settings(args.config, **given)
-    except (ValidationError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        teachers = [parse_teacher_flag(t) for t in args.teacher] if args.teacher else None
+        options = json.loads(args.options) if args.options else None
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from exc
+    settings = settings_from_args(AlignerSettings, args, teachers=teachers, options=options)
     if not settings.teachers:
-        print("error: teachers: give at least one --teacher name=host:port", file=sys.stderr)
-        return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+        raise SettingsError("teachers: give at least one --teacher name=host:port")
+    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
     return asyncio.run(serve(settings))
 
 
@@ -89,24 +97,15 @@ def _train(args: argparse.Namespace) -> int:
     import json
     import logging
 
-    from pydantic import ValidationError
+    from fuseserve.trainer.config import TrainConfig
 
-    from fuseserve.trainer.config import TrainConfig, load_config
+    def as_list(value: str | None) -> list[str] | None:
+        return [v for v in value.split(",") if v] if value else None
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    given = {
-        name: getattr(args, name)
-        for name in TrainConfig.model_fields
-        if getattr(args, name, None) is not None
-    }
-    for name in ("data", "teachers"):
-        if name in given:
-            given[name] = [v for v in given[name].split(",") if v]
-    try:
-        cfg = load_config(args.config, **given)
-    except (ValidationError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = settings_from_args(
+        TrainConfig, args, data=as_list(args.data), teachers=as_list(args.teachers)
+    )
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     from fuseserve.trainer.job import run_training
 
     result = run_training(cfg)
@@ -149,19 +148,11 @@ def _eval(args: argparse.Namespace) -> int:
 def _probe(args: argparse.Namespace) -> int:
     """Exit 0 when the target is ready: gRPC health SERVING, or HTTP 200."""
     if args.grpc:
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        from fuseserve.wire.grpc_service import health_status
 
-        try:
-            with grpc.insecure_channel(args.grpc) as channel:
-                reply = health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(), timeout=args.timeout
-                )
-        except grpc.RpcError as exc:
-            print(f"not ready: {args.grpc}: {exc.code().name}", file=sys.stderr)
-            return 1
-        ok = reply.status == health_pb2.HealthCheckResponse.SERVING
-        print(("ready: " if ok else "not ready: ") + args.grpc)
+        status = health_status(args.grpc, args.timeout)
+        ok = status == "SERVING"
+        print(f"{'ready' if ok else 'not ready'}: {args.grpc}: {status}")
         return 0 if ok else 1
     import urllib.error
     import urllib.request
@@ -188,30 +179,15 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def settings_from_args(settings_cls, args: argparse.Namespace):
-    given = {
-        name: getattr(args, name)
-        for name in settings_cls.model_fields
-        if getattr(args, name, None) is not None
-    }
-    return settings_cls(**given)
-
-
 def _teacher(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from pydantic import ValidationError
-
     from fuseserve.teacher.server import serve
     from fuseserve.teacher.settings import TeacherSettings
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    try:
-        settings = settings_from_args(TeacherSettings, args)
-    except ValidationError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    settings = settings_from_args(TeacherSettings, args)
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     asyncio.run(serve(settings))
     return 0
 
@@ -356,7 +332,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

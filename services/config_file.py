@@ -29,10 +29,13 @@ def load_settings_file(settings_cls: type[S], config: str | None = None, **overr
     """An instance of ``settings_cls`` built from ``config`` (YAML), the environment, overrides."""
     values = read_yaml_mapping(config) if config else {}
 
-    class _FromFile(settings_cls):  # type: ignore[valid-type, misc]
-        @classmethod
-        def settings_customise_sources(cls, settings_cls, init_settings, env_settings, **_):
-            return init_settings, env_settings, lambda: values
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, **_):
+        return init_settings, env_settings, lambda: values
 
-    _FromFile.__name__ = settings_cls.__name__
-    return _FromFile(**overrides)
+    # a subclass under the same name, so validation errors name the real settings class
+    with_file = type(
+        settings_cls.__name__,
+        (settings_cls,),
+        {"settings_customise_sources": classmethod(settings_customise_sources)},
+    )
+    return with_file(**overrides)

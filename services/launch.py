@@ -113,27 +113,36 @@ def start_aligner(
     return proc
 
 
-def wait_grpc_serving(proc: ServiceProcess, timeout_s: float, host: str = "127.0.0.1") -> None:
-    """Poll grpc.health.v1 until SERVING; raise ProcessDied or TimeoutError with the log tail."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
+def wait_until(condition, timeout_s: float, what: str, interval_s: float = 0.05, alive=None):
+    """Poll ``condition()`` until it is truthy (returned) or ``timeout_s`` passes (TimeoutError
+    naming ``what``); ``alive()`` is called first each round and may raise (a dead process)."""
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(f"{host}:{proc.port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            proc.check_alive()
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"{proc.name} not SERVING after {timeout_s:.0f}s; log tail:\n{proc.log_tail()}"
-                )
-            time.sleep(0.2)
+    while True:
+        if alive is not None:
+            alive()
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def wait_grpc_serving(proc: ServiceProcess, timeout_s: float, host: str = "127.0.0.1") -> None:
+    """Wait for grpc.health.v1 SERVING; raise ProcessDied or TimeoutError with the log tail."""
+    from fuseserve.wire.grpc_service import health_status
+
+    address = f"{host}:{proc.port}"
+    try:
+        wait_until(
+            lambda: health_status(address) == "SERVING",
+            timeout_s,
+            f"{proc.name} to be SERVING",
+            interval_s=0.2,
+            alive=proc.check_alive,
+        )
+    except TimeoutError as exc:
+        raise TimeoutError(f"{exc}; log tail:\n{proc.log_tail()}") from None
 
 
 def redis_server_path() -> str | None:
@@ -160,13 +169,15 @@ def start_redis(
         "--maxmemory-policy", "allkeys-lru",
     ]  # fmt: skip
     proc = spawn(f"redis-{port}", args, port, log_dir)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        proc.check_alive()
+
+    def pong() -> bool:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5) as s:
             s.sendall(b"PING\r\n")
-            if s.recv(16).startswith(b"+PONG"):
-                return proc
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"redis-server on {port} did not answer PING:\n{proc.log_tail()}")
-        time.sleep(0.05)
+            return s.recv(16).startswith(b"+PONG")
+        return False
+
+    try:
+        wait_until(pong, timeout_s, f"redis-server on {port}", alive=proc.check_alive)
+    except TimeoutError as exc:
+        raise TimeoutError(f"{exc}:\n{proc.log_tail()}") from None
+    return proc

@@ -207,27 +207,17 @@ def load_backend(settings: TeacherSettings) -> ScoringBackend:
             max_k=settings.max_k,
             chunk_positions=settings.score_chunk_positions,
         )
-    if settings.backend == "vllm":
-        from fuseserve.loading import load_tokenizer
-        from fuseserve.teacher.vllm_backend import VLLMBackend
-
-        return VLLMBackend(
-            settings.remote_url,
-            settings.model,
-            load_tokenizer(settings.tokenizer or settings.model),
-            max_k=settings.max_k,
-            max_sequence_length=settings.max_sequence_length,
-        )
-    if settings.backend == "tgi":
+    if settings.backend in ("vllm", "tgi"):
         from fuseserve.loading import load_tokenizer
         from fuseserve.teacher.tgi_backend import TGIBackend
+        from fuseserve.teacher.vllm_backend import VLLMBackend
 
-        return TGIBackend(
-            settings.remote_url,
-            settings.model,
-            load_tokenizer(settings.tokenizer or settings.model),
-            max_sequence_length=settings.max_sequence_length,
-        )
+        remote = (settings.remote_url, settings.model)
+        tokenizer = load_tokenizer(settings.tokenizer or settings.model)
+        length = settings.max_sequence_length
+        if settings.backend == "vllm":
+            return VLLMBackend(*remote, tokenizer, max_k=settings.max_k, max_sequence_length=length)
+        return TGIBackend(*remote, tokenizer, max_sequence_length=length)
     raise EngineUnavailable(f"backend {settings.backend!r} is not available in this build")
 
 

@@ -64,3 +64,15 @@ async def add_health_and_reflection(server: grpc.aio.Server, service_name: str) 
     state = Health(servicer, service_name)
     await state.set_serving(False)
     return state
+
+
+def health_status(address: str, timeout_s: float = 1.0) -> str:
+    """The grpc.health.v1 status of the server at ``address`` ("SERVING", ..., or the error)."""
+    try:
+        with grpc.insecure_channel(address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout_s
+            )
+    except grpc.RpcError as exc:
+        return exc.code().name
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)

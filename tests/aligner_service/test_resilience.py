@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import redis
 
 from fuseserve import launch
+from fuseserve.launch import wait_until
 from tests.service_fixtures import aligner_settings, start_handle, start_teacher
 
 pytestmark = pytest.mark.slow
-
-
-def until(condition, timeout_s: float, what: str):
-    """Poll ``condition()`` until truthy (returns it) or fail naming ``what``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.1)
 
 
 def test_redis_killed_mid_test_leaves_the_service_answering(
@@ -54,7 +41,7 @@ def test_redis_killed_mid_test_leaves_the_service_answering(
             assert r.status_code == 200
             return client.dbsize() > 0
 
-        until(recovered, 15, "the aligner to write to the restarted Redis")
+        wait_until(recovered, 15, "the aligner to write to the restarted Redis")
         hit = handle.rest.post("/v1/fuse", json={"text": "Redis is back, cache me."})
         assert hit.json()["blocks"][0]["cache_hit"]
     finally:
@@ -81,7 +68,7 @@ def test_teacher_killed_gives_503_naming_it_then_recovers(aligner, teacher_procs
     restarted = start_teacher("bpe", tiny_dirs["bpe"], logs, port=bpe.port)
     teacher_procs["bpe"] = restarted
     launch.wait_grpc_serving(restarted, 180)
-    until(
+    wait_until(
         lambda: (
             aligner.rest.post("/v1/fuse", json={"text": "And it came back."}).status_code == 200
         ),

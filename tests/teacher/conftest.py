@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -63,3 +66,29 @@ def teacher(loop_thread, tiny_backend):
     running = start_teacher(loop_thread, tiny_backend, batch_wait_ms=2.0)
     yield running
     loop_thread.run(running.stop(1.0))
+
+
+@contextlib.contextmanager
+def json_http_server(answer):
+    """A local HTTP server for remote-backend tests: POST bodies (JSON) go to
+    ``answer(path, body)``, whose return value is sent back as JSON. Yields the base URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            data = json.dumps(answer(self.path, body)).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
 import numpy as np
@@ -19,7 +16,7 @@ from fuseserve.teacher.settings import TeacherSettings
 from fuseserve.teacher.tgi_backend import TGIBackend
 from fuseserve.wire.messages import TeacherScores
 from fuseserve.wire.v1 import teacher_pb2, teacher_pb2_grpc
-from tests.teacher.conftest import start_teacher
+from tests.teacher.conftest import json_http_server, start_teacher
 
 TEXT = "Fusion of several teachers, one target: 2024."
 
@@ -30,49 +27,31 @@ def fake_tgi(tiny_backend):
     seen = []
     tok = tiny_backend.tokenizer
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
+    def answer(path, body):
+        seen.append((path, body))
+        ids = [tok.bos_token_id, *tok(body["inputs"], add_special_tokens=False)["input_ids"]]
+        with torch.inference_mode():
+            logits = tiny_backend.model(input_ids=torch.tensor([ids])).logits[0].float()
+        logp = torch.log_softmax(logits, -1)
+        prefill = [{"id": ids[0], "text": "<s>", "logprob": None}]
+        prefill += [
+            {"id": t, "text": "x", "logprob": float(logp[j - 1, t])}
+            for j, t in enumerate(ids)
+            if j > 0
+        ]
+        nxt = int(logp[-1].argmax())
+        generated = {"id": nxt, "text": "x", "logprob": float(logp[-1, nxt]), "special": 0}
+        details = {
+            "finish_reason": "length",
+            "generated_tokens": 1,
+            "seed": None,
+            "prefill": prefill,
+            "tokens": [generated],
+        }
+        return [{"generated_text": "x", "details": details}]
 
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            seen.append((self.path, body))
-            ids = [tok.bos_token_id, *tok(body["inputs"], add_special_tokens=False)["input_ids"]]
-            with torch.inference_mode():
-                logits = tiny_backend.model(input_ids=torch.tensor([ids])).logits[0].float()
-            logp = torch.log_softmax(logits, -1)
-            prefill = [{"id": ids[0], "text": "<s>", "logprob": None}]
-            prefill += [
-                {"id": t, "text": "x", "logprob": float(logp[j - 1, t])}
-                for j, t in enumerate(ids)
-                if j > 0
-            ]
-            nxt = int(logp[-1].argmax())
-            payload = [
-                {
-                    "generated_text": "x",
-                    "details": {
-                        "finish_reason": "length",
-                        "generated_tokens": 1,
-                        "seed": None,
-                        "prefill": prefill,
-                        "tokens": [
-                            {"id": nxt, "text": "x", "logprob": float(logp[-1, nxt]), "special": 0}
-                        ],
-                    },
-                }
-            ]
-            data = json.dumps(payload).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", seen
-    server.shutdown()
+    with json_http_server(answer) as url:
+        yield url, seen
 
 
 def test_tgi_gold_equals_the_local_forward(fake_tgi, tiny_backend):

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import numpy as np
 import pytest
 import torch
 
 from fuseserve.teacher.errors import EngineUnavailable, InvalidRequest
 from fuseserve.teacher.vllm_backend import VLLMBackend
+from tests.teacher.conftest import json_http_server
 
 
 @pytest.fixture(scope="module")
@@ -19,43 +16,30 @@ def fake_vllm(tiny_backend):
     """Answers /v1/completions with prompt_logprobs computed by the tiny model itself."""
     seen = []
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
+    def answer(path, body):
+        seen.append(body)
+        ids = torch.tensor(body["prompt"])[None]
+        k = body["prompt_logprobs"]
+        with torch.inference_mode():
+            logp = torch.log_softmax(tiny_backend.model(input_ids=ids).logits[0].float(), -1)
+        entries = [None]
+        for j in range(1, ids.shape[1]):
+            row = logp[j - 1]
+            values, top = row.topk(k)
+            entry = {
+                str(int(t)): {"logprob": float(v), "rank": r + 1, "decoded_token": "x"}
+                for r, (t, v) in enumerate(zip(top, values))
+            }
+            actual = int(ids[0, j])
+            rank = int((row > row[actual]).sum()) + 1
+            entry.setdefault(
+                str(actual), {"logprob": float(row[actual]), "rank": rank, "decoded_token": "x"}
+            )
+            entries.append(entry)
+        return {"choices": [{"text": "x", "prompt_logprobs": entries}]}
 
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            seen.append(body)
-            ids = torch.tensor(body["prompt"])[None]
-            k = body["prompt_logprobs"]
-            with torch.inference_mode():
-                logp = torch.log_softmax(tiny_backend.model(input_ids=ids).logits[0].float(), -1)
-            entries = [None]
-            for j in range(1, ids.shape[1]):
-                row = logp[j - 1]
-                values, top = row.topk(k)
-                entry = {
-                    str(int(t)): {"logprob": float(v), "rank": r + 1, "decoded_token": "x"}
-                    for r, (t, v) in enumerate(zip(top, values))
-                }
-                actual = int(ids[0, j])
-                rank = int((row > row[actual]).sum()) + 1
-                entry.setdefault(
-                    str(actual), {"logprob": float(row[actual]), "rank": rank, "decoded_token": "x"}
-                )
-                entries.append(entry)
-            payload = {"choices": [{"text": "x", "prompt_logprobs": entries}]}
-            data = json.dumps(payload).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", seen
-    server.shutdown()
+    with json_http_server(answer) as url:
+        yield url, seen
 
 
 def test_vllm_scores_equal_the_local_forward(fake_vllm, tiny_backend):

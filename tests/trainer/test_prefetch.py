@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from concurrent import futures
 
 import grpc
 import numpy as np
 import pytest
 
+from fuseserve.launch import wait_until
 from fuseserve.trainer.data import pack_blocks
 from fuseserve.trainer.prefetch import AlignerFailed, FusedTargetStream, TargetMismatch
 from fuseserve.wire.messages import FusedBlock
@@ -92,26 +92,18 @@ def blocks(mistral_tok, prose):
     return pack_blocks(mistral_tok, [prose[:8000]], block_size=32)
 
 
-def until(condition, what, timeout_s=20):
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
 def test_requests_stay_within_depth_and_a_full_queue_hides_a_slow_aligner(stand_in, blocks):
     servicer, address = stand_in
     order = [5, 1, 7, 3, 9, 2, 8, 4]
     stream = FusedTargetStream(address, blocks, iter(order), depth=3, target_fingerprint=FP)
     stream.start()
     try:
-        until(lambda: len(servicer.received) == 3, "three requests")
+        wait_until(lambda: len(servicer.received) == 3, 20, "three requests")
         assert stream.pending() == 3
         # with nothing consumed, no fourth request goes out, however long we look
         for _ in range(3):
             servicer.release.release()
-        until(lambda: stream.stats.received == 3, "three answers")
+        wait_until(lambda: stream.stats.received == 3, 20, "three answers")
         assert servicer.received == ["5", "1", "7"]
         # the queue is full: the next three gets return at once, in order
         got = [stream.get(blocks[i]) for i in order[:3]]
@@ -120,7 +112,7 @@ def test_requests_stay_within_depth_and_a_full_queue_hides_a_slow_aligner(stand_
             blocks[i].ids.tolist() for i in order[:3]
         ]
         # consuming freed the slots: the next requests went out
-        until(lambda: len(servicer.received) == 6, "three more requests")
+        wait_until(lambda: len(servicer.received) == 6, 20, "three more requests")
         for _ in range(5):
             servicer.release.release()
         rest = [stream.get(blocks[i]) for i in order[3:]]

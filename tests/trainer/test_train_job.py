@@ -7,12 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from fuseserve.launch import wait_until
 from fuseserve.trainer.config import load_config
 from fuseserve.trainer.job import run_training
 from fuseserve.trainer.loop import STATE_FILE, find_latest_checkpoint
@@ -110,11 +110,16 @@ def test_a_killed_run_resumes_at_the_same_step_and_data_position(
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
-        deadline = time.monotonic() + 240
-        while find_latest_checkpoint(common["storage_path"], "killed") is None:
+
+        def still_running() -> None:
             assert proc.poll() is None, "the run ended before its first checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.05)
+
+        wait_until(
+            lambda: find_latest_checkpoint(common["storage_path"], "killed"),
+            240,
+            "the first checkpoint",
+            alive=still_running,
+        )
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
     finally:
