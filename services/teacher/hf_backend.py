@@ -10,6 +10,7 @@ Leaves out: batching policy (``batcher``) and transport (``server``).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -34,6 +35,18 @@ def resolve_model_spec(spec: str) -> tuple[str, dict]:
     if path.is_file() and path.suffix == ".gguf":
         return str(path.parent), {"gguf_file": path.name}
     return spec, {}
+
+
+def local_revision(folder: Path) -> str:
+    """A revision for a local model directory that changes when its weights change (names,
+    sizes and modification times of the weight files), so cached scores of a model retrained in
+    place are never reused."""
+    h = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if path.suffix in (".safetensors", ".bin", ".json", ".gguf", ".pt"):
+            st = path.stat()
+            h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return "local-" + h.hexdigest()[:16]
 
 
 class HFBackend(LocalTokenizer):
@@ -104,6 +117,8 @@ class HFBackend(LocalTokenizer):
             tokenizer = AutoTokenizer.from_pretrained(source, **extra)
         else:
             tokenizer = load_tokenizer(tokenizer_spec)
+        if revision == "main" and Path(source).is_dir():
+            revision = local_revision(Path(source))
         return cls(model, tokenizer, spec, revision=revision, **kwargs)
 
     def score(self, batch: list[TokenizedText], k: int) -> list[TeacherScores]:

@@ -38,6 +38,10 @@ class TrainConfig(BaseSettings):
     seed: int = Field(0, description="data order and initialisation seed")
     aligner: str | None = Field(None, description="aligner gRPC host:port (unset = CLM only)")
     teachers: list[str] = Field(default_factory=list, description="teacher subset (all if empty)")
+    preset: str = Field("", description='aligner options preset for this run ("" = its default)')
+    fusion_options: dict[str, Any] = Field(
+        default_factory=dict, description="FusionOptions overrides sent with every request (JSON)"
+    )
     k: int = Field(0, ge=0, description="top-k per teacher (0 = the aligner's default)")
     prefetch_depth: int = Field(8, ge=1, description="fused blocks requested ahead per worker")
     aligner_timeout_s: float = Field(600.0, gt=0, description="longest wait for one fused block")
@@ -74,13 +78,41 @@ class TrainConfig(BaseSettings):
         "V2, ~2 s each here); metrics_file gets every step",
     )
     metrics_file: str | None = Field(None, description="rank 0 appends step metrics (jsonl)")
+    eval_data: list[str] = Field(
+        default_factory=list,
+        description="held-out text per domain, DOMAIN=PATH[,PATH] (bits per byte during training)",
+    )
+    eval_every: int = Field(
+        0, ge=0, description="steps between held-out evaluations (0 = only before and after)"
+    )
+    eval_max_length: int = Field(512, ge=8, description="tokens per evaluation window")
     export_dir: str | None = Field(None, description="copy the final HF model here")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        if self.lam < 1.0 and not self.aligner:
-            raise ValueError("aligner: needed when lam < 1 (fusion loss); set lam=1 for CLM only")
+        end = 1.0 if self.lam_end is None else self.lam_end
+        if min(self.lam, end) < 1.0 and not self.aligner:
+            raise ValueError(
+                "aligner: needed when lam or lam_end < 1 (fusion loss); set lam=1 for CLM only"
+            )
+        for spec in self.eval_data:
+            domain, sep, paths = spec.partition("=")
+            if not sep or not domain or not paths:
+                raise ValueError(f"eval_data: expected DOMAIN=PATH[,PATH], got {spec!r}")
         return self
+
+    def eval_domains(self) -> dict[str, list[str]]:
+        """``eval_data`` as {domain: [paths]}."""
+        out: dict[str, list[str]] = {}
+        for spec in self.eval_data:
+            out[spec.partition("=")[0]] = spec.partition("=")[2].split(",")
+        return out
+
+    def warmup_steps(self) -> int:
+        """Warm-up steps: ``warmup_ratio`` of ``max_steps``, at least 1 when the ratio is > 0."""
+        if self.warmup_ratio <= 0:
+            return 0
+        return max(1, round(self.warmup_ratio * self.max_steps))
 
     def lam_at(self, step: int) -> float:
         """λ for a 0-based step (linear from ``lam`` to ``lam_end`` over ``max_steps``)."""
@@ -91,7 +123,8 @@ class TrainConfig(BaseSettings):
 
     @property
     def fused(self) -> bool:
-        return self.aligner is not None and (self.lam < 1.0 or (self.lam_end or 1.0) < 1.0)
+        end = 1.0 if self.lam_end is None else self.lam_end
+        return self.aligner is not None and (self.lam < 1.0 or end < 1.0)
 
 
 def load_config(config: str | None = None, **overrides: Any) -> TrainConfig:

@@ -14,6 +14,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -29,7 +30,65 @@ class BPB:
         return self.bits / max(self.bytes, 1)
 
 
+@dataclass(frozen=True)
+class ScoredText:
+    """One text scored token by token.
+
+    ids: [n] the text's token ids (no special tokens); offsets: [n, 2] their character offsets;
+    logprobs: [n] natural-log probability of each token given the text before it in its window
+    (NaN for a window's first token when the tokenizer has no BOS to predict it from).
+    """
+
+    text: str
+    ids: np.ndarray
+    offsets: np.ndarray
+    logprobs: np.ndarray
+
+
 @torch.inference_mode()
+def score_texts(
+    model,
+    tokenizer,
+    texts: Iterable[str],
+    max_length: int = 1024,
+    batch_size: int = 4,
+    progress=None,
+) -> list[ScoredText]:
+    """Every token's log-probability, in windows of at most ``max_length`` tokens (BOS first)."""
+    device = next(model.parameters()).device
+    bos = tokenizer.bos_token_id
+    step = max_length - 1 if bos is not None else max_length
+    encoded, windows = [], []  # windows: (text index, first token, ids with BOS)
+    for text in texts:
+        enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+        ids = np.asarray(enc["input_ids"], dtype=np.int64)
+        if not len(ids):
+            continue
+        offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        encoded.append((text, ids, offsets, np.full(len(ids), np.nan)))
+        for a in range(0, len(ids), step):
+            chunk = ids[a : a + step].tolist()
+            windows.append((len(encoded) - 1, a, [bos, *chunk] if bos is not None else chunk))
+    for i in range(0, len(windows), batch_size):
+        batch = windows[i : i + batch_size]
+        length = max(len(w) for _, _, w in batch)
+        ids = torch.zeros((len(batch), length), dtype=torch.long)
+        mask = torch.zeros((len(batch), length), dtype=torch.long)
+        for r, (_, _, w) in enumerate(batch):
+            ids[r, : len(w)] = torch.tensor(w)
+            mask[r, : len(w)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0].cpu().numpy()
+        for r, (t, a, w) in enumerate(batch):
+            predicted = len(w) - 1  # tokens predicted in this window
+            first = a if bos is not None else a + 1
+            encoded[t][3][first : first + predicted] = logp[r, :predicted]
+        if progress is not None:
+            progress(len(batch))
+    return [ScoredText(*e) for e in encoded]
+
+
 def bits_per_byte(
     model,
     tokenizer,
@@ -38,44 +97,25 @@ def bits_per_byte(
     batch_size: int = 4,
     progress=None,
 ) -> BPB:
-    device = next(model.parameters()).device
-    bos = tokenizer.bos_token_id
-    windows: list[list[int]] = []
-    total_bytes = 0
-    unpredicted = 0
-    step = max_length - 1 if bos is not None else max_length
-    for text in texts:
-        enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        if not ids:
-            continue
-        total_bytes += len(text.encode("utf-8"))
-        for a in range(0, len(ids), step):
-            chunk = ids[a : a + step]
-            if bos is not None:
-                windows.append([bos, *chunk])
-            else:
-                windows.append(chunk)
-                s, e = offsets[a]
-                unpredicted += len(text[s:e].encode("utf-8"))
-    bits, tokens = 0.0, 0
-    for i in range(0, len(windows), batch_size):
-        batch = windows[i : i + batch_size]
-        length = max(len(w) for w in batch)
-        ids = torch.zeros((len(batch), length), dtype=torch.long)
-        mask = torch.zeros((len(batch), length), dtype=torch.long)
-        for r, w in enumerate(batch):
-            ids[r, : len(w)] = torch.tensor(w)
-            mask[r, : len(w)] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
-        keep = mask[:, 1:].bool()
-        bits += float(-(logp * keep).sum()) / math.log(2)
-        tokens += int(keep.sum())
-        if progress is not None:
-            progress(len(batch))
+    scored = score_texts(model, tokenizer, texts, max_length, batch_size, progress)
+    bits, total_bytes, unpredicted, tokens = 0.0, 0, 0, 0
+    for s in scored:
+        total_bytes += len(s.text.encode("utf-8"))
+        known = ~np.isnan(s.logprobs)
+        bits += float(-s.logprobs[known].sum()) / math.log(2)
+        tokens += int(known.sum())
+        for i in np.nonzero(~known)[0]:
+            a, b = s.offsets[i]
+            unpredicted += len(s.text[a:b].encode("utf-8"))
     return BPB(bits, total_bytes - unpredicted, tokens, unpredicted)
+
+
+def load_model(model_spec: str, tokenizer_spec: str | None = None):
+    """(model in eval mode, tokenizer) for any model spec (directory, hub id, .gguf, shipped:)."""
+    from fuseserve.teacher.hf_backend import HFBackend
+
+    backend = HFBackend.load(model_spec, tokenizer_spec=tokenizer_spec, device="cpu")
+    return backend.model.eval(), backend.tokenizer
 
 
 def evaluate_domains(
@@ -88,11 +128,7 @@ def evaluate_domains(
     """BPB per domain for one model spec (directory, hub id, .gguf or shipped:smollm2)."""
     from tqdm.auto import tqdm
 
-    from fuseserve.teacher.hf_backend import HFBackend
-
-    backend = HFBackend.load(model_spec, tokenizer_spec=tokenizer_spec, device="cpu")
-    model, tokenizer = backend.model, backend.tokenizer
-    model.eval()
+    model, tokenizer = load_model(model_spec, tokenizer_spec)
     out = {}
     for domain, texts in domains.items():
         label = f"BPB {model_spec.rstrip('/').split('/')[-1]} [{domain}]"

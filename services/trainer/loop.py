@@ -142,9 +142,7 @@ def train_loop(config: dict) -> None:
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     optimizer = make_optimizer(model, cfg)
-    scheduler = get_cosine_schedule_with_warmup(
-        optimizer, int(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps
-    )
+    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps(), cfg.max_steps)
     if resume_dir is not None:
         optimizer.load_state_dict(torch.load(resume_dir / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(resume_dir / "scheduler.pt", weights_only=True))
@@ -165,11 +163,17 @@ def train_loop(config: dict) -> None:
             depth=cfg.prefetch_depth,
             target_fingerprint=target_fp,
             k=cfg.k,
+            teachers=cfg.teachers,
+            preset=cfg.preset,
+            options_json=json.dumps(cfg.fusion_options) if cfg.fusion_options else "",
             timeout_s=cfg.aligner_timeout_s,
         ).start()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    model.train()
     metrics_file = Path(cfg.metrics_file) if cfg.metrics_file and rank == 0 else None
+    heldout = HeldOut.load(cfg) if rank == 0 else None
+    if heldout is not None and start_step == 0:
+        heldout.record(model, tokenizer, 0, 0, metrics_file)
+    model.train()
     try:
         for step in range(start_step, cfg.max_steps):
             _, epoch, idxs = next(schedule)
@@ -215,6 +219,9 @@ def train_loop(config: dict) -> None:
             if metrics_file is not None:
                 with metrics_file.open("a") as f:
                     f.write(json.dumps(metrics) + "\n")
+            if heldout is not None and heldout.due(done, cfg):
+                heldout.record(model, tokenizer, done, metrics["blocks_seen"], metrics_file)
+                model.train()
             save = done % cfg.checkpoint_every == 0 or done == cfg.max_steps
             if save:
                 parts = (model, tokenizer, optimizer, scheduler)
@@ -235,6 +242,51 @@ def train_loop(config: dict) -> None:
     finally:
         if stream is not None:
             stream.close()
+
+
+class HeldOut:
+    """Held-out bits per byte during training (rank 0), appended to the metrics file.
+
+    Rows look like ``{"step": 20, "blocks_seen": 160, "tokens_seen": 20480, "eval_bpb":
+    {"code": 1.93, ...}}``; ``tokens_seen`` counts target tokens of the blocks trained on so far.
+    """
+
+    def __init__(self, domains: dict[str, list[str]], max_length: int, block_size: int) -> None:
+        self.domains = domains
+        self.max_length = max_length
+        self.block_size = block_size
+
+    @classmethod
+    def load(cls, cfg: TrainConfig) -> HeldOut | None:
+        if not cfg.eval_data:
+            return None
+        texts = {d: read_documents(paths) for d, paths in cfg.eval_domains().items()}
+        return cls(texts, cfg.eval_max_length, cfg.block_size)
+
+    @staticmethod
+    def due(done: int, cfg: TrainConfig) -> bool:
+        return done == cfg.max_steps or bool(cfg.eval_every and done % cfg.eval_every == 0)
+
+    def record(self, model, tokenizer, step: int, blocks_seen: int, metrics_file) -> dict:
+        from fuseserve.trainer.evaluate import bits_per_byte
+
+        unwrapped = model.module if hasattr(model, "module") else model
+        unwrapped.eval()
+        bpb = {
+            domain: bits_per_byte(unwrapped, tokenizer, texts, self.max_length).value
+            for domain, texts in self.domains.items()
+        }
+        row = {
+            "step": step,
+            "blocks_seen": blocks_seen,
+            "tokens_seen": blocks_seen * self.block_size,
+            "eval_bpb": bpb,
+        }
+        log.info("held-out BPB at step %d: %s", step, json.dumps(bpb))
+        if metrics_file is not None:
+            with metrics_file.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        return row
 
 
 def _report_checkpoint(cfg, parts, metrics, rank, fingerprint):

@@ -61,6 +61,9 @@ class FusedTargetStream:
         depth: int = 8,
         target_fingerprint: str | None = None,
         k: int = 0,
+        teachers: Sequence[str] = (),
+        preset: str = "",
+        options_json: str = "",
         float_dtype: str = "f16",
         timeout_s: float = 300.0,
         max_reconnects: int = 5,
@@ -74,6 +77,9 @@ class FusedTargetStream:
         self.depth = depth
         self.target_fingerprint = target_fingerprint
         self.k = k
+        self.teachers = list(teachers)
+        self.preset = preset
+        self.options_json = options_json
         self.float_dtype = float_dtype
         self.timeout_s = timeout_s
         self.max_reconnects = max_reconnects
@@ -113,7 +119,13 @@ class FusedTargetStream:
 
     def _request(self, index: int) -> aligner_pb2.FuseRequest:
         return aligner_pb2.FuseRequest(
-            id=str(index), texts=[self.blocks[index].text], k=self.k, float_dtype=self.float_dtype
+            id=str(index),
+            texts=[self.blocks[index].text],
+            k=self.k,
+            teachers=self.teachers,
+            preset=self.preset,
+            options_json=self.options_json,
+            float_dtype=self.float_dtype,
         )
 
     def _run(self) -> None:

@@ -88,6 +88,36 @@ def test_second_identical_request_is_a_byte_identical_cache_hit(aligner, text):
     assert a.json() == b.json()
 
 
+def test_a_request_may_ask_for_another_preset_and_teacher_subset(
+    aligner, teacher_procs, tiny_dirs, mistral_tok, mistral, text
+):
+    """The service runs `default`; a request for `fusellm` gets that preset's vocabulary map
+    (built on first use) and the same answer as the core with the original code's options."""
+    stub, channel = stub_for(aligner)
+    with channel:
+        asked = aligner_pb2.FuseRequest(texts=[text], k=8, preset="fusellm", teachers=["bpe"])
+        served = FusedBlock.from_bytes(stub.Fuse(asked, timeout=120).blocks[0].block)
+        usual = aligner_pb2.FuseRequest(texts=[text], k=8, teachers=["bpe"])
+        default = FusedBlock.from_bytes(stub.Fuse(usual, timeout=120).blocks[0].block)
+    assert served.teachers == ("bpe",)
+
+    async def scores():
+        client = TeacherClient(f"127.0.0.1:{teacher_procs['bpe'].port}")
+        out = (await client.score([text], 8, truncate=True))[0]
+        await client.close()
+        return out
+
+    view = TokenizerView.from_hf(AutoTokenizer.from_pretrained(tiny_dirs["bpe"]), "bpe")
+    options = FusionOptions.preset("fusellm")
+    vmap = build_vocab_map(view, mistral, options.strings)
+    ids, offsets = encode(mistral_tok, text)
+    inputs = [TeacherInput("bpe", view, vmap, asyncio.run(scores()))]
+    direct = fuse_block(text, mistral, ids, offsets, inputs, options)
+    np.testing.assert_array_equal(served.ids, direct.ids)
+    np.testing.assert_array_equal(served.probs, direct.probs)
+    assert not np.array_equal(default.ids, served.ids)  # the presets really differ here
+
+
 def test_rest_and_grpc_agree(aligner, text, mistral):
     body = {"texts": [text, "def f(x):\n    return x * 2\n"], "k": 8, "top": 4}
     rest = aligner.rest.post("/v1/fuse", json=body)

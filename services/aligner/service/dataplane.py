@@ -240,13 +240,12 @@ class FusionService:
         per_teacher = await asyncio.gather(
             *(self._teacher_scores(name, texts, query.k) for name in query.teachers)
         )
+        maps = [await self.pool.vocab_map(n, query.options.strings) for n in query.teachers]
         blocks = []
         for j, (text, target) in enumerate(zip(texts, targets)):
             inputs = [
-                TeacherInput(
-                    name, self.pool.teachers[name].view, self.pool.teachers[name].vocab_map, s[j]
-                )
-                for name, s in zip(query.teachers, per_teacher)
+                TeacherInput(name, self.pool.teachers[name].view, vmap, s[j])
+                for name, vmap, s in zip(query.teachers, maps, per_teacher)
             ]
             start = time.perf_counter()
             block = await asyncio.to_thread(

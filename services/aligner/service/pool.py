@@ -68,7 +68,8 @@ class Teacher:
     addresses: tuple[str, ...]
     clients: list[TeacherClient]
     view: TokenizerView | None = None
-    vocab_map: VocabMap | None = None
+    vocab_map: VocabMap | None = None  # in the service's string mode
+    other_maps: dict[StringMode, VocabMap] = field(default_factory=dict)  # built on first use
     info: object | None = None
     fingerprint: str = ""
     problem: str = "not connected yet"
@@ -165,6 +166,7 @@ class TeacherPool:
             self.store.get_or_build, view, self.target, self.mode, False
         )
         teacher.view, teacher.vocab_map, teacher.info = view, vocab_map, info
+        teacher.other_maps = {}
         teacher.fingerprint, teacher.problem = cache_fingerprint(info), ""
         self._set_ready(teacher)
         log.info(
@@ -224,6 +226,26 @@ class TeacherPool:
     @property
     def ready(self) -> bool:
         return bool(self.teachers) and all(t.ready for t in self.teachers.values())
+
+    async def vocab_map(self, name: str, mode: StringMode) -> VocabMap:
+        """The teacher's map onto the target in ``mode``: the service's own mode is loaded at
+        start-up; another mode (a request asking for another preset) is built or loaded from the
+        store on first use, once."""
+        teacher = self.get(name)
+        if mode == self.mode or teacher.vocab_map is None:
+            if teacher.vocab_map is None:
+                raise Unavailable(teacher.problem or f"teacher {name!r} is not ready")
+            return teacher.vocab_map
+        async with teacher.reloading:
+            vmap = teacher.other_maps.get(mode)
+            if vmap is None:
+                view = teacher.view
+                vmap = await asyncio.to_thread(
+                    self.store.get_or_build, view, self.target, mode, False
+                )
+                if teacher.view is view:  # not replaced by a tokenizer change meanwhile
+                    teacher.other_maps[mode] = vmap
+            return vmap
 
     async def score(self, name: str, texts: list[str], k: int) -> list[TeacherScores]:
         """Score texts on one teacher (truncating at its max length), retrying on outages."""

@@ -1,0 +1,410 @@
+"""Run an experiment file end to end through the real system, reusing everything already done.
+
+Covers, in order: the domain corpus; the models the file describes (``models``); held-out bits
+per byte of the baselines (the target before training, each source, the ensemble of the sources,
+the merge of their weights); then the grid of the target's training runs, every run once per
+seed, each a ``fuseserve train`` process (Ray Train) that streams fused targets from a real
+aligner asking real teacher processes, with a persistent redis-server as the aligner's cache, and
+that evaluates held-out BPB at fixed intervals while it trains; finally the report (``report``).
+
+Everything expensive is content-addressed under the cache folder and reused when started again:
+models (by recipe), evaluations (by model and text), finished runs (by every setting that decides
+them), teacher scores and fused blocks (Redis, saved to disk). An interrupted run resumes from its
+last checkpoint.
+
+Leaves out: the statistics and files of the report (``stats``, ``report``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fuseserve.experiment.config import ExperimentConfig, TrainingConfig
+from fuseserve.experiment.corpus import Corpus, build_corpus
+from fuseserve.experiment.models import PreparedModel, prepare_models
+
+RUN_VERSION = 1
+
+
+def default_cache() -> Path:
+    from fuseserve import shipped
+
+    return shipped.cache_dir() / "experiments"
+
+
+@dataclass
+class RunRecord:
+    """One finished training run: final held-out BPB and the curve measured while training."""
+
+    run: str
+    seed: int
+    key: str
+    model_dir: str
+    final: dict[str, float]
+    curve: list[dict]  # {"step", "tokens_seen", "eval_bpb": {domain: bpb}}
+    wait_fraction: float = 0.0
+    teachers: list[str] = field(default_factory=list)
+    reused: bool = False
+
+
+@dataclass
+class Outcome:
+    """Everything the report needs."""
+
+    config: ExperimentConfig
+    baselines: dict[str, dict[str, float]]  # row -> domain -> BPB
+    runs: list[RunRecord]
+    best_source: str | None
+    minutes: float
+    work_dir: Path
+
+
+class ExperimentRunner:
+    def __init__(
+        self, cfg: ExperimentConfig, work_dir: str | Path, cache_dir: str | Path | None = None
+    ) -> None:
+        self.cfg = cfg
+        self.work = Path(work_dir).expanduser().absolute()
+        self.cache = Path(cache_dir).expanduser().absolute() if cache_dir else default_cache()
+        self.logs = self.work / "logs"
+        self.corpus: Corpus | None = None
+        self.models: dict[str, PreparedModel] = {}
+
+    # ------------------------------------------------------------------ stages
+    def run(self) -> Outcome:
+        started = time.monotonic()
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.cache.mkdir(parents=True, exist_ok=True)
+        with _exclusive(self.cache / "lock"):
+            print(f"experiment {self.cfg.name}: results in {self.work}, cache in {self.cache}")
+            self.corpus = build_corpus(self.cfg.corpus, self.work / "corpus")
+            self.models = prepare_models(self.cfg, self.corpus, self.cache / "models")
+            baselines = self.evaluate_baselines()
+            best = self.best_source() if self._needs_best() else None
+            runs = self.run_grid(best)
+        return Outcome(
+            self.cfg, baselines, runs, best, (time.monotonic() - started) / 60, self.work
+        )
+
+    def _test(self) -> dict[str, list[str]]:
+        assert self.corpus is not None
+        return self.corpus.heldout("test")
+
+    def evaluate(self, spec: str, key: str, split: str = "test") -> dict[str, float]:
+        """Held-out BPB per domain of one model, cached by (model key, text)."""
+        from fuseserve.trainer.evaluate import evaluate_domains
+
+        assert self.corpus is not None
+        length = self.cfg.training.eval_max_length
+        ekey = _hash({"model": key, "text": self.corpus.fingerprint, "split": split, "len": length})
+        path = self.cache / "evals" / f"{ekey}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        results = evaluate_domains(spec, self.corpus.heldout(split), length)
+        value = {d: r.value for d, r in results.items()}
+        _write_json(path, value)
+        return value
+
+    def evaluate_baselines(self) -> dict[str, dict[str, float]]:
+        cfg, out = self.cfg, {}
+        target = self.models[cfg.target]
+        sources = [self.models[s] for s in cfg.sources]
+        for baseline in cfg.baselines:
+            if baseline == "base":
+                out["base"] = self.evaluate(target.spec, target.key)
+            elif baseline == "sources":
+                for s in sources:
+                    out[s.name] = self.evaluate(s.spec, s.key)
+            elif baseline == "ensemble":
+                out["ensemble"] = self._ensemble(sources)
+            elif baseline == "merge":
+                out["merge"] = self._merge(sources)
+        return out
+
+    def _ensemble(self, sources: list[PreparedModel]) -> dict[str, float]:
+        from fuseserve.experiment.ensemble import ensemble_bpb
+
+        assert self.corpus is not None
+        length = self.cfg.training.eval_max_length
+        keys = [s.key for s in sources]
+        ekey = _hash({"ensemble": keys, "text": self.corpus.fingerprint, "len": length})
+        path = self.cache / "evals" / f"ensemble-{ekey}.json"
+        if not path.exists():
+            _write_json(path, ensemble_bpb([s.spec for s in sources], self._test(), length))
+        return json.loads(path.read_text())
+
+    def _merge(self, sources: list[PreparedModel]) -> dict[str, float]:
+        from fuseserve.experiment.merge import merge_models
+
+        key = _hash({"merge": [s.key for s in sources]})
+        folder = self.cache / "models" / f"merge-{key}"
+        if not (folder / "config.json").exists():
+            print(f"merge: averaging the weights of {', '.join(s.name for s in sources)}")
+            merge_models([s.spec for s in sources], folder)
+        return self.evaluate(str(folder), f"merge-{key}")
+
+    def _needs_best(self) -> bool:
+        return any(self.cfg.run_settings(r).teachers == "best" for r in self.cfg.runs)
+
+    def best_source(self) -> str:
+        """The source with the lowest mean BPB on the validation split (not the test split)."""
+        scores = {}
+        for name in self.cfg.sources:
+            m = self.models[name]
+            valid = self.evaluate(m.spec, m.key, split="valid")
+            scores[name] = sum(valid.values()) / len(valid)
+        best = min(scores, key=scores.__getitem__)
+        print(f"best single source on the validation split: {best} ({scores[best]:.4f} BPB)")
+        return best
+
+    # ------------------------------------------------------------------ the grid
+    def teachers_of(self, settings: TrainingConfig, best: str | None) -> list[str]:
+        if settings.teachers == "all":
+            return list(self.cfg.sources)
+        if settings.teachers == "best":
+            assert best is not None
+            return [best]
+        return list(settings.teachers)
+
+    def run_key(self, run: str, seed: int, teachers: list[str]) -> str:
+        assert self.corpus is not None
+        settings = self.cfg.run_settings(run)
+        return _hash(
+            {
+                "version": RUN_VERSION,
+                "settings": settings.model_dump(mode="json", exclude={"teachers"}),
+                "teachers": [self.models[t].key for t in teachers] if settings.fused else [],
+                "target": self.models[self.cfg.target].key,
+                "corpus": self.corpus.fingerprint,
+                "seed": seed,
+            }
+        )
+
+    def run_grid(self, best: str | None) -> list[RunRecord]:
+        from tqdm.auto import tqdm
+
+        cells = [(seed, run) for seed in self.cfg.seeds for run in self.cfg.runs]
+        plan = []
+        for seed, run in cells:
+            settings = self.cfg.run_settings(run)
+            teachers = self.teachers_of(settings, best) if settings.fused else []
+            key = self.run_key(run, seed, teachers)
+            plan.append((seed, run, settings, teachers, key))
+        todo = [p for p in plan if not (self.cache / "runs" / p[4] / "DONE").exists()]
+        print(f"training runs: {len(plan)} ({len(plan) - len(todo)} already done)")
+        records: list[RunRecord] = []
+        services = _Services(self) if any(p[2].fused for p in todo) else None
+        try:
+            bar = tqdm(total=len(plan), desc=f"{self.cfg.name}: runs", unit="run")
+            for seed, run, settings, teachers, key in plan:
+                folder = self.cache / "runs" / key
+                if not (folder / "DONE").exists():
+                    aligner = services.address() if settings.fused and services else None
+                    self.train(run, seed, settings, teachers, folder, aligner)
+                records.append(self.load_record(run, seed, key, folder, teachers))
+                bar.update(1)
+            bar.close()
+        finally:
+            if services is not None:
+                services.stop()
+        return records
+
+    def train(
+        self,
+        run: str,
+        seed: int,
+        settings: TrainingConfig,
+        teachers: list[str],
+        folder: Path,
+        aligner: str | None,
+    ) -> None:
+        """One ``fuseserve train`` process; a progress bar follows its metrics file."""
+        assert self.corpus is not None
+        folder.mkdir(parents=True, exist_ok=True)
+        metrics = folder / "metrics.jsonl"
+        eval_specs = [f"{d}={self.corpus.files('test', d)[0]}" for d in self.corpus.domains]
+        args = [
+            "train",
+            "--model", self.models[self.cfg.target].spec,
+            "--data", ",".join(str(p) for p in self.corpus.files("fusion")),
+            "--block-size", str(settings.block_size),
+            "--batch-size", str(settings.batch_size),
+            "--max-steps", str(settings.steps),
+            "--lr", str(settings.lr),
+            "--warmup-ratio", str(settings.warmup_ratio),
+            "--seed", str(seed),
+            "--num-workers", "1",
+            "--torch-threads", str(os.cpu_count() or 1),
+            "--storage-path", str(self.work / "ray"),
+            "--name", folder.name,
+            "--checkpoint-every", str(settings.eval_every or settings.steps),
+            "--keep-checkpoints", "1",
+            "--log-every", str(settings.steps),
+            "--metrics-file", str(metrics),
+            "--export-dir", str(folder / "model"),
+            "--eval-data", ",".join(eval_specs),
+            "--eval-every", str(settings.eval_every),
+            "--eval-max-length", str(settings.eval_max_length),
+        ]  # fmt: skip
+        if settings.fused:
+            args += [
+                "--aligner",
+                aligner or "",
+                "--lam",
+                str(settings.lam),
+                "--k",
+                str(settings.k),
+                "--teachers",
+                ",".join(teachers),
+                "--preset",
+                settings.preset,
+                "--fusion-loss",
+                settings.fusion_loss,
+            ]
+            if settings.lam_end is not None:
+                args += ["--lam-end", str(settings.lam_end)]
+            if settings.options:
+                args += ["--fusion-options", json.dumps(settings.options)]
+        else:
+            args += ["--lam", "1.0"]
+        label = f"{run} (seed {seed})"
+        follow_training(args, metrics, settings.steps, self.logs / f"train-{run}-{seed}.log", label)
+        (folder / "run.json").write_text(
+            json.dumps(
+                {"run": run, "seed": seed, "teachers": teachers, "settings": settings.model_dump()},
+                indent=1,
+            )
+        )
+        shutil.rmtree(self.work / "ray" / folder.name, ignore_errors=True)
+        (folder / "DONE").touch()
+
+    def load_record(
+        self, run: str, seed: int, key: str, folder: Path, teachers: list[str]
+    ) -> RunRecord:
+        rows = read_metrics(folder / "metrics.jsonl")
+        curve = sorted(
+            {r["step"]: r for r in rows if "eval_bpb" in r}.values(), key=lambda r: r["step"]
+        )
+        steps = [r for r in rows if "loss" in r]
+        total = sum(r["step_s"] for r in steps) or 1e-9
+        wait = sum(r["wait_fraction"] * r["step_s"] for r in steps) / total
+        return RunRecord(
+            run, seed, key, str(folder / "model"), curve[-1]["eval_bpb"], curve, wait, teachers
+        )
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def follow_training(args: list[str], metrics: Path, steps: int, log_path: Path, label: str):
+    """Run ``fuseserve train`` with a progress bar over its metrics file; raise with the log's
+    tail when it fails."""
+    from tqdm.auto import tqdm
+
+    from fuseserve import launch
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as logf:
+        proc = subprocess.Popen(launch.fuseserve_cmd(*args), stdout=logf, stderr=subprocess.STDOUT)
+    bar = tqdm(total=steps, desc=f"train {label}", unit="step", leave=False)
+    try:
+        while proc.poll() is None:
+            rows = [r for r in read_metrics(metrics) if "loss" in r]
+            if rows:
+                bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}")
+                bar.update(rows[-1]["step"] - bar.n)
+            time.sleep(0.5)
+    except BaseException:
+        proc.terminate()
+        proc.wait(30)
+        raise
+    finally:
+        bar.close()
+    if proc.returncode != 0:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
+        raise RuntimeError(f"training run {label} failed (exit {proc.returncode}):\n{tail}")
+
+
+class _Services:
+    """redis-server (persistent), one teacher process per source, the aligner; started lazily."""
+
+    def __init__(self, runner: ExperimentRunner) -> None:
+        self.runner = runner
+        self.procs: list = []
+        self.aligner = None
+
+    def address(self) -> str:
+        if self.aligner is None:
+            self.start()
+        return f"127.0.0.1:{self.aligner.port}"
+
+    def start(self) -> None:
+        from fuseserve import launch
+
+        r, cfg = self.runner, self.runner.cfg
+        block = max(r.cfg.run_settings(run).block_size for run in cfg.runs)
+        redis = launch.start_redis(r.logs, maxmemory="1gb", data_dir=r.cache / "redis")
+        self.procs.append(redis)
+        extra = ["--max-sequence-length", str(4 * block), "--max-k", "64", "--batch-wait-ms", "5"]
+        teachers = {
+            name: launch.start_teacher(name, r.models[name].spec, r.logs, extra=extra)
+            for name in cfg.sources
+        }
+        self.procs += teachers.values()
+        self.aligner = launch.start_aligner(
+            {n: [f"127.0.0.1:{p.port}"] for n, p in teachers.items()},
+            r.logs,
+            extra=[
+                "--target-tokenizer", r.models[cfg.target].spec,
+                "--vocab-map-dir", str(r.cache / "vocab-maps"),
+                "--k", str(cfg.training.k),
+                "--max-block-tokens", str(4 * block),
+            ],
+            env={"REDIS_URL": f"redis://127.0.0.1:{redis.port}/0"},
+        )  # fmt: skip
+        self.procs.append(self.aligner)
+        print(f"starting {len(teachers)} teachers ({', '.join(teachers)}), the aligner and Redis")
+        for proc in self.procs[1:]:
+            launch.wait_grpc_serving(proc, 900)
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop(30.0)
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    """One experiment at a time per cache folder (they share Redis' data and the model cache)."""
+    import fcntl
+
+    with path.open("w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(
+                f"another experiment is using the cache {path.parent}; wait for it or give "
+                "another --cache-dir"
+            ) from None
+        yield
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _write_json(path: Path, value) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    tmp.replace(path)
