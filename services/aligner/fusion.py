@@ -39,12 +39,14 @@ class FusionLevel(StrEnum):
 
 @dataclass(frozen=True)
 class Fused:
-    """ids: [n, width] int32 (-1 pad); probs: [n, width] float32, rows sum to 1 or are empty;
-    chosen: [n] int16 teacher index per position (-1: averaged, or no distribution)."""
+    """ids: [n, width] int32 (-1 pad); probs: [n, width] float32 and tail: [n] float32, each
+    row's probs plus tail sum to 1 (or the row is empty); chosen: [n] int16 teacher index per
+    position (-1: averaged, or no distribution)."""
 
     ids: np.ndarray
     probs: np.ndarray
     chosen: np.ndarray
+    tail: np.ndarray
 
 
 def sequence_ce(gold_logprobs: np.ndarray) -> float:
@@ -102,11 +104,13 @@ def fuse(
         width = max(d.ids.shape[1] for d in dists)
         ids = np.full((n, width), -1, dtype=np.int32)
         probs = np.zeros((n, width), dtype=np.float32)
+        tail = np.zeros(n, dtype=np.float32)
         for k, d in enumerate(dists):
             rows = chosen == k
             ids[rows, : d.ids.shape[1]] = d.ids[rows]
             probs[rows, : d.ids.shape[1]] = d.probs[rows]
-        return Fused(ids=ids, probs=probs, chosen=chosen)
+            tail[rows] = d.tail[rows]
+        return Fused(ids=ids, probs=probs, chosen=chosen, tail=tail)
 
     # avg_ce: weights softmax_k(exp(-cost)) over the teachers present at each position.
     score = np.where(present, np.exp(-np.where(np.isfinite(cost), cost, 0.0)), -np.inf)
@@ -126,4 +130,5 @@ def fuse(
     out_ids, out_p = merge_rows(
         np.concatenate(rows), np.concatenate(ids), np.concatenate(mass), n, width
     )
-    return Fused(ids=out_ids, probs=out_p, chosen=np.full(n, -1, dtype=np.int16))
+    tail = sum(weights[k] * d.tail for k, d in enumerate(dists)).astype(np.float32)
+    return Fused(ids=out_ids, probs=out_p, chosen=np.full(n, -1, dtype=np.int16), tail=tail)

@@ -136,6 +136,7 @@ def fuse_block(
         target_ids=np.asarray(target_ids, dtype=np.int32),
         ids=fused.ids,
         probs=fused.probs,
+        tail=fused.tail,
         chosen=fused.chosen,
         ce=np.asarray(ces, dtype=np.float32),
         coverage=np.asarray([r.alignment.coverage for r in results], dtype=np.float32),

@@ -38,11 +38,17 @@ class Fallback(StrEnum):
 
 @dataclass(frozen=True)
 class SparseDist:
-    """ids: [n, width] int32 (-1 pad); probs: [n, width] float32; aligned: [n] bool."""
+    """ids: [n, width] int32 (-1 pad); probs: [n, width] float32; aligned: [n] bool;
+    tail: [n] float32 mass on no listed id (zeros when rows are renormalised)."""
 
     ids: np.ndarray
     probs: np.ndarray
     aligned: np.ndarray
+    tail: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.tail is None:
+            object.__setattr__(self, "tail", np.zeros(len(self.ids), dtype=np.float32))
 
     @property
     def present(self) -> np.ndarray:

@@ -238,7 +238,7 @@ class ExperimentConfig(Strict):
         rows = []
         for baseline in self.baselines:
             rows += list(self.sources) if baseline == "sources" else [baseline]
-        return rows + list(self.runs)
+        return list(dict.fromkeys(rows + list(self.runs)))  # a source may be the base too
 
     @property
     def fused_runs(self) -> list[str]:
@@ -302,10 +302,8 @@ class ConfigError(ValueError):
 
 def load_experiment(path: str | Path, quick: bool = False) -> ExperimentConfig:
     """Read and check an experiment file (every check that needs no training)."""
-    from fuseserve.config_file import read_yaml_mapping
-
     try:
-        raw = read_yaml_mapping(str(path))
+        raw = _read_with_extends(Path(path), [])
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     try:
@@ -317,6 +315,21 @@ def load_experiment(path: str | Path, quick: bool = False) -> ExperimentConfig:
         raise ConfigError(f"{loc}: {msg}" if loc else msg) from None
     _check_specs(cfg)
     return cfg.quick() if quick else cfg
+
+
+def _read_with_extends(path: Path, chain: list[Path]) -> dict[str, Any]:
+    """The file's mapping; ``extends: other.yaml`` (relative to the file) starts from another
+    file's mapping and replaces its top-level keys with this file's."""
+    from fuseserve.config_file import read_yaml_mapping
+
+    if path.resolve() in chain:
+        raise ValueError(f"extends: a cycle through {path}")
+    raw = read_yaml_mapping(str(path))
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    base = _read_with_extends(path.parent / str(parent), [*chain, path.resolve()])
+    return {**base, **raw}
 
 
 def _check_specs(cfg: ExperimentConfig) -> None:

@@ -82,7 +82,7 @@ def train_clm(model, tokenizer, files: list[Path], train: SourceTraining, desc: 
     with tqdm(range(train.steps), desc=desc, unit="step") as bar:
         for _ in bar:
             _, _, idxs = next(schedule)
-            ids, mask, labels, _, _ = batch_tensors([blocks[i] for i in idxs], None, pad)
+            ids, mask, labels, *_ = batch_tensors([blocks[i] for i in idxs], None, pad)
             loss = clm_loss(model(input_ids=ids, attention_mask=mask).logits, labels)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -176,11 +176,17 @@ class ExperimentRunner:
 
     def run_key(self, run: str, seed: int, teachers: list[str]) -> str:
         assert self.corpus is not None
+        from fuseserve.aligner.options import FusionOptions
+
         settings = self.cfg.run_settings(run)
+        fusion = FusionOptions.preset(settings.preset, **settings.options).cache_key()
         return _hash(
             {
                 "version": RUN_VERSION,
-                "settings": settings.model_dump(mode="json", exclude={"teachers"}),
+                "settings": settings.model_dump(
+                    mode="json", exclude={"teachers", "preset", "options"}
+                ),
+                "fusion": fusion if settings.fused else None,
                 "teachers": [self.models[t].key for t in teachers] if settings.fused else [],
                 "target": self.models[self.cfg.target].key,
                 "corpus": self.corpus.fingerprint,

@@ -64,7 +64,8 @@ def find_latest_checkpoint(storage_path: str, name: str) -> Path | None:
 
 
 def batch_tensors(blocks: list[Block], fused: list | None, pad_id: int):
-    """input_ids, attention_mask, labels [B, L]; fused ids/probs [B, L, W] or None."""
+    """input_ids, attention_mask, labels [B, L]; fused ids/probs [B, L, W] and tail [B, L]
+    (None without fused blocks)."""
     length = max(len(b.ids) for b in blocks)
     ids = torch.full((len(blocks), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(blocks), length), dtype=torch.long)
@@ -75,15 +76,17 @@ def batch_tensors(blocks: list[Block], fused: list | None, pad_id: int):
         mask[r, :n] = 1
         labels[r, :n] = torch.from_numpy(b.ids)
     if fused is None:
-        return ids, mask, labels, None, None
+        return ids, mask, labels, None, None, None
     width = max(f.ids.shape[1] for f in fused)
     f_ids = torch.full((len(blocks), length, width), -1, dtype=torch.long)
     f_p = torch.zeros((len(blocks), length, width), dtype=torch.float32)
+    f_tail = torch.zeros((len(blocks), length), dtype=torch.float32)
     for r, (b, f) in enumerate(zip(blocks, fused)):
         n, w = len(b.ids), f.ids.shape[1]
         f_ids[r, :n, :w] = torch.from_numpy(f.ids[:n].astype(np.int64))
         f_p[r, :n, :w] = torch.from_numpy(f.probs[:n].astype(np.float32))
-    return ids, mask, labels, f_ids, f_p
+        f_tail[r, :n] = torch.from_numpy(f.tail[:n].astype(np.float32))
+    return ids, mask, labels, f_ids, f_p, f_tail
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -182,14 +185,14 @@ def train_loop(config: dict) -> None:
             wait_before = stream.stats.wait_s if stream else 0.0
             fused = [stream.get(b) for b in batch] if stream else None
             waited = (stream.stats.wait_s - wait_before) if stream else 0.0
-            ids, mask, labels, f_ids, f_p = batch_tensors(batch, fused, pad_id)
+            ids, mask, labels, f_ids, f_p, f_tail = batch_tensors(batch, fused, pad_id)
             ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
             if f_ids is not None:
-                f_ids, f_p = f_ids.to(device), f_p.to(device)
+                f_ids, f_p, f_tail = f_ids.to(device), f_p.to(device), f_tail.to(device)
             lam = cfg.lam_at(step) if stream else 1.0
             logits = model(input_ids=ids, attention_mask=mask).logits
             loss, clm, fusion = combined_loss(
-                logits, labels, f_ids, f_p, lam, cfg.fusion_loss, cfg.temperature
+                logits, labels, f_ids, f_p, lam, cfg.fusion_loss, cfg.temperature, f_tail
             )
             loss.backward()
             if cfg.grad_clip:

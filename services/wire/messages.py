@@ -17,7 +17,7 @@ import numpy as np
 from fuseserve.wire import codec
 
 SCORES_SCHEMA = 1
-FUSED_SCHEMA = 1
+FUSED_SCHEMA = 2  # 2: each row carries its tail mass
 
 
 def _check(condition: bool, message: str) -> None:
@@ -88,9 +88,12 @@ class FusedBlock:
     """The fused target for one block of n target tokens from K teachers.
 
     target_ids: [n] int32; ids: [n, width] int32 (-1 pad) and probs: [n, width] float32 fused
-    sparse distributions (row i predicts target token i+1); chosen: [n] int16 teacher index
-    (-1 averaged or none); ce: [K] float32 block cross-entropy per teacher; coverage: [K] float32
-    fraction of labelled positions aligned per teacher; teachers: the K teacher names.
+    sparse distributions (row i predicts target token i+1); tail: [n] float32 the probability
+    mass of row i that is on no listed id (probs[i].sum() + tail[i] is 1 for a row with a
+    distribution, 0 for an empty row; 0 where the method renormalises its top-k); chosen: [n]
+    int16 teacher index (-1 averaged or none); ce: [K] float32 block cross-entropy per teacher;
+    coverage: [K] float32 fraction of labelled positions aligned per teacher; teachers: the K
+    teacher names.
     """
 
     target_ids: np.ndarray
@@ -101,11 +104,15 @@ class FusedBlock:
     coverage: np.ndarray
     teachers: tuple[str, ...] = field(default_factory=tuple)
     cache_hit: bool = False
+    tail: np.ndarray | None = None  # None: no tail (zeros)
 
     def __post_init__(self) -> None:
         n = len(self.target_ids)
         _check(self.ids.ndim == 2 and len(self.ids) == n, "ids must be [n, width]")
         _check(self.probs.shape == self.ids.shape, "probs must match ids")
+        if self.tail is None:
+            object.__setattr__(self, "tail", np.zeros(n, dtype=np.float32))
+        _check(self.tail.shape == (n,), "tail must be [n]")
         _check(self.chosen.shape == (n,), "chosen must be [n]")
         _check(self.ce.shape == self.coverage.shape == (len(self.teachers),), "ce/coverage: [K]")
 
@@ -115,6 +122,7 @@ class FusedBlock:
                 "target_ids": self.target_ids.astype(np.int32),
                 "ids": self.ids.astype(np.int32),
                 "probs": self.probs.astype(codec.DTYPES[float_dtype]),
+                "tail": self.tail.astype(codec.DTYPES[float_dtype]),
                 "chosen": self.chosen.astype(np.int16),
                 "ce": self.ce.astype(np.float32),
                 "coverage": self.coverage.astype(np.float32),
@@ -126,12 +134,17 @@ class FusedBlock:
     def from_bytes(cls, data: bytes) -> FusedBlock:
         arrays, meta = codec.decode(data)
         _check(meta.get("kind") == "fused", "not a fused-block value")
-        _check(meta.get("schema") == FUSED_SCHEMA, f"fused schema {meta.get('schema')}")
+        _check(
+            meta.get("schema") == FUSED_SCHEMA,
+            f"fused block schema {meta.get('schema')} is not supported (this side speaks schema "
+            f"{FUSED_SCHEMA}: rows with tail mass); upgrade the older side",
+        )
         try:
             return cls(
                 target_ids=arrays["target_ids"].astype(np.int32),
                 ids=arrays["ids"].astype(np.int32),
                 probs=arrays["probs"].astype(np.float32),
+                tail=arrays["tail"].astype(np.float32),
                 chosen=arrays["chosen"].astype(np.int16),
                 ce=arrays["ce"].astype(np.float32),
                 coverage=arrays["coverage"].astype(np.float32),

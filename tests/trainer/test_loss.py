@@ -99,3 +99,62 @@ def test_shared_logsumexp_path_equals_separate_terms(kind):
     torch.testing.assert_close(total, ref, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(clm, clm_loss(logits, labels), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(a.grad, b.grad, atol=1e-7, rtol=1e-5)
+
+
+def with_tail(ids, probs, seed):
+    """Scale each row to leave a random tail mass: listed probs + tail = 1."""
+    g = torch.Generator().manual_seed(seed)
+    tail = torch.rand(ids.shape[:2], generator=g) * 0.6
+    tail = torch.where((ids >= 0).any(-1), tail, 0.0)
+    return probs * (1 - tail)[..., None], tail
+
+
+def tail_reference(logits, ids, probs, tail, kind):
+    """−Σ P log Q − P_tail log(Σ_{v not listed} Q_v), written densely (the definition)."""
+    log_q = torch.log_softmax(logits.float(), -1)
+    listed = torch.zeros_like(log_q).scatter_add_(-1, ids.clamp(min=0), (ids >= 0).float()) > 0
+    unlisted = torch.logsumexp(log_q.masked_fill(listed, float("-inf")), -1)
+    per = -(densify(ids, probs, logits.shape[-1]) * log_q).sum(-1) - tail * unlisted
+    if kind is FusionLoss.KL:
+        per = per + torch.where(probs > 0, probs * torch.log(probs.clamp(min=1e-30)), 0.0).sum(-1)
+        per = per + torch.where(tail > 0, tail * torch.log(tail.clamp(min=1e-30)), 0.0)
+    has = (ids >= 0).any(-1)
+    return (per * has).sum() / has.sum()
+
+
+@pytest.mark.parametrize("kind", list(FusionLoss))
+def test_tail_mass_term_values_and_gradients(kind):
+    vocab = 30
+    ids, probs = random_sparse(2, 6, vocab, 4, seed=11)
+    probs, tail = with_tail(ids, probs, seed=12)
+    logits = torch.randn(2, 6, vocab, generator=torch.Generator().manual_seed(13)) * 2
+    labels = torch.randint(0, vocab, (2, 6), generator=torch.Generator().manual_seed(14))
+    a, b, c, d = (logits.clone().requires_grad_(True) for _ in range(4))
+    total, _, fusion = combined_loss(a, labels, ids, probs, 0.6, kind, fused_tail=tail)
+    ref = 0.6 * clm_loss(b, labels) + 0.4 * tail_reference(b, ids, probs, tail, kind)
+    assert total.item() == pytest.approx(ref.item(), rel=1e-5)
+    total.backward()
+    ref.backward()
+    torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-4)
+    # the separate path (used at T != 1) agrees too
+    separate = fusion_loss(c, ids, probs, kind, fused_tail=tail)
+    assert separate.item() == pytest.approx(fusion.item(), rel=1e-5)
+    separate.backward()
+    tail_reference(d, ids, probs, tail, kind).backward()
+    torch.testing.assert_close(c.grad, d.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_zero_tail_is_the_plain_soft_cross_entropy():
+    vocab = 25
+    ids, probs = random_sparse(1, 5, vocab, 3, seed=4)
+    logits = torch.randn(1, 5, vocab)
+    plain = fusion_loss(logits, ids, probs)
+    assert fusion_loss(logits, ids, probs, fused_tail=torch.zeros(1, 5)).item() == pytest.approx(
+        plain.item()
+    )
+    # a hand-worked row: target Q = (0.5, 0.25, 0.25) over 3 ids, P lists id 0 with 0.6, tail 0.4
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25]]]))
+    one = fusion_loss(
+        logits, torch.tensor([[[0]]]), torch.tensor([[[0.6]]]), fused_tail=torch.tensor([[0.4]])
+    )
+    assert one.item() == pytest.approx(-0.6 * math.log(0.5) - 0.4 * math.log(0.5))

@@ -22,7 +22,7 @@ from typing import Protocol, TypeVar
 
 log = logging.getLogger(__name__)
 
-KEY_SCHEMA = 1
+KEY_SCHEMA = 2  # 2: fused blocks carry tail mass
 T = TypeVar("T")
 
 
