@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> bool:
     from fuseserve.aligner.alignment import align_offsets, dtw_path, edit_distance_matrix
     from fuseserve.aligner.reference import dtw_reference, min_ed_reference
     from fuseserve.aligner.tokenview import TokenizerView, context_ends
-    from fuseserve.aligner.vocabmap import StringMode, _best_surface_ids, build_vocab_map
+    from fuseserve.aligner.vocabmap import StringMode, best_surface_ids, build_vocab_map
 
     print(f"# fuseserve alignment benchmark  ({platform.machine()}, {os.cpu_count()} cpus)")
     target_tok, teacher_tok = shipped.mistral_v1_tokenizer(), shipped.smollm2_tokenizer()
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> bool:
     print("building the full MinED map...", flush=True)
     vmap, map_s = timed(full_map)
     inexact = np.nonzero(~vmap.exact & (vmap.target_ids >= 0))[0]
-    by_surface = _best_surface_ids(target)
+    by_surface = best_surface_ids(target)
     ordered = sorted(by_surface.items(), key=lambda kv: kv[1])
     choices = [s for s, _ in ordered]
     rng = np.random.default_rng(0)

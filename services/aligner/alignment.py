@@ -43,6 +43,7 @@ from fuseserve.aligner.tokenview import Scheme, TokenizerView, marker_of
 class AlignMethod(StrEnum):
     OFFSETS = "offsets"
     DTW = "dtw"
+    SPANS = "spans"  # byte conditioning + first-token projection (``spans``)
 
 
 class Anchor(StrEnum):

@@ -3,9 +3,11 @@
 Covers: one validated, immutable options object naming every choice the core makes, and the
 presets. ``default`` is fuseserve's principled setting (offsets alignment anchored on the predicted
 token, soft MinED vocabulary on canonical surfaces, duplicates add their mass, MinCE per block,
-T = 1). ``fusellm`` reproduces the original FuseLLM code: DTW with its tie-breaking and one-to-one
-rule, anchored on the input token (its off-by-one), marker-swap MinED vocabulary, first duplicate
-kept, MinCE per block.
+T = 1). ``spans`` gives every target position a teacher distribution (byte conditioning,
+first-token projection, the chain rule for the actual next token, tail mass kept; see
+``spans``). ``fusellm`` reproduces the original FuseLLM code: DTW with its tie-breaking and
+one-to-one rule, anchored on the input token (its off-by-one), marker-swap MinED vocabulary,
+first duplicate kept, MinCE per block.
 
 Leaves out: service settings (addresses, k, limits).
 """
@@ -43,6 +45,7 @@ class FusionOptions(BaseModel):
     level: FusionLevel = FusionLevel.SEQUENCE
     temperature: float = Field(1.0, gt=0.0, le=100.0)
     dtw_compat: bool = False
+    tail: bool = True  # spans only: keep the mass outside the top-k as the row's tail
 
     @model_validator(mode="after")
     def _consistent(self) -> FusionOptions:
@@ -53,6 +56,14 @@ class FusionOptions(BaseModel):
             )
         if self.dtw_compat and self.alignment is not AlignMethod.DTW:
             raise ValueError("dtw_compat=True needs alignment='dtw'")
+        if self.alignment is AlignMethod.SPANS:
+            if self.strings is not StringMode.SURFACE:
+                raise ValueError("alignment='spans' projects surfaces: strings must be 'surface'")
+            if self.temperature != 1.0:
+                raise ValueError(
+                    "temperature: alignment='spans' keeps the teacher's probabilities with their "
+                    "tail mass, so it needs temperature=1"
+                )
         return self
 
     @classmethod
@@ -69,6 +80,7 @@ class FusionOptions(BaseModel):
 
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
+    "spans": {"alignment": AlignMethod.SPANS},
     "fusellm": {
         "alignment": AlignMethod.DTW,
         "dtw_compat": True,

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from fuseserve.aligner.alignment import Alignment, AlignMethod, align_dtw, align_offsets
+from fuseserve.aligner.continuation import ContinuationTable
 from fuseserve.aligner.fusion import FusionLevel, fuse, sequence_ce, token_costs
 from fuseserve.aligner.options import FusionOptions, VocabAlign
 from fuseserve.aligner.projection import SparseDist, project
+from fuseserve.aligner.spans import project_spans
 from fuseserve.aligner.tokenview import TokenizerView, context_ends
 from fuseserve.aligner.vocabmap import VocabMap
 from fuseserve.wire.messages import FusedBlock, TeacherScores
@@ -25,12 +27,14 @@ from fuseserve.wire.messages import FusedBlock, TeacherScores
 
 @dataclass(frozen=True)
 class TeacherInput:
-    """One teacher's part in a block: its name, vocabulary view, map onto the target, scores."""
+    """One teacher's part in a block: its name, vocabulary view, map onto the target, scores,
+    and (for ``alignment='spans'``) its continuation table onto the target."""
 
     name: str
     view: TokenizerView
     vocab_map: VocabMap
     scores: TeacherScores
+    continuations: ContinuationTable | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,21 @@ def run_teachers(
     results = []
     for teacher in teachers:
         _check_map(target, teacher, options)
+        if options.alignment is AlignMethod.SPANS:
+            table = teacher.continuations
+            if table is None or table.target_fingerprint != target.fingerprint:
+                raise ValueError(
+                    f"teacher {teacher.name!r}: alignment='spans' needs its continuation table "
+                    "onto this target"
+                )
+            scores = teacher.scores
+            teacher_ends = context_ends(scores.token_ids, scores.offsets, text, teacher.view)
+            alignment, dist = project_spans(
+                text, target_ids, target_ends, teacher.view, scores, teacher_ends, table,
+                keep_tail=options.tail, fallback=options.fallback,
+            )  # fmt: skip
+            results.append(TeacherResult(alignment, dist, sequence_ce(scores.gold_logprobs)))
+            continue
         alignment = align_teacher(text, target, target_ids, target_ends, teacher, options)
         dist = project(
             alignment,

@@ -176,6 +176,23 @@ class TokenizerView:
         return out
 
     @cached_property
+    def surface_bytes(self) -> tuple[bytes, ...]:
+        """UTF-8 bytes of each surface (empty for specials)."""
+        return tuple(
+            b"" if self.is_special[i] else surface_to_bytes(s) for i, s in enumerate(self.surfaces)
+        )
+
+    @cached_property
+    def surface_byte_matrix(self) -> np.ndarray:
+        """[vocab, longest surface] uint8: each surface's bytes, zero-padded (with
+        ``surface_nbytes`` for the lengths), for vectorised prefix tests."""
+        width = max((len(b) for b in self.surface_bytes), default=0)
+        out = np.zeros((self.vocab_size, max(width, 1)), dtype=np.uint8)
+        for i, b in enumerate(self.surface_bytes):
+            out[i, : len(b)] = np.frombuffer(b, dtype=np.uint8)
+        return out
+
+    @cached_property
     def fingerprint(self) -> str:
         """A stable hash of the vocabulary and its specials (hex, 32 chars)."""
         payload = json.dumps(

@@ -120,7 +120,7 @@ def min_edit_distance_choice(
     return best, dist
 
 
-def _best_surface_ids(target: TokenizerView) -> dict[str, int]:
+def best_surface_ids(target: TokenizerView) -> dict[str, int]:
     """Surface -> preferred ordinary target id (ordinary pieces before byte pieces, then lowest)."""
     best: dict[str, int] = {}
     byte_piece = target.is_byte_piece
@@ -163,7 +163,7 @@ def build_vocab_map(
                 pending.append(i)
                 pending_queries.append(query)
     else:
-        by_surface = _best_surface_ids(target)
+        by_surface = best_surface_ids(target)
         roles: dict[int, int] = {}
         for source, dest in (
             (teacher.bos_id, target.bos_id),

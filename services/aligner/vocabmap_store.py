@@ -13,6 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from fuseserve.aligner.continuation import ContinuationTable, FirstTokens, build_continuation_table
 from fuseserve.aligner.tokenview import TokenizerView
 from fuseserve.aligner.vocabmap import StringMode, VocabMap, build_vocab_map
 from fuseserve.wire.codec import CodecError
@@ -21,7 +22,8 @@ log = logging.getLogger(__name__)
 
 
 class VocabMapStore:
-    """A directory of ``vocabmap-<teacher>-<target>-<mode>.fsw`` files."""
+    """A directory of ``vocabmap-<teacher>-<target>-<mode>.fsw`` files, and of the
+    ``continuations-<teacher>-<target>.fsw`` tables that the ``spans`` method uses."""
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
@@ -87,3 +89,38 @@ class VocabMapStore:
             bar.close()
         self.save(vmap)
         return vmap
+
+    # ------------------------------------------------------------------ continuation tables
+    def continuations_path(self, teacher_fp: str, target_fp: str) -> Path:
+        return self.directory / f"continuations-{teacher_fp}-{target_fp}.fsw"
+
+    def get_or_build_continuations(
+        self,
+        teacher: TokenizerView,
+        target: TokenizerView,
+        first_tokens: FirstTokens | None,
+        show_progress: bool = True,
+    ) -> ContinuationTable:
+        """The stored continuation table for this pair, or a freshly built (and stored) one."""
+        path = self.continuations_path(teacher.fingerprint, target.fingerprint)
+        if path.exists():
+            try:
+                table = ContinuationTable.from_bytes(path.read_bytes())
+                if (
+                    table.teacher_fingerprint == teacher.fingerprint
+                    and table.target_fingerprint == target.fingerprint
+                    and table.teacher_vocab_size == teacher.vocab_size
+                ):
+                    return table
+                log.warning("ignoring continuation table %s built for other tokenizers", path)
+            except (CodecError, KeyError, ValueError) as exc:
+                log.warning("ignoring unreadable continuation table %s: %s", path, exc)
+        vmap = self.get_or_build(teacher, target, StringMode.SURFACE, show_progress)
+        log.info("building the continuation table %s -> %s", teacher.name, target.name)
+        table = build_continuation_table(teacher, target, vmap, first_tokens)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(table.to_bytes())
+        os.replace(tmp, path)
+        return table

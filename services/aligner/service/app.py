@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import uvicorn
 
+from fuseserve.aligner.alignment import AlignMethod
+from fuseserve.aligner.continuation import hf_first_tokens
 from fuseserve.aligner.service.cache import LRUCache, RedisCache
 from fuseserve.aligner.service.dataplane import FusionService
 from fuseserve.aligner.service.grpc_api import AlignerServicer, start_grpc
@@ -103,6 +105,8 @@ async def start_aligner(settings: AlignerSettings, show_progress: bool = False) 
         max_message_bytes=settings.max_message_bytes,
         float_dtype=settings.teacher_float_dtype,
         metrics=metrics,
+        first_tokens=hf_first_tokens(tokenizer),
+        continuations_at_start=options.alignment is AlignMethod.SPANS,
     )
     if settings.redis_url:
         cache = RedisCache(

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
+from fuseserve.aligner.alignment import AlignMethod
 from fuseserve.aligner.options import PRESETS, FusionOptions
 from fuseserve.aligner.pipeline import TeacherInput, fuse_block
 from fuseserve.aligner.service.cache import Cache, SingleFlight, fused_key, scores_key
@@ -241,11 +242,14 @@ class FusionService:
             *(self._teacher_scores(name, texts, query.k) for name in query.teachers)
         )
         maps = [await self.pool.vocab_map(n, query.options.strings) for n in query.teachers]
+        tables: list = [None] * len(query.teachers)
+        if query.options.alignment is AlignMethod.SPANS:
+            tables = [await self.pool.continuation_table(n) for n in query.teachers]
         blocks = []
         for j, (text, target) in enumerate(zip(texts, targets)):
             inputs = [
-                TeacherInput(name, self.pool.teachers[name].view, vmap, s[j])
-                for name, vmap, s in zip(query.teachers, maps, per_teacher)
+                TeacherInput(name, self.pool.teachers[name].view, vmap, s[j], table)
+                for name, vmap, table, s in zip(query.teachers, maps, tables, per_teacher)
             ]
             start = time.perf_counter()
             block = await asyncio.to_thread(

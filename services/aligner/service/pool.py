@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from fuseserve.aligner.continuation import ContinuationTable, FirstTokens
 from fuseserve.aligner.tokenview import Scheme, TokenizerView
 from fuseserve.aligner.vocabmap import StringMode, VocabMap
 from fuseserve.aligner.vocabmap_store import VocabMapStore
@@ -70,6 +71,7 @@ class Teacher:
     view: TokenizerView | None = None
     vocab_map: VocabMap | None = None  # in the service's string mode
     other_maps: dict[StringMode, VocabMap] = field(default_factory=dict)  # built on first use
+    continuations: ContinuationTable | None = None  # for `spans`: at start-up or first use
     info: object | None = None
     fingerprint: str = ""
     problem: str = "not connected yet"
@@ -103,10 +105,14 @@ class TeacherPool:
         max_message_bytes: int = 64 * 1024 * 1024,
         float_dtype: str = "f32",
         metrics=None,
+        first_tokens: FirstTokens | None = None,
+        continuations_at_start: bool = False,
     ) -> None:
         self.target = target
         self.store = store
         self.mode = mode
+        self.first_tokens = first_tokens
+        self.continuations_at_start = continuations_at_start
         self.retries = retries
         self.backoff_s = backoff_s
         self.float_dtype = float_dtype
@@ -165,8 +171,13 @@ class TeacherPool:
         vocab_map = await asyncio.to_thread(
             self.store.get_or_build, view, self.target, self.mode, False
         )
+        continuations = None
+        if self.continuations_at_start:
+            continuations = await asyncio.to_thread(
+                self.store.get_or_build_continuations, view, self.target, self.first_tokens, False
+            )
         teacher.view, teacher.vocab_map, teacher.info = view, vocab_map, info
-        teacher.other_maps = {}
+        teacher.other_maps, teacher.continuations = {}, continuations
         teacher.fingerprint, teacher.problem = cache_fingerprint(info), ""
         self._set_ready(teacher)
         log.info(
@@ -226,6 +237,28 @@ class TeacherPool:
     @property
     def ready(self) -> bool:
         return bool(self.teachers) and all(t.ready for t in self.teachers.values())
+
+    async def continuation_table(self, name: str) -> ContinuationTable:
+        """The teacher's continuation table onto the target (built or loaded once)."""
+        teacher = self.get(name)
+        if teacher.continuations is not None:
+            return teacher.continuations
+        async with teacher.reloading:
+            if teacher.continuations is None:
+                view = teacher.view
+                if view is None:
+                    raise Unavailable(teacher.problem or f"teacher {name!r} is not ready")
+                table = await asyncio.to_thread(
+                    self.store.get_or_build_continuations,
+                    view,
+                    self.target,
+                    self.first_tokens,
+                    False,
+                )
+                if teacher.view is view:
+                    teacher.continuations = table
+                return table
+            return teacher.continuations
 
     async def vocab_map(self, name: str, mode: StringMode) -> VocabMap:
         """The teacher's map onto the target in ``mode``: the service's own mode is loaded at

@@ -39,7 +39,7 @@ class FuseBody(BaseModel):
     text: str | None = Field(None, description="one text block (or use texts)")
     texts: list[str] | None = Field(None, description="several text blocks")
     k: int | None = Field(None, ge=1, le=1024, description="top-k asked of each teacher")
-    preset: Literal["default", "fusellm"] | None = None
+    preset: Literal["default", "spans", "fusellm"] | None = None
     options: dict[str, Any] | None = Field(None, description="FusionOptions field overrides")
     teachers: list[str] | None = Field(None, description="a subset of teachers by name")
     top: int = Field(5, ge=1, le=100, description="fused candidates shown per position")
@@ -67,6 +67,11 @@ class Position(BaseModel):
     text: str = Field(description="the characters this target token covers")
     chosen: str | None = Field(description="teacher whose distribution was used (None: averaged)")
     candidates: list[Candidate] = Field(description="fused distribution of the next token")
+    tail: float = Field(
+        0.0,
+        description="probability of the next token that is on none of the fused ids (the "
+        "teacher's mass outside its top-k; 0 where the preset renormalises)",
+    )
 
 
 class TeacherScore(BaseModel):
@@ -99,6 +104,7 @@ def block_json(index: int, result: BlockResult, tokens: tuple[str, ...], top: in
     top_ids = np.take_along_axis(block.ids, order, axis=1).tolist()
     top_p = np.take_along_axis(block.probs, order, axis=1).tolist()
     chosen = [names[c] if 0 <= c < len(names) else None for c in block.chosen.tolist()]
+    tails = block.tail.tolist()
     text = result.text
     positions = [
         {
@@ -112,6 +118,7 @@ def block_json(index: int, result: BlockResult, tokens: tuple[str, ...], top: in
                 for c, p in zip(top_ids[i], top_p[i])
                 if c >= 0
             ],
+            "tail": tails[i],
         }
         for i, (tid, (start, end)) in enumerate(
             zip(block.target_ids.tolist(), result.offsets.tolist())

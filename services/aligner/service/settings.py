@@ -45,7 +45,7 @@ class AlignerSettings(BaseSettings):
     teachers: tuple[TeacherEndpoint, ...] = Field(
         (), description="teachers: name=host:port[,host:port...] (repeatable)"
     )
-    preset: Literal["default", "fusellm"] = Field("default", description="options preset")
+    preset: Literal["default", "spans", "fusellm"] = Field("default", description="options preset")
     options: dict[str, Any] = Field(
         default_factory=dict, description="FusionOptions overrides (JSON object)"
     )

@@ -1,0 +1,168 @@
+"""First-token projection: which target token a teacher token's text would start with.
+
+For every teacher token ``c`` and every byte offset ``o`` into its surface, the table holds the
+target id that the *target tokenizer* emits first when the text ``surface(c)[o:]`` continues a
+text at a target token boundary. Offset 0 serves a teacher candidate at a shared boundary (its
+whole text); offset ``o > 0`` serves the remainder of a candidate after ``o`` bytes that the
+target has already read (byte conditioning, see ``spans``).
+
+How an entry is found, in order:
+
+1. exact matches are pinned: at offset 0 the vocabulary map's exact match (EM), at any offset a
+   target token whose surface is exactly the remaining text;
+2. the target tokenizer itself, asked through ``first_tokens`` (a callable supplied by the caller,
+   e.g. ``hf_first_tokens``: it tokenises each string after a newline so the string is read as a
+   continuation, not as the start of a text);
+3. the longest target token whose surface is a byte prefix of the remaining text (for text the
+   tokenizer cannot be asked about: a remainder that starts inside a UTF-8 character, or one the
+   tokenizer merges with the newline);
+4. at offset 0 only, the vocabulary map's MinED choice (strings the target cannot start at all).
+
+Entries are a ragged array: ``first[start[c] + o]`` for ``0 <= o < max(len(surface(c)), 1)``.
+Serialisation uses the wire codec. No I/O, no tokenizer object inside (``first_tokens`` is called).
+
+Leaves out: where tables are stored (``vocabmap_store``), how rows use them (``spans``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fuseserve.aligner.tokenview import TokenizerView, surface_to_bytes
+from fuseserve.aligner.vocabmap import StringMode, VocabMap, best_surface_ids
+from fuseserve.wire import codec
+
+CONTINUATION_SCHEMA = 1
+SENTINEL = "\n"
+
+FirstTokens = Callable[[Sequence[str]], np.ndarray]
+
+
+@dataclass(frozen=True)
+class ContinuationTable:
+    """first: [entries] int32 target ids (-1 none); start: [teacher_vocab + 1] int64."""
+
+    teacher_fingerprint: str
+    target_fingerprint: str
+    first: np.ndarray
+    start: np.ndarray
+
+    @property
+    def teacher_vocab_size(self) -> int:
+        return len(self.start) - 1
+
+    @property
+    def at_start(self) -> np.ndarray:
+        """[teacher_vocab] int32: the entry at offset 0 of every teacher token."""
+        return self.first[self.start[:-1]]
+
+    def lookup(self, teacher_ids: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """Target ids for teacher tokens at byte offsets (same shapes; offsets must be valid)."""
+        return self.first[self.start[teacher_ids] + offsets]
+
+    def to_bytes(self) -> bytes:
+        return codec.encode(
+            {"first": self.first.astype(np.int32), "start": self.start.astype(np.int64)},
+            meta={
+                "kind": "continuations",
+                "schema": CONTINUATION_SCHEMA,
+                "teacher": self.teacher_fingerprint,
+                "target": self.target_fingerprint,
+            },
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ContinuationTable:
+        arrays, meta = codec.decode(data)
+        if meta.get("kind") != "continuations" or meta.get("schema") != CONTINUATION_SCHEMA:
+            raise codec.CodecError("not a continuation table of this schema version")
+        return cls(
+            teacher_fingerprint=meta["teacher"],
+            target_fingerprint=meta["target"],
+            first=arrays["first"].astype(np.int32),
+            start=arrays["start"].astype(np.int64),
+        )
+
+
+def hf_first_tokens(tokenizer, batch_size: int = 4096) -> FirstTokens:
+    """``first_tokens`` for a Hugging Face tokenizer (duck-typed): the id of the token that starts
+    exactly where the string starts, when the string follows a newline; -1 when the tokenizer
+    merges the string's start with the newline."""
+
+    def first_tokens(strings: Sequence[str]) -> np.ndarray:
+        out = np.full(len(strings), -1, dtype=np.int64)
+        for a in range(0, len(strings), batch_size):
+            chunk = [SENTINEL + s for s in strings[a : a + batch_size]]
+            enc = tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=True)
+            for i, (ids, offsets) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
+                for token, (begin, _end) in zip(ids, offsets):
+                    if begin >= len(SENTINEL):
+                        if begin == len(SENTINEL):
+                            out[a + i] = token
+                        break
+        return out
+
+    return first_tokens
+
+
+def _longest_prefix(data: bytes, by_bytes: dict[bytes, int], longest: int) -> int:
+    for n in range(min(longest, len(data)), 0, -1):
+        hit = by_bytes.get(data[:n])
+        if hit is not None:
+            return hit
+    return -1
+
+
+def build_continuation_table(
+    teacher: TokenizerView,
+    target: TokenizerView,
+    vocab_map: VocabMap,
+    first_tokens: FirstTokens | None = None,
+) -> ContinuationTable:
+    """The table for one (teacher, target) pair; ``vocab_map`` must be the ``surface`` map."""
+    if vocab_map.mode is not StringMode.SURFACE:
+        raise ValueError("vocab_map: the continuation table needs the `surface` map")
+    if (vocab_map.teacher_fingerprint, vocab_map.target_fingerprint) != (
+        teacher.fingerprint,
+        target.fingerprint,
+    ):
+        raise ValueError("vocab_map: built for other tokenizers")
+    by_bytes = {surface_to_bytes(s): i for s, i in best_surface_ids(target).items()}
+    longest = max((len(b) for b in by_bytes), default=0)
+    surfaces = teacher.surface_bytes
+    sizes = np.array([max(len(b), 1) for b in surfaces], dtype=np.int64)
+    start = np.zeros(len(surfaces) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=start[1:])
+    first = np.full(int(start[-1]), -1, dtype=np.int64)
+    ask_at: list[int] = []
+    ask: list[str] = []
+    for c, data in enumerate(surfaces):
+        base = start[c]
+        if vocab_map.exact[c]:
+            first[base] = vocab_map.target_ids[c]
+        for o in range(len(data)):
+            if first[base + o] >= 0:
+                continue
+            rest = data[o:]
+            hit = by_bytes.get(rest)
+            if hit is not None:
+                first[base + o] = hit
+                continue
+            try:
+                text = rest.decode("utf-8")
+            except UnicodeDecodeError:
+                first[base + o] = _longest_prefix(rest, by_bytes, longest)
+                continue
+            ask_at.append(int(base + o))
+            ask.append(text)
+    if ask:
+        asked = first_tokens(ask) if first_tokens is not None else np.full(len(ask), -1)
+        for at, text, hit in zip(ask_at, ask, asked):
+            first[at] = hit if hit >= 0 else _longest_prefix(text.encode(), by_bytes, longest)
+    at_start = first[start[:-1]]
+    missing = (at_start < 0) & (vocab_map.target_ids >= 0)
+    first[start[:-1][missing]] = vocab_map.target_ids[missing]  # MinED for what nothing starts
+    return ContinuationTable(teacher.fingerprint, target.fingerprint, first.astype(np.int32), start)

@@ -1,0 +1,204 @@
+"""The ``spans`` method: a teacher distribution at every target position, from the byte stream.
+
+A target position i reads the text up to byte e (its context end) and predicts the target token
+that follows, which ends at byte e'. With the teacher's tokens ending at bytes b_0 < b_1 < ...:
+
+1. **Shared boundary** (some teacher position j ends at e): the teacher's candidates at j (its
+   top-k plus the actual next token, the *gold*, with its log-prob) each give their probability
+   to the target token the target tokenizer would start their text with (``continuation``:
+   first-token projection, exact matches pinned).
+2. **Byte conditioning** (no teacher position ends at e): take the teacher position j with the
+   last boundary b < e; the bytes text[b:e] are already known, so keep only the candidates whose
+   text starts with them (the gold always does), renormalise over what is kept, and project each
+   candidate's remainder after e instead of its whole text.
+3. **Chain rule for the gold**: when the target's next token ends on a teacher boundary e' = b_j'
+   it spans the teacher's tokens j+1..j', and its probability is exactly the gold's (conditional)
+   probability times the teacher's gold probabilities of tokens j+2..j'; that share of the gold's
+   mass goes to the target's actual next token, the rest to the gold's projection.
+4. **Tail**: a row at a shared boundary keeps the teacher's probabilities as they are (top-k is
+   not renormalised): the mass on no listed id (outside the teacher's top-k, or on tokens with no
+   target counterpart) is the row's tail. Rows from byte conditioning are renormalised over the
+   kept candidates (tail 0). ``keep_tail=False`` renormalises every row instead.
+
+When teacher and target tokenizers are the same, every position is case 1 with the target's own
+token, so each row is the teacher's own top-k plus gold, with the teacher's tail.
+
+Positions before the teacher's first boundary (the very first one, for a teacher without BOS),
+and positions past the end of a truncated teacher sequence, fall back as in ``projection``.
+
+Shapes: target ids/ends [n]; teacher ids/ends [m], top-k [m, k]; rows have width k + 2.
+Leaves out: the continuation table itself (``continuation``), combining teachers (``fusion``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fuseserve.aligner.alignment import Alignment, Anchor, fallback_ids
+from fuseserve.aligner.continuation import ContinuationTable
+from fuseserve.aligner.projection import Fallback, SparseDist, merge_dense
+from fuseserve.aligner.tokenview import TokenizerView
+from fuseserve.wire.messages import TeacherScores
+
+
+def project_spans(
+    text: str,
+    target_ids: np.ndarray,
+    target_ends: np.ndarray,
+    teacher: TokenizerView,
+    scores: TeacherScores,
+    teacher_ends: np.ndarray,
+    table: ContinuationTable,
+    keep_tail: bool = True,
+    fallback: Fallback = Fallback.ONEHOT,
+) -> tuple[Alignment, SparseDist]:
+    """One teacher's rows over the n target positions (see the module docstring)."""
+    target_ids = np.asarray(target_ids, dtype=np.int64)
+    t_ends = np.asarray(target_ends, dtype=np.int64)
+    s_ends = np.asarray(teacher_ends, dtype=np.int64)
+    s_ids = np.asarray(scores.token_ids, dtype=np.int64)
+    n, m = len(target_ids), len(s_ids)
+    topk_ids = np.asarray(scores.topk_ids, dtype=np.int64)
+    k = topk_ids.shape[1]
+    labels = fallback_ids(target_ids, Anchor.NEXT)
+
+    # the teacher position with the last boundary at or before each target context end
+    boundary = np.nonzero(s_ends >= 0)[0]
+    b_ends = s_ends[boundary]
+    slot = np.searchsorted(b_ends, t_ends, side="right") - 1
+    rows = np.nonzero((labels >= 0) & (t_ends >= 0) & (slot >= 0))[0]
+    j = boundary[slot[rows]]
+    shared = s_ends[j] == t_ends[rows]
+    has_next = j + 1 < m
+    nxt = np.minimum(j + 1, m - 1)
+    inside = ~shared & has_next & (s_ends[nxt] > t_ends[rows])  # e is inside teacher token j+1
+    keep_row = shared | inside
+    rows, j, shared, has_next, nxt = (
+        rows[keep_row],
+        j[keep_row],
+        shared[keep_row],
+        has_next[keep_row],
+        nxt[keep_row],
+    )
+    r = len(rows)
+
+    # candidates: top-k, plus the gold when it is not among them
+    gold_lp = np.asarray(scores.gold_logprobs, dtype=np.float64)
+    cand = np.empty((r, k + 1), dtype=np.int64)
+    cand[:, :k] = topk_ids[j]
+    gold = np.where(has_next, s_ids[nxt], -1)
+    gold_p = np.where(has_next, np.exp(np.nan_to_num(gold_lp[j], nan=-np.inf)), 0.0)
+    in_topk = cand[:, :k] == gold[:, None]
+    gold_listed = in_topk.any(axis=1)
+    cand[:, k] = np.where(gold_listed, -1, gold)
+    mass = np.zeros((r, k + 1))
+    mass[:, :k] = np.exp(np.asarray(scores.topk_logprobs, dtype=np.float64)[j])
+    mass[:, k] = np.where(gold_listed, 0.0, gold_p)
+    gold_col = np.where(gold_listed, np.argmax(in_topk, axis=1), k)
+
+    # byte offsets into each candidate's text; which candidates are consistent with the bytes
+    known = (t_ends[rows] - s_ends[j]) * ~shared  # bytes of teacher token j+1 already read
+    nbytes = teacher.surface_nbytes
+    offset = np.repeat(known[:, None], k + 1, axis=1)
+    gold_len = nbytes[np.maximum(gold, 0)]
+    gold_offset = gold_len - (s_ends[nxt] - t_ends[rows])  # robust to a dummy-prefix space
+    offset[np.arange(r), gold_col] = np.where(shared, 0, gold_offset)
+    keep = cand >= 0
+    keep[~shared] &= _starts_with_known(
+        text, teacher, cand[~shared], s_ends[j[~shared]], known[~shared]
+    )
+    is_gold = np.zeros((r, k + 1), dtype=bool)
+    is_gold[np.arange(r), gold_col] = has_next
+    gold_ok = (offset >= 0) & (offset < np.maximum(nbytes[np.maximum(cand, 0)], 1))
+    keep = np.where(is_gold & ~shared[:, None], gold_ok & (cand >= 0), keep)
+    mapped = np.full((r, k + 1), -1, dtype=np.int64)
+    where = np.nonzero(keep)
+    mapped[where] = table.lookup(cand[where], offset[where])
+    mass = np.where(mapped >= 0, mass, 0.0)
+
+    # byte-conditioned rows are renormalised over what is kept (and any row over 1 by rounding)
+    total = mass.sum(axis=1)
+    alive = total > 0
+    renorm = ~shared | (not keep_tail) | (total > 1.0)
+    mass = np.where((renorm & alive)[:, None], mass / np.where(alive, total, 1.0)[:, None], mass)
+    tail = np.where(renorm, 0.0, np.clip(1.0 - total, 0.0, 1.0))
+
+    # chain rule: the target's next token ends on teacher boundary j' (its probability is exact)
+    # or inside teacher token j'+1 (then the last factor is the mass of the teacher's candidates
+    # at j' that start with the rest of its bytes)
+    next_end = t_ends[np.minimum(rows + 1, n - 1)]
+    before = np.searchsorted(b_ends, next_end, side="left") - 1  # last boundary < next_end
+    jp = np.where(before >= 0, boundary[np.maximum(before, 0)], -1)
+    on_boundary = (before + 1 < len(b_ends)) & (
+        b_ends[np.minimum(before + 1, len(b_ends) - 1)] == next_end
+    )
+    jp = np.where(on_boundary, boundary[np.minimum(before + 1, len(b_ends) - 1)], jp)
+    spans_gold = has_next & (next_end >= 0) & (jp >= j + 1)
+    partial = spans_gold & ~on_boundary & (jp + 1 < m)
+    cum = np.concatenate([[0.0], np.cumsum(np.nan_to_num(gold_lp, nan=0.0))])
+    factor = np.exp(cum[np.maximum(jp, 0)] - cum[np.minimum(j + 1, m)])  # tokens j+2..j'
+    factor[partial] *= _prefix_mass(text, teacher, scores, s_ends, jp[partial], next_end[partial])
+    chain = spans_gold & (on_boundary | partial)
+    gold_mass = mass[np.arange(r), gold_col] * (mapped[np.arange(r), gold_col] >= 0)
+    exact = np.where(chain, gold_mass * np.minimum(factor, 1.0), 0.0)
+    mass[np.arange(r), gold_col] -= exact
+    ids = np.concatenate([mapped, np.where(exact > 0, labels[rows], -1)[:, None]], axis=1)
+    mass = np.concatenate([mass, exact[:, None]], axis=1)
+
+    aligned = np.zeros(n, dtype=bool)
+    aligned[rows[alive]] = True
+    dense_ids = np.full((n, k + 2), -1, dtype=np.int64)
+    dense_p = np.zeros((n, k + 2))
+    dense_ids[rows[alive]] = np.where(mass[alive] > 0, ids[alive], -1)
+    dense_p[rows[alive]] = np.where(mass[alive] > 0, mass[alive], 0.0)
+    row_tail = np.zeros(n, dtype=np.float32)
+    row_tail[rows[alive]] = tail[alive]
+    if Fallback(fallback) is Fallback.ONEHOT:
+        onehot = np.nonzero(~aligned & (labels >= 0))[0]
+        dense_ids[onehot, 0] = labels[onehot]
+        dense_p[onehot, 0] = 1.0
+    out_ids, out_p = merge_dense(dense_ids, dense_p, k + 2)
+    pair = np.full(n, -1, dtype=np.int64)
+    pair[rows[alive]] = j[alive]
+    return Alignment(pair=pair, fallback=labels), SparseDist(out_ids, out_p, aligned, row_tail)
+
+
+def _prefix_mass(
+    text: str,
+    teacher: TokenizerView,
+    scores: TeacherScores,
+    teacher_ends: np.ndarray,
+    j: np.ndarray,
+    end: np.ndarray,
+) -> np.ndarray:
+    """[r] the teacher's probability at positions j that its next token starts with the text's
+    bytes from its context end to ``end`` (top-k candidates that do, plus the gold, which does)."""
+    if len(j) == 0:
+        return np.zeros(0)
+    topk = np.asarray(scores.topk_ids, dtype=np.int64)[j]
+    probs = np.exp(np.asarray(scores.topk_logprobs, dtype=np.float64)[j])
+    gold = np.asarray(scores.token_ids, dtype=np.int64)[j + 1]
+    gold_lp = np.asarray(scores.gold_logprobs, dtype=np.float64)[j]
+    match = _starts_with_known(text, teacher, topk, teacher_ends[j], end - teacher_ends[j])
+    others = (probs * (match & (topk != gold[:, None]))).sum(axis=1)
+    return np.minimum(others + np.exp(np.nan_to_num(gold_lp, nan=-np.inf)), 1.0)
+
+
+def _starts_with_known(
+    text: str, teacher: TokenizerView, cand: np.ndarray, start: np.ndarray, known: np.ndarray
+) -> np.ndarray:
+    """[r, c] bool: candidate texts longer than ``known`` bytes that start with the text's bytes
+    [start, start + known) of their row."""
+    if len(cand) == 0:
+        return np.zeros(cand.shape, dtype=bool)
+    data = np.frombuffer(text.encode("utf-8", "surrogatepass"), dtype=np.uint8)
+    width = int(known.max())
+    cols = np.arange(width)
+    wanted = data[np.minimum(start[:, None] + cols, len(data) - 1)]  # [r, width]
+    matrix = teacher.surface_byte_matrix
+    if matrix.shape[1] < width:
+        matrix = np.pad(matrix, ((0, 0), (0, width - matrix.shape[1])))
+    have = matrix[np.maximum(cand, 0), :width]  # [r, c, width]
+    beyond = cols[None, :] >= known[:, None]  # [r, width]
+    same = ((have == wanted[:, None, :]) | beyond[:, None, :]).all(axis=-1)
+    return same & (teacher.surface_nbytes[np.maximum(cand, 0)] > known[:, None]) & (cand >= 0)
