@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint bench env proto
+.PHONY: demo test lint bench env proto experiment experiments
 
 $(VENV)/.installed: pyproject.toml scripts/bootstrap.sh
 	VENV=$(VENV) bash scripts/bootstrap.sh
@@ -26,3 +26,10 @@ bench: $(VENV)/.installed  ## every benchmark (about 20 minutes on 2 cores); res
 
 demo: $(VENV)/.installed  ## teachers, aligner, fused vs CLM-only training, BPB table + plot
 	$(PY) -m fuseserve.cli demo $(DEMO_ARGS)
+
+EXPERIMENT ?= experiments/table7.yaml
+experiment: $(VENV)/.installed  ## one experiment file (default: Table 7, ~40 min on 2 cores cold)
+	$(PY) -m fuseserve.cli experiment $(EXPERIMENT) $(EXPERIMENT_ARGS)
+
+experiments: $(VENV)/.installed  ## every file in experiments/ (hours on 2 cores; cached between runs)
+	for f in experiments/*.yaml; do $(PY) -m fuseserve.cli experiment $$f $(EXPERIMENT_ARGS) || exit 1; done

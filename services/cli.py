@@ -32,6 +32,27 @@ def _vocab_map(args: argparse.Namespace) -> int:
         f"{teacher.name} ({teacher.vocab_size}) -> {target.name} ({target.vocab_size}), "
         f"mode {vmap.mode}: {vmap.exact_fraction:.1%} exact, stored at {path}"
     )
+    if args.cooc_corpus:
+        from fuseserve.aligner.cooccurrence import build_refined_map
+        from fuseserve.trainer.data import read_documents
+
+        if vmap.mode is not StringMode.SURFACE:
+            print("error: --cooc-corpus refines the surface map (--mode surface)", file=sys.stderr)
+            return 2
+        try:
+            texts = read_documents(args.cooc_corpus)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"error: cooc_corpus: {exc}", file=sys.stderr)
+            return 2
+        refined = build_refined_map(
+            vmap, texts, load_tokenizer(args.teacher), load_tokenizer(args.target), teacher, target
+        )
+        store.save(refined)
+        changed = int((refined.target_ids != vmap.target_ids).sum())
+        print(
+            f"co-occurrence over {len(texts)} documents re-ranked {changed} MinED entries, "
+            f"stored at {store.path_for(teacher.fingerprint, target.fingerprint, vmap.mode, True)}"
+        )
     return 0
 
 
@@ -267,6 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="compare canonical surfaces (default) or the original marker-swapped strings",
     )
     vm.add_argument("--out-dir", default="vocab-maps", help="where maps are stored and reused")
+    vm.add_argument(
+        "--cooc-corpus",
+        nargs="+",
+        metavar="FILE",
+        help="also build the co-occurrence refined map from these texts (files or directories, "
+        "as `fuseserve train --data`), used by requests with options vocab='cooc'",
+    )
     vm.set_defaults(func=_vocab_map)
 
     from fuseserve.teacher.settings import TeacherSettings

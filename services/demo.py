@@ -19,8 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import subprocess
-import sysconfig
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -65,23 +63,6 @@ class DemoConfig:
 
 
 # ---------------------------------------------------------------------------------- corpus
-def code_documents() -> list[str]:
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    docs = []
-    for path in sorted(stdlib.glob("*.py")):
-        text = path.read_text(encoding="utf-8", errors="replace")
-        if text.strip():
-            docs.append(text)
-    return docs
-
-
-def prose_documents() -> list[str]:
-    import pydoc_data.topics
-
-    topics = pydoc_data.topics.topics
-    return [topics[k] for k in sorted(topics) if topics[k].strip()]
-
-
 def split_corpus(docs: list[str], train_chars: int, heldout_chars: int):
     """Every 10th document is held out (up to heldout_chars), the rest trains (to train_chars)."""
     train, heldout = [], []
@@ -100,6 +81,8 @@ def split_corpus(docs: list[str], train_chars: int, heldout_chars: int):
 
 def build_corpus(cfg: DemoConfig, out: Path) -> tuple[Path, dict[str, list[str]]]:
     """Write train.jsonl (domains interleaved) and return it with the held-out texts by domain."""
+    from fuseserve.experiment.corpus import code_documents, prose_documents
+
     per_domain = {"code": code_documents(), "prose": prose_documents()}
     train_docs: list[list[str]] = []
     heldout: dict[str, list[str]] = {}
@@ -122,13 +105,9 @@ def build_corpus(cfg: DemoConfig, out: Path) -> tuple[Path, dict[str, list[str]]
 # ---------------------------------------------------------------------------------- small model
 def train_small_model(cfg: DemoConfig, corpus: Path, cache_root: Path) -> Path:
     """A small Llama on the Mistral v1 tokenizer, trained with CLM; cached by content."""
-    import torch
-    from tqdm.auto import tqdm
-
     from fuseserve import shipped
-    from fuseserve.teacher.tiny import build_tiny_llama
-    from fuseserve.trainer.data import pack_blocks, read_documents, worker_schedule
-    from fuseserve.trainer.loss import clm_loss
+    from fuseserve.experiment.config import InitConfig, SourceTraining
+    from fuseserve.experiment.models import build_model, train_clm
 
     recipe = {
         "corpus": hashlib.sha256(corpus.read_bytes()).hexdigest()[:16],
@@ -137,7 +116,7 @@ def train_small_model(cfg: DemoConfig, corpus: Path, cache_root: Path) -> Path:
         "layers": cfg.small_layers,
         "block": cfg.block_size,
         "seed": cfg.seed,
-        "version": 1,
+        "version": 2,
     }
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     folder = cache_root / f"small-spm-{key}"
@@ -145,30 +124,25 @@ def train_small_model(cfg: DemoConfig, corpus: Path, cache_root: Path) -> Path:
         print(f"small SentencePiece model: cached at {folder}")
         return folder
     tokenizer = shipped.mistral_v1_tokenizer()
-    model = build_tiny_llama(
-        tokenizer, seed=cfg.seed, hidden=cfg.small_hidden, layers=cfg.small_layers, heads=4
-    ).train()
-    blocks = pack_blocks(tokenizer, read_documents([corpus]), cfg.block_size)
-    batch = 8 if not cfg.minimal else 2
-    schedule = worker_schedule(len(blocks), cfg.seed + 1, 0, 1, batch)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, 3e-3, total_steps=cfg.small_steps)
-    bar = tqdm(range(cfg.small_steps), desc="train the small SentencePiece source", unit="step")
-    for _ in bar:
-        _, _, idxs = next(schedule)
-        length = max(len(blocks[i].ids) for i in idxs)
-        ids = torch.zeros((len(idxs), length), dtype=torch.long)
-        labels = torch.full((len(idxs), length), -100, dtype=torch.long)
-        for r, i in enumerate(idxs):
-            ids[r, : len(blocks[i].ids)] = torch.from_numpy(blocks[i].ids)
-            labels[r, : len(blocks[i].ids)] = torch.from_numpy(blocks[i].ids)
-        loss = clm_loss(model(input_ids=ids).logits, labels)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+    init = InitConfig(
+        tokenizer="shipped:mistral-v1",
+        hidden=cfg.small_hidden,
+        layers=cfg.small_layers,
+        heads=4,
+        seed=cfg.seed,
+    )
+    training = SourceTraining(
+        data="pretrain",
+        steps=cfg.small_steps,
+        lr=3e-3,
+        batch_size=8 if not cfg.minimal else 2,
+        block_size=cfg.block_size,
+        seed=cfg.seed + 1,
+    )
+    model = train_clm(
+        build_model(init, tokenizer), tokenizer, [corpus], training,
+        "train the small SentencePiece source",
+    )  # fmt: skip
     tmp = folder.with_suffix(".tmp")
     model.eval().save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -182,9 +156,7 @@ def run_train(
     name: str, cfg: DemoConfig, small: Path, corpus: Path, work: Path, aligner: str | None
 ) -> tuple[Path, list[dict]]:
     """One ``fuseserve train`` process; a progress bar follows its metrics file."""
-    from tqdm.auto import tqdm
-
-    from fuseserve import launch
+    from fuseserve.experiment.runner import follow_training, read_metrics
 
     run_name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     metrics = work / f"{name}-metrics.jsonl"
@@ -213,27 +185,10 @@ def run_train(
         args += ["--aligner", aligner, "--lam", str(cfg.lam), "--k", str(cfg.k)]
     else:
         args += ["--lam", "1.0"]
-    log_path = work / "logs" / f"train-{name}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("wb") as logf:
-        proc = subprocess.Popen(launch.fuseserve_cmd(*args), stdout=logf, stderr=subprocess.STDOUT)
-    bar = tqdm(total=cfg.steps, desc=f"train target: {name}", unit="step")
-    rows: list[dict] = []
-    while True:
-        if metrics.exists():
-            fresh = [json.loads(line) for line in metrics.read_text().splitlines() if line]
-            if len(fresh) > len(rows):
-                rows = fresh
-                last = rows[-1]
-                bar.set_postfix(loss=f"{last['loss']:.3f}", wait=f"{last['wait_fraction']:.0%}")
-                bar.update(len(rows) - bar.n)
-        if proc.poll() is not None:
-            break
-        time.sleep(0.5)
-    bar.close()
-    if proc.returncode != 0 or not (export / "config.json").exists():
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
-        raise RuntimeError(f"training run {name} failed (exit {proc.returncode}):\n{tail}")
+    follow_training(args, metrics, cfg.steps, work / "logs" / f"train-{name}.log", f"target {name}")
+    rows = [r for r in read_metrics(metrics) if "loss" in r]
+    if not (export / "config.json").exists():
+        raise RuntimeError(f"training run {name} exported no model to {export}")
     return export, rows
 
 
@@ -386,12 +341,18 @@ def run_demo(cfg: DemoConfig) -> dict:
         "plot": str(plot),
     }
     (work / "results.json").write_text(json.dumps(summary, indent=1))
-    print("\nHeld-out bits per UTF-8 byte (lower is better):\n")
+    print("\nHeld-out bits per UTF-8 byte (lower is better), one seed:\n")
     print(text)
     print(
         f"\nfused {'<' if fused_mean < clm_mean else '>='} CLM only on the mean "
         f"({fused_mean:.4f} vs {clm_mean:.4f}); the fused run waited for targets "
         f"{wait:.0%} of its step time; total {summary['minutes']:.1f} min."
+    )
+    print(
+        "This is one seed of a small run: it shows the system working end to end, not that "
+        "fusion wins. Differences smaller than the seed-to-seed spread are not evidence; "
+        "`make experiment` runs the paper's comparisons over 3 seeds with every baseline and "
+        "says which claims hold (docs/fusion-quality.md)."
     )
     print(f"plot: {plot}\nresults: {work / 'results.json'}")
     return summary

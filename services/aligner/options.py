@@ -28,6 +28,7 @@ from fuseserve.aligner.vocabmap import StringMode
 class VocabAlign(StrEnum):
     HARD = "hard"  # EM only
     SOFT = "soft"  # EM, then MinED
+    COOC = "cooc"  # EM, then the most frequent co-aligned target token in a corpus, then MinED
 
 
 class FusionOptions(BaseModel):
@@ -56,6 +57,8 @@ class FusionOptions(BaseModel):
             )
         if self.dtw_compat and self.alignment is not AlignMethod.DTW:
             raise ValueError("dtw_compat=True needs alignment='dtw'")
+        if self.vocab is VocabAlign.COOC and self.strings is not StringMode.SURFACE:
+            raise ValueError("vocab='cooc' re-ranks the `surface` map: strings must be 'surface'")
         if self.alignment is AlignMethod.SPANS:
             if self.strings is not StringMode.SURFACE:
                 raise ValueError("alignment='spans' projects surfaces: strings must be 'surface'")

@@ -58,7 +58,7 @@ def align_teacher(
     teacher_ends = context_ends(scores.token_ids, scores.offsets, text, teacher.view)
     if options.alignment is AlignMethod.OFFSETS:
         return align_offsets(target_ids, target_ends, teacher_ends)
-    soft = teacher.vocab_map.table(soft=True) if options.vocab is VocabAlign.SOFT else None
+    soft = teacher.vocab_map.table(soft=True) if options.vocab is not VocabAlign.HARD else None
     return align_dtw(
         target_ids,
         scores.token_ids,
@@ -83,6 +83,8 @@ def _check_map(target: TokenizerView, teacher: TeacherInput, options: FusionOpti
             f"teacher {teacher.name!r}: vocabulary map mode {vmap.mode} "
             f"!= strings={options.strings}"
         )
+    if options.vocab is VocabAlign.COOC and not vmap.corpus:
+        raise ValueError(f"teacher {teacher.name!r}: vocab='cooc' needs a co-occurrence map")
 
 
 def run_teachers(
@@ -119,7 +121,7 @@ def run_teachers(
             alignment,
             teacher.scores.topk_ids,
             teacher.scores.topk_logprobs,
-            teacher.vocab_map.table(soft=options.vocab is VocabAlign.SOFT),
+            teacher.vocab_map.table(soft=options.vocab is not VocabAlign.HARD),
             temperature=options.temperature,
             duplicates=options.duplicates,
             fallback=options.fallback,

@@ -46,6 +46,7 @@ class VocabMap:
     target_ids: np.ndarray  # int32
     exact: np.ndarray  # bool
     distance: np.ndarray  # int32, 0 for exact matches
+    corpus: str = ""  # fingerprint of the corpus that re-ranked it ("" = not re-ranked)
 
     @property
     def teacher_vocab_size(self) -> int:
@@ -70,6 +71,7 @@ class VocabMap:
                 "teacher": self.teacher_fingerprint,
                 "target": self.target_fingerprint,
                 "mode": str(self.mode),
+                "corpus": self.corpus,
             },
         )
 
@@ -85,6 +87,7 @@ class VocabMap:
             target_ids=arrays["target_ids"].astype(np.int32),
             exact=arrays["exact"].astype(bool),
             distance=arrays["distance"].astype(np.int32),
+            corpus=str(meta.get("corpus", "")),
         )
 
 

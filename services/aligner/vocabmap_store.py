@@ -28,11 +28,17 @@ class VocabMapStore:
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
 
-    def path_for(self, teacher_fp: str, target_fp: str, mode: StringMode) -> Path:
-        return self.directory / f"vocabmap-{teacher_fp}-{target_fp}-{StringMode(mode)}.fsw"
+    def path_for(
+        self, teacher_fp: str, target_fp: str, mode: StringMode, cooc: bool = False
+    ) -> Path:
+        suffix = "-cooc" if cooc else ""
+        return self.directory / f"vocabmap-{teacher_fp}-{target_fp}-{StringMode(mode)}{suffix}.fsw"
 
-    def load(self, teacher: TokenizerView, target: TokenizerView, mode: StringMode):
-        path = self.path_for(teacher.fingerprint, target.fingerprint, mode)
+    def load(
+        self, teacher: TokenizerView, target: TokenizerView, mode: StringMode, cooc: bool = False
+    ):
+        """The stored map (the co-occurrence refined one with ``cooc``), or None."""
+        path = self.path_for(teacher.fingerprint, target.fingerprint, mode, cooc)
         if not path.exists():
             return None
         try:
@@ -51,7 +57,9 @@ class VocabMapStore:
 
     def save(self, vmap: VocabMap) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.path_for(vmap.teacher_fingerprint, vmap.target_fingerprint, vmap.mode)
+        path = self.path_for(
+            vmap.teacher_fingerprint, vmap.target_fingerprint, vmap.mode, bool(vmap.corpus)
+        )
         fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(vmap.to_bytes())

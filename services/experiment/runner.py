@@ -206,6 +206,8 @@ class ExperimentRunner:
             plan.append((seed, run, settings, teachers, key))
         todo = [p for p in plan if not (self.cache / "runs" / p[4] / "DONE").exists()]
         print(f"training runs: {len(plan)} ({len(plan) - len(todo)} already done)")
+        if any(p[2].fused and p[2].options.get("vocab") == "cooc" for p in todo):
+            self.prepare_cooc_maps()
         records: list[RunRecord] = []
         services = _Services(self) if any(p[2].fused for p in todo) else None
         try:
@@ -222,6 +224,31 @@ class ExperimentRunner:
             if services is not None:
                 services.stop()
         return records
+
+    def prepare_cooc_maps(self) -> None:
+        """Co-occurrence refined vocabulary maps (every source onto the target), counted on the
+        target's training text, stored where the aligner looks for them."""
+        from fuseserve.aligner.cooccurrence import build_refined_map, corpus_fingerprint
+        from fuseserve.aligner.tokenview import TokenizerView
+        from fuseserve.aligner.vocabmap import StringMode
+        from fuseserve.aligner.vocabmap_store import VocabMapStore
+        from fuseserve.loading import load_tokenizer
+
+        assert self.corpus is not None
+        texts = [t for d in self.corpus.domains for t in self.corpus.texts("fusion", d)]
+        fingerprint = corpus_fingerprint(texts)
+        store = VocabMapStore(self.cache / "vocab-maps")
+        target_tok = load_tokenizer(self.models[self.cfg.target].tokenizer)
+        target = TokenizerView.from_hf(target_tok, self.cfg.target)
+        for name in self.cfg.sources:
+            tok = load_tokenizer(self.models[name].tokenizer)
+            view = TokenizerView.from_hf(tok, name)
+            stored = store.load(view, target, StringMode.SURFACE, cooc=True)
+            if stored is not None and stored.corpus == fingerprint:
+                continue
+            print(f"co-occurrence map {name} -> {self.cfg.target} on the training text")
+            vmap = store.get_or_build(view, target, StringMode.SURFACE)
+            store.save(build_refined_map(vmap, texts, tok, target_tok, view, target))
 
     def train(
         self,

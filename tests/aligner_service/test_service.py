@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
+from fuseserve.aligner.cooccurrence import build_refined_map
 from fuseserve.aligner.options import FusionOptions
 from fuseserve.aligner.pipeline import TeacherInput, fuse_block
 from fuseserve.aligner.tokenview import TokenizerView
 from fuseserve.aligner.vocabmap import build_vocab_map
+from fuseserve.aligner.vocabmap_store import VocabMapStore
 from fuseserve.teacher.client import TeacherClient
 from fuseserve.wire.messages import FusedBlock
 from fuseserve.wire.v1 import aligner_pb2, aligner_pb2_grpc
@@ -116,6 +118,21 @@ def test_a_request_may_ask_for_another_preset_and_teacher_subset(
     np.testing.assert_array_equal(served.ids, direct.ids)
     np.testing.assert_array_equal(served.probs, direct.probs)
     assert not np.array_equal(default.ids, served.ids)  # the presets really differ here
+
+
+def test_cooc_vocab_needs_a_built_map(aligner, vocab_dir, tiny_dirs, mistral, mistral_tok, prose):
+    body = {"text": prose[:600], "k": 8, "teachers": ["bpe"], "options": {"vocab": "cooc"}}
+    missing = aligner.rest.post("/v1/fuse", json=body)
+    assert missing.status_code == 422 and "options.vocab" in missing.text
+    assert "--cooc-corpus" in missing.text
+    tok = AutoTokenizer.from_pretrained(tiny_dirs["bpe"])
+    view = TokenizerView.from_hf(tok, "bpe")
+    store = VocabMapStore(vocab_dir)
+    vmap = store.get_or_build(view, mistral, show_progress=False)
+    store.save(build_refined_map(vmap, [prose], tok, mistral_tok, view, mistral))
+    built = aligner.rest.post("/v1/fuse", json=body)
+    assert built.status_code == 200, built.text
+    assert built.json()["options"]["vocab"] == "cooc"
 
 
 def test_rest_and_grpc_agree(aligner, text, mistral):

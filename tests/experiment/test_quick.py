@@ -31,7 +31,7 @@ def test_quick_table7_runs_every_stage_and_reuses_finished_work(tmp_path):
     rows = set(results["table"])
     assert rows == {
         "base", "expert-code", "expert-prose", "expert-c", "ensemble", "merge",
-        "clm-only", "kd-best", "fused-fusellm", "fused-default",
+        "clm-only", "kd-best", "fused-fusellm", "fused-default", "fused-spans",
     }  # fmt: skip
     for row in rows:
         cells = results["table"][row]
@@ -55,7 +55,7 @@ def test_quick_table7_runs_every_stage_and_reuses_finished_work(tmp_path):
         "NOT reproduced",
         "same direction, not significant (within 2 std)",
     }
-    assert len(results["claims"]) == 5
+    assert len(results["claims"]) == 6
     for png in ("bpb-vs-tokens.png", "bpb-per-domain.png"):
         assert (work / png).read_bytes()[:4] == b"\x89PNG"
     assert "| fused-default |" in (work / "results.md").read_text()
@@ -65,7 +65,7 @@ def test_quick_table7_runs_every_stage_and_reuses_finished_work(tmp_path):
     logs_before = sorted(p.name for p in (work / "logs").iterdir())
     second = run_quick(work, cache)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "training runs: 4 (4 already done)" in second.stdout
+    assert "training runs: 5 (5 already done)" in second.stdout
     assert "train source" not in second.stderr
     assert sorted(p.name for p in (work / "logs").iterdir()) == logs_before
     again = json.loads((work / "results.json").read_text())

@@ -23,7 +23,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from fuseserve.aligner.alignment import AlignMethod
-from fuseserve.aligner.options import PRESETS, FusionOptions
+from fuseserve.aligner.options import PRESETS, FusionOptions, VocabAlign
 from fuseserve.aligner.pipeline import TeacherInput, fuse_block
 from fuseserve.aligner.service.cache import Cache, SingleFlight, fused_key, scores_key
 from fuseserve.aligner.service.metrics import AlignerMetrics
@@ -241,7 +241,8 @@ class FusionService:
         per_teacher = await asyncio.gather(
             *(self._teacher_scores(name, texts, query.k) for name in query.teachers)
         )
-        maps = [await self.pool.vocab_map(n, query.options.strings) for n in query.teachers]
+        cooc = query.options.vocab is VocabAlign.COOC
+        maps = [await self.pool.vocab_map(n, query.options.strings, cooc) for n in query.teachers]
         tables: list = [None] * len(query.teachers)
         if query.options.alignment is AlignMethod.SPANS:
             tables = [await self.pool.continuation_table(n) for n in query.teachers]

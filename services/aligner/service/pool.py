@@ -70,7 +70,7 @@ class Teacher:
     clients: list[TeacherClient]
     view: TokenizerView | None = None
     vocab_map: VocabMap | None = None  # in the service's string mode
-    other_maps: dict[StringMode, VocabMap] = field(default_factory=dict)  # built on first use
+    other_maps: dict[str, VocabMap] = field(default_factory=dict)  # other modes, "cooc"
     continuations: ContinuationTable | None = None  # for `spans`: at start-up or first use
     info: object | None = None
     fingerprint: str = ""
@@ -238,6 +238,23 @@ class TeacherPool:
     def ready(self) -> bool:
         return bool(self.teachers) and all(t.ready for t in self.teachers.values())
 
+    async def _refined_map(self, teacher: Teacher) -> VocabMap:
+        if teacher.view is None:
+            raise Unavailable(teacher.problem or f"teacher {teacher.name!r} is not ready")
+        vmap = teacher.other_maps.get("cooc")
+        if vmap is None:
+            vmap = await asyncio.to_thread(
+                self.store.load, teacher.view, self.target, StringMode.SURFACE, True
+            )
+            if vmap is None:
+                raise InvalidRequest(
+                    "options.vocab",
+                    f"no co-occurrence map for teacher {teacher.name!r} in {self.store.directory}; "
+                    "build one with `fuseserve vocab-map --cooc-corpus FILES`",
+                )
+            teacher.other_maps["cooc"] = vmap
+        return vmap
+
     async def continuation_table(self, name: str) -> ContinuationTable:
         """The teacher's continuation table onto the target (built or loaded once)."""
         teacher = self.get(name)
@@ -260,11 +277,14 @@ class TeacherPool:
                 return table
             return teacher.continuations
 
-    async def vocab_map(self, name: str, mode: StringMode) -> VocabMap:
+    async def vocab_map(self, name: str, mode: StringMode, cooc: bool = False) -> VocabMap:
         """The teacher's map onto the target in ``mode``: the service's own mode is loaded at
         start-up; another mode (a request asking for another preset) is built or loaded from the
-        store on first use, once."""
+        store on first use, once. ``cooc``: the co-occurrence refined map, which must have been
+        built beforehand (``fuseserve vocab-map --cooc-corpus``)."""
         teacher = self.get(name)
+        if cooc:
+            return await self._refined_map(teacher)
         if mode == self.mode or teacher.vocab_map is None:
             if teacher.vocab_map is None:
                 raise Unavailable(teacher.problem or f"teacher {name!r} is not ready")
