@@ -32,6 +32,7 @@ def test_quick_table7_runs_every_stage_and_reuses_finished_work(tmp_path):
     assert rows == {
         "base", "expert-code", "expert-prose", "expert-c", "ensemble", "merge",
         "clm-only", "kd-best", "fused-fusellm", "fused-default", "fused-spans",
+        "fused-default-lam0.9", "fused-spans-lam0.9",
     }  # fmt: skip
     for row in rows:
         cells = results["table"][row]
@@ -65,7 +66,7 @@ def test_quick_table7_runs_every_stage_and_reuses_finished_work(tmp_path):
     logs_before = sorted(p.name for p in (work / "logs").iterdir())
     second = run_quick(work, cache)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "training runs: 5 (5 already done)" in second.stdout
+    assert "training runs: 7 (7 already done)" in second.stdout
     assert "train source" not in second.stderr
     assert sorted(p.name for p in (work / "logs").iterdir()) == logs_before
     again = json.loads((work / "results.json").read_text())
