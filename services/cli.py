@@ -231,7 +231,10 @@ def _experiment(args: argparse.Namespace) -> int:
             unknown = [r for r in wanted if r not in cfg.runs]
             if unknown:
                 raise ConfigError(f"--runs: no run {unknown} in the file; runs: {list(cfg.runs)}")
-            cfg = cfg.model_copy(update={"runs": {r: cfg.runs[r] for r in wanted}, "claims": ()})
+            cfg = cfg.model_copy(update={"runs": {r: cfg.runs[r] for r in wanted}})
+            rows = set(cfg.row_names()) | {"sources"}
+            kept = tuple(c for c in cfg.claims if set(c.rows_named()) <= rows)
+            cfg = cfg.model_copy(update={"claims": kept})
     except (ConfigError, ValueError) as exc:
         print(f"error: {args.config}: {exc}", file=sys.stderr)
         return 2

@@ -13,6 +13,9 @@ CORE = [
     "fuseserve.aligner.fusion",
     "fuseserve.aligner.options",
     "fuseserve.aligner.pipeline",
+    "fuseserve.aligner.spans",
+    "fuseserve.aligner.continuation",
+    "fuseserve.aligner.cooccurrence",
     "fuseserve.wire.codec",
     "fuseserve.wire.messages",
 ]
@@ -52,3 +55,11 @@ def test_the_aligner_service_and_cli_work_without_torch_or_ray():
     result = run(code)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--teacher" in result.stdout
+
+
+def test_every_experiment_module_imports_on_its_own():
+    """Each module can be the first one imported (no import cycle between them)."""
+    modules = ["config", "corpus", "models", "ensemble", "merge", "stats", "runner", "report"]
+    for name in modules:
+        result = run(f"import fuseserve.experiment.{name}")
+        assert result.returncode == 0, f"{name}: {result.stderr[-1500:]}"

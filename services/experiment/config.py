@@ -128,16 +128,21 @@ class ClaimConfig(Strict):
     baseline: str | None = None
     at_most: float | None = Field(None, gt=0)
 
+    def rows_named(self) -> list[str]:
+        """Every row the claim refers to ("sources" stands for each source)."""
+        named = [self.run, self.baseline, *self.than, *self.rows]
+        return [r for r in named if r is not None]
+
 
 class ExperimentConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
     seeds: tuple[int, ...] = Field((0, 1, 2), min_length=1)
-    corpus: CorpusConfig = CorpusConfig()
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
     models: dict[str, ModelConfig] = Field(min_length=1)
     target: str = Field(description="the model every run starts from (and whose tokenizer)")
     sources: tuple[str, ...] = Field(min_length=1, description="the teachers / fused models")
-    training: TrainingConfig = TrainingConfig()
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
     runs: dict[str, dict[str, Any]] = Field(
         min_length=1, description="run name -> overrides of `training`"
     )

@@ -18,6 +18,7 @@ def run_quick(work: Path, cache: Path) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable, "-m", "fuseserve.cli", "experiment",
         str(ROOT / "experiments" / "table7.yaml"), "--quick",
+        "--runs", "clm-only,kd-best,fused-default,fused-spans",
         "--work-dir", str(work), "--cache-dir", str(cache),
     ]  # fmt: skip
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -31,8 +32,7 @@ def test_quick_table7_runs_every_stage_and_reuses_finished_work(tmp_path):
     rows = set(results["table"])
     assert rows == {
         "base", "expert-code", "expert-prose", "expert-c", "ensemble", "merge",
-        "clm-only", "kd-best", "fused-fusellm", "fused-default", "fused-spans",
-        "fused-default-lam0.9", "fused-spans-lam0.9",
+        "clm-only", "kd-best", "fused-default", "fused-spans",
     }  # fmt: skip
     for row in rows:
         cells = results["table"][row]
@@ -41,7 +41,7 @@ def test_quick_table7_runs_every_stage_and_reuses_finished_work(tmp_path):
     assert results["best_source"] in ("expert-code", "expert-prose", "expert-c")
     runs = {r["run"]: r for r in results["runs"]}
     assert runs["kd-best"]["teachers"] == [results["best_source"]]
-    assert runs["fused-default"]["teachers"] == ["expert-code", "expert-prose", "expert-c"]
+    assert runs["fused-spans"]["teachers"] == ["expert-code", "expert-prose", "expert-c"]
     assert runs["clm-only"]["teachers"] == []
     for r in runs.values():  # held-out BPB measured before, during and after training
         assert [p["step"] for p in r["curve"]] == [0, 2, 4]
@@ -56,17 +56,19 @@ def test_quick_table7_runs_every_stage_and_reuses_finished_work(tmp_path):
         "NOT reproduced",
         "same direction, not significant (within 2 std)",
     }
-    assert len(results["claims"]) == 6
+    # the claims that name only rows of this run (not the one comparing with fused-fusellm)
+    assert len(results["claims"]) == 5
+    assert not any("spans" in c["claim"] for c in results["claims"])
     for png in ("bpb-vs-tokens.png", "bpb-per-domain.png"):
         assert (work / png).read_bytes()[:4] == b"\x89PNG"
-    assert "| fused-default |" in (work / "results.md").read_text()
-    assert "| fused-default |" in first.stdout
+    assert "| fused-spans |" in (work / "results.md").read_text()
+    assert "| fused-spans |" in first.stdout
 
     # started again: every model, evaluation and run is reused, nothing trains
     logs_before = sorted(p.name for p in (work / "logs").iterdir())
     second = run_quick(work, cache)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "training runs: 7 (7 already done)" in second.stdout
+    assert "training runs: 4 (4 already done)" in second.stdout
     assert "train source" not in second.stderr
     assert sorted(p.name for p in (work / "logs").iterdir()) == logs_before
     again = json.loads((work / "results.json").read_text())

@@ -30,6 +30,7 @@ class StandIn(aligner_pb2_grpc.AlignerServicer):
         self.received: list[str] = []
         self.fail_after: int | None = None  # abort the stream (UNAVAILABLE) after this many
         self.corrupt = False
+        self.requests: list = []
 
     def FuseStream(self, request_iterator, context):
         incoming: queue.Queue = queue.Queue()
@@ -38,6 +39,7 @@ class StandIn(aligner_pb2_grpc.AlignerServicer):
             try:
                 for r in request_iterator:
                     self.received.append(r.id)
+                    self.requests.append(r)
                     incoming.put(r)
             except grpc.RpcError:
                 pass  # the stream was aborted or cancelled
@@ -167,3 +169,24 @@ def test_dead_aligner_is_a_clear_error(blocks):
             stream.get(blocks[0])
     finally:
         stream.close()
+
+
+def test_every_request_carries_the_runs_fusion_choices(stand_in, blocks):
+    servicer, address = stand_in
+    for _ in range(64):
+        servicer.release.release()
+    stream = FusedTargetStream(
+        address, blocks, iter([0, 1]), depth=2, target_fingerprint=FP, k=7,
+        teachers=["a", "b"], preset="spans", options_json='{"tail": false}',
+    )  # fmt: skip
+    stream.start()
+    try:
+        stream.get(blocks[0])
+        stream.get(blocks[1])
+    finally:
+        stream.close()
+    assert len(servicer.requests) == 2
+    for r in servicer.requests:
+        assert (list(r.teachers), r.preset, r.options_json, r.k) == (
+            ["a", "b"], "spans", '{"tail": false}', 7,
+        )  # fmt: skip
