@@ -56,9 +56,9 @@ def test_quick_table7_runs_every_stage_and_reuses_finished_work(tmp_path):
         "NOT reproduced",
         "same direction, not significant (within 2 std)",
     }
-    # the claims that name only rows of this run (not the one comparing with fused-fusellm)
+    # the claims that name only rows of this run (not the two that need fused-fusellm)
     assert len(results["claims"]) == 5
-    assert not any("spans" in c["claim"] for c in results["claims"])
+    assert not any("original code" in c["claim"] for c in results["claims"])
     for png in ("bpb-vs-tokens.png", "bpb-per-domain.png"):
         assert (work / png).read_bytes()[:4] == b"\x89PNG"
     assert "| fused-spans |" in (work / "results.md").read_text()
