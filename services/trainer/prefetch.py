@@ -89,6 +89,7 @@ class FusedTargetStream:
         self._pending: collections.deque[int] = collections.deque()  # sent, not answered
         self._lock = threading.Lock()
         self._outstanding = 0
+        self._generation = 0  # one per stream opened; see _requests
         self._closed = threading.Event()
         self._call = None
         self._channel = grpc.insecure_channel(
@@ -102,17 +103,25 @@ class FusedTargetStream:
         self._thread.start()
         return self
 
-    def _requests(self, resend: list[int]):
+    def _requests(self, resend: list[int], generation: int):
+        """Requests of one stream: the unanswered ones again, then new ones as slots free up.
+
+        A stream that broke may leave its generator running in gRPC's sending thread; the
+        ``generation`` check (under the lock that also snapshots ``resend``) stops it from taking
+        an index that the next stream would then never send."""
         for index in resend:
             yield self._request(index)
-        while not self._closed.is_set():
+        while not self._closed.is_set() and self._generation == generation:
             if not self._slots.acquire(timeout=0.5):
                 continue
-            try:
-                index = next(self.order)
-            except StopIteration:
-                return
             with self._lock:
+                if self._generation != generation:
+                    self._slots.release()
+                    return
+                try:
+                    index = next(self.order)
+                except StopIteration:
+                    return
                 self._pending.append(index)
                 self._outstanding += 1
             yield self._request(index)
@@ -133,9 +142,11 @@ class FusedTargetStream:
         attempts = 0
         while not self._closed.is_set():
             with self._lock:
+                self._generation += 1
+                generation = self._generation
                 resend = list(self._pending)
             try:
-                self._call = stub.FuseStream(self._requests(resend))
+                self._call = stub.FuseStream(self._requests(resend, generation))
                 for reply in self._call:
                     attempts = 0
                     with self._lock:

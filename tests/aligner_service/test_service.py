@@ -255,6 +255,32 @@ def test_info_teachers_health_metrics(aligner, mistral):
     assert json.loads(info.default_options_json)["alignment"] == "offsets"
 
 
+def test_a_spans_service_has_its_tables_at_start_up_and_sends_tails(
+    service_loop, teacher_procs, tmp_path, prose
+):
+    """An aligner whose preset is `spans`: continuation tables are built before it is ready,
+    stored next to the vocabulary maps, and every row keeps its tail mass."""
+    maps = tmp_path / "maps"
+    handle = start_handle(service_loop, aligner_settings(teacher_procs, maps, preset="spans"))
+    try:
+        assert sorted(p.name.split("-")[0] for p in maps.glob("continuations-*")) == [
+            "continuations",
+            "continuations",
+        ]
+        reply = handle.rest.post("/v1/fuse", json={"text": prose[:1500], "k": 8, "top": 50})
+        assert reply.status_code == 200, reply.text
+        block = reply.json()["blocks"][0]
+        assert block["teachers"][1]["coverage"] > 0.97  # bpe: a distribution nearly everywhere
+        rows = block["positions"][:-1]
+        assert all(
+            sum(c["prob"] for c in p["candidates"]) + p["tail"] == pytest.approx(1, abs=1e-3)
+            for p in rows
+        )
+        assert sum(p["tail"] > 0 for p in rows) > len(rows) / 2
+    finally:
+        handle.close()
+
+
 def test_overload_and_api_key(service_loop, teacher_procs, vocab_dir):
     """A second aligner (in-process LRU cache): 429 past its in-flight limit; bearer key."""
     settings = aligner_settings(
