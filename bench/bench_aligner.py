@@ -91,6 +91,7 @@ async def run_backend(label, teachers, vocab_dir, blocks, args, redis_url=None) 
         grpc_port=0,
         vocab_map_dir=vocab_dir,
         redis_url=redis_url,
+        preset="default",  # spans is measured separately below
         info_refresh_s=0,
         log_level="warning",
     )

@@ -78,6 +78,7 @@ def aligner_settings(teacher_procs, tmp_dir, **overrides):
         startup_timeout_s=180,
         redis_retry_s=0.3,
         log_level="warning",
+        preset="default",  # the tests compare with FusionOptions(); tests of spans ask for it
     )
     values.update(overrides)
     return load_settings(**values)

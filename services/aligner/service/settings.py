@@ -45,7 +45,11 @@ class AlignerSettings(BaseSettings):
     teachers: tuple[TeacherEndpoint, ...] = Field(
         (), description="teachers: name=host:port[,host:port...] (repeatable)"
     )
-    preset: Literal["default", "spans", "fusellm"] = Field("default", description="options preset")
+    preset: Literal["default", "spans", "fusellm"] = Field(
+        "spans",
+        description="options preset: spans (a teacher distribution at every position, tail "
+        "mass kept), default (byte-offset pairs, renormalised top-k) or fusellm (the original)",
+    )
     options: dict[str, Any] = Field(
         default_factory=dict, description="FusionOptions overrides (JSON object)"
     )
