@@ -9,16 +9,23 @@ Leaves out: tokenising the text, calling teachers, caching (the service adapters
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from fuseserve.aligner.alignment import Alignment, AlignMethod, align_dtw, align_offsets
 from fuseserve.aligner.continuation import ContinuationTable
-from fuseserve.aligner.fusion import FusionLevel, fuse, sequence_ce, token_costs
+from fuseserve.aligner.fusion import (
+    Fused,
+    FusionLevel,
+    FusionMethod,
+    fuse,
+    sequence_ce,
+    token_costs,
+)
 from fuseserve.aligner.options import FusionOptions, VocabAlign
-from fuseserve.aligner.projection import SparseDist, project
+from fuseserve.aligner.projection import Fallback, SparseDist, project
 from fuseserve.aligner.spans import project_spans
 from fuseserve.aligner.tokenview import TokenizerView, context_ends
 from fuseserve.aligner.vocabmap import VocabMap
@@ -39,10 +46,11 @@ class TeacherInput:
 
 @dataclass(frozen=True)
 class TeacherResult:
-    """Per-teacher intermediate results, for inspection and tests."""
+    """Per-teacher intermediate results, for inspection and tests (``dist`` is None for a
+    teacher whose rows fusion does not use)."""
 
     alignment: Alignment
-    dist: SparseDist
+    dist: SparseDist | None
     ce: float
 
 
@@ -94,12 +102,15 @@ def run_teachers(
     target_offsets: np.ndarray,
     teachers: Sequence[TeacherInput],
     options: FusionOptions,
+    rows_for: Collection[int] | None = None,
 ) -> list[TeacherResult]:
-    """Align and project every teacher onto the target positions of this block."""
+    """Align every teacher to the target positions of this block, and project the teachers in
+    ``rows_for`` (all when None) onto the target vocabulary."""
     target_ids = np.asarray(target_ids, dtype=np.int64)
     target_ends = context_ends(target_ids, target_offsets, text, target)
     results = []
-    for teacher in teachers:
+    for index, teacher in enumerate(teachers):
+        wanted = rows_for is None or index in rows_for
         _check_map(target, teacher, options)
         if options.alignment is AlignMethod.SPANS:
             table = teacher.continuations
@@ -112,11 +123,16 @@ def run_teachers(
             teacher_ends = context_ends(scores.token_ids, scores.offsets, text, teacher.view)
             alignment, dist = project_spans(
                 text, target_ids, target_ends, teacher.view, scores, teacher_ends, table,
-                keep_tail=options.tail, fallback=options.fallback,
+                keep_tail=options.tail, fallback=options.fallback, rows_wanted=wanted,
             )  # fmt: skip
             results.append(TeacherResult(alignment, dist, sequence_ce(scores.gold_logprobs)))
             continue
         alignment = align_teacher(text, target, target_ids, target_ends, teacher, options)
+        if not wanted:
+            results.append(
+                TeacherResult(alignment, None, sequence_ce(teacher.scores.gold_logprobs))
+            )
+            continue
         dist = project(
             alignment,
             teacher.scores.topk_ids,
@@ -145,14 +161,27 @@ def fuse_block(
     options = options or FusionOptions()
     if not teachers:
         raise ValueError("teachers: at least one teacher is needed")
-    results = run_teachers(text, target, target_ids, target_offsets, teachers, options)
-    ces = [r.ce for r in results]
-    costs = None
-    if options.level is FusionLevel.TOKEN:
-        costs = token_costs(
-            [r.alignment.pair for r in results], [t.scores.gold_logprobs for t in teachers], ces
-        )
-    fused = fuse([r.dist for r in results], ces, options.method, options.level, costs)
+    # MinCE per block with one-hot fallback uses one teacher's rows at every labelled position:
+    # the one with the lowest CE (ties: the first), so only its rows are built
+    ces = [sequence_ce(t.scores.gold_logprobs) for t in teachers]
+    one = (
+        options.method is FusionMethod.MIN_CE
+        and options.level is FusionLevel.SEQUENCE
+        and options.fallback is Fallback.ONEHOT
+    )
+    best = int(np.argmin(ces))
+    rows_for = {best} if one else None
+    results = run_teachers(text, target, target_ids, target_offsets, teachers, options, rows_for)
+    if one:
+        dist = results[best].dist
+        chosen = np.where(dist.present, best, -1).astype(np.int16)
+        fused = Fused(ids=dist.ids, probs=dist.probs, chosen=chosen, tail=dist.tail)
+    else:
+        costs = None
+        if options.level is FusionLevel.TOKEN:
+            pairs = [r.alignment.pair for r in results]
+            costs = token_costs(pairs, [t.scores.gold_logprobs for t in teachers], ces)
+        fused = fuse([r.dist for r in results], ces, options.method, options.level, costs)
     return FusedBlock(
         target_ids=np.asarray(target_ids, dtype=np.int32),
         ids=fused.ids,

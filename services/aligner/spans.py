@@ -51,8 +51,12 @@ def project_spans(
     table: ContinuationTable,
     keep_tail: bool = True,
     fallback: Fallback = Fallback.ONEHOT,
-) -> tuple[Alignment, SparseDist]:
-    """One teacher's rows over the n target positions (see the module docstring)."""
+    rows_wanted: bool = True,
+) -> tuple[Alignment, SparseDist | None]:
+    """One teacher's rows over the n target positions (see the module docstring).
+
+    ``rows_wanted=False`` stops once it is known which positions get a distribution (the
+    alignment, for coverage) and returns no rows: what fusion does not use is not built."""
     target_ids = np.asarray(target_ids, dtype=np.int64)
     t_ends = np.asarray(target_ends, dtype=np.int64)
     s_ends = np.asarray(teacher_ends, dtype=np.int64)
@@ -122,6 +126,10 @@ def project_spans(
     renorm = ~shared | (not keep_tail) | (total > 1.0)
     mass = np.where((renorm & alive)[:, None], mass / np.where(alive, total, 1.0)[:, None], mass)
     tail = np.where(renorm, 0.0, np.clip(1.0 - total, 0.0, 1.0))
+    pair = np.full(n, -1, dtype=np.int64)
+    pair[rows[alive]] = j[alive]
+    if not rows_wanted:
+        return Alignment(pair=pair, fallback=labels), None
 
     # chain rule: the target's next token ends on teacher boundary j' (its probability is exact)
     # or inside teacher token j'+1 (then the last factor is the mass of the teacher's candidates
@@ -158,8 +166,6 @@ def project_spans(
         dense_ids[onehot, 0] = labels[onehot]
         dense_p[onehot, 0] = 1.0
     out_ids, out_p = merge_dense(dense_ids, dense_p, k + 2)
-    pair = np.full(n, -1, dtype=np.int64)
-    pair[rows[alive]] = j[alive]
     return Alignment(pair=pair, fallback=labels), SparseDist(out_ids, out_p, aligned, row_tail)
 
 

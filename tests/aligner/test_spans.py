@@ -299,3 +299,34 @@ def test_coverage_on_real_text(domain, mistral_tok, mistral, smol, smol_tok, smo
     assert default.coverage[0] < 0.95
     ends = context_ends(ids, offsets, text, mistral)
     assert len(ends) == len(ids)
+
+
+@pytest.mark.parametrize("preset", ["spans", "default"])
+def test_min_ce_builds_only_the_chosen_teachers_rows_with_the_same_result(
+    preset, mistral_tok, mistral, smol, smol_tok, smol_to_mistral, mistral_to_mistral
+):
+    """fuse_block projects only the lowest-CE teacher under MinCE per block: the same block as
+    projecting every teacher and fusing them."""
+    from fuseserve.aligner.fusion import fuse
+    from fuseserve.aligner.pipeline import run_teachers
+
+    text = TEXTS[3] + " " + TEXTS[1]
+    (s_map, s_table), (m_map, m_table) = smol_to_mistral, mistral_to_mistral
+    inputs = [
+        TeacherInput("smol", smol, s_map, synthetic_scores(smol_tok, text, 49152, 6, 3), s_table),
+        TeacherInput(
+            "self", mistral, m_map, synthetic_scores(mistral_tok, text, 32000, 6, 4), m_table
+        ),
+    ]
+    ids, offsets = encode(mistral_tok, text)
+    options = FusionOptions.preset(preset)
+    block = fuse_block(text, mistral, ids, offsets, inputs, options)
+    every = run_teachers(text, mistral, ids, offsets, inputs, options)
+    full = fuse([r.dist for r in every], [r.ce for r in every])
+    width = block.ids.shape[1]
+    np.testing.assert_array_equal(block.ids, full.ids[:, :width])
+    assert (full.ids[:, width:] < 0).all()
+    np.testing.assert_array_equal(block.probs, full.probs[:, :width])
+    np.testing.assert_array_equal(block.tail, full.tail)
+    np.testing.assert_array_equal(block.chosen, full.chosen)
+    np.testing.assert_allclose(block.coverage, [r.alignment.coverage for r in every])
