@@ -216,7 +216,7 @@ def plot_curves(outcome: Outcome, path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     for run in outcome.config.runs:
         curves = [mean_curve(r) for r in outcome.runs if r.run == run]
         if not curves:
@@ -235,7 +235,7 @@ def plot_curves(outcome: Outcome, path: Path) -> None:
     ax.set_xlabel("training tokens")
     ax.set_ylabel("held-out BPB, mean over domains")
     ax.set_title(f"{outcome.config.name}: BPB vs training tokens")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
