@@ -62,6 +62,14 @@ async def timed_fuse(service, texts, **kw) -> float:
     return time.perf_counter() - start
 
 
+async def cpu_timed_fuse(service, texts, **kw) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process): the CPU time is what the aligner spends,
+    whatever else the machine runs (the teachers are other processes)."""
+    cpu = time.process_time()
+    wall = await timed_fuse(service, texts, **kw)
+    return wall, time.process_time() - cpu
+
+
 async def rest_latency(port: int, text: str, rate: float, seconds: float) -> list[float]:
     """Open loop: one request every 1/rate s, regardless of answers; returns latencies (s)."""
     latencies: list[float] = []
@@ -101,12 +109,14 @@ async def run_backend(label, teachers, vocab_dir, blocks, args, redis_url=None) 
     try:
         await service.fuse(service.query(["warm-up of the tokenizer and the connections"]))
         cold = await timed_fuse(service, blocks)
-        aligner_only = await timed_fuse(service, blocks, options={"temperature": 1.5})
+        aligner_only, aligner_cpu = await cpu_timed_fuse(
+            service, blocks, options={"temperature": 1.5}
+        )
         # spans: the continuation tables are built (or loaded) on first use, before the timing
         started = time.perf_counter()
         await service.fuse(service.query(["tables for the spans preset"], preset="spans"))
         tables_s = time.perf_counter() - started
-        spans_only = await timed_fuse(service, blocks, preset="spans")
+        spans_only, spans_cpu = await cpu_timed_fuse(service, blocks, preset="spans")
         warm = await timed_fuse(service, blocks)
         fuse_hist = running.metrics.fuse_seconds
         lat = await rest_latency(running.rest_port, blocks[0], args.rate, args.seconds)
@@ -119,6 +129,8 @@ async def run_backend(label, teachers, vocab_dir, blocks, args, redis_url=None) 
         "cold_bps": n / cold,
         "aligner_ms": 1000 * aligner_only / n,
         "spans_ms": 1000 * spans_only / n,
+        "aligner_cpu_ms": 1000 * aligner_cpu / n,
+        "spans_cpu_ms": 1000 * spans_cpu / n,
         "tables_s": tables_s,
         "warm_bps": n / warm,
         "p50": statistics.median(lat_ms),
@@ -183,9 +195,13 @@ def main() -> int:
             f"({r['requests']} requests) |"
         )
         ok &= r["aligner_ms"] <= 20.0 and r["spans_ms"] <= 20.0 and ratio >= 20.0
-    print(
-        f"continuation tables for 3 teachers (first spans request): {results[0]['tables_s']:.1f} s"
-    )
+    for r in results:
+        print(
+            f"{r['label']}: aligner-only CPU time per block: default {r['aligner_cpu_ms']:.1f} ms, "
+            f"spans {r['spans_cpu_ms']:.1f} ms"
+        )
+    tables = results[0]["tables_s"]
+    print(f"continuation tables for 3 teachers (first spans request): {tables:.1f} s")
     print(
         "targets: aligner-only <= 20 ms/block (default and spans), warm/cold >= 20x: "
         + ("met" if ok else "MISSED")
