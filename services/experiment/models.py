@@ -105,11 +105,8 @@ def model_key(cfg: ExperimentConfig, name: str, corpus: Corpus, keys: dict[str, 
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def prepare_models(
-    cfg: ExperimentConfig, corpus: Corpus, cache: Path, names: list[str] | None = None
-) -> dict[str, PreparedModel]:
-    """Every model of the file (or ``names`` and what they grow from), parents first."""
-    wanted = list(names or cfg.models)
+def prepare_models(cfg: ExperimentConfig, corpus: Corpus, cache: Path) -> dict[str, PreparedModel]:
+    """Every model of the file, parents first."""
     order: list[str] = []
 
     def visit(name: str) -> None:
@@ -119,7 +116,7 @@ def prepare_models(
         if name not in order:
             order.append(name)
 
-    for name in wanted:
+    for name in cfg.models:
         visit(name)
     keys: dict[str, str] = {}
     out: dict[str, PreparedModel] = {}
