@@ -225,7 +225,13 @@ def _experiment(args: argparse.Namespace) -> int:
     try:
         cfg = load_experiment(args.config, quick=args.quick)
         if args.seeds:
-            cfg = cfg.model_copy(update={"seeds": tuple(int(s) for s in args.seeds.split(","))})
+            try:
+                seeds = tuple(int(s) for s in args.seeds.split(","))
+            except ValueError:
+                raise ConfigError(
+                    f"--seeds: expected integers like 0,1,2, got {args.seeds!r}"
+                ) from None
+            cfg = cfg.model_copy(update={"seeds": seeds})
         if args.runs:
             wanted = args.runs.split(",")
             unknown = [r for r in wanted if r not in cfg.runs]
