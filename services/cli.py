@@ -188,9 +188,16 @@ def _eval(args: argparse.Namespace) -> int:
 def _probe(args: argparse.Namespace) -> int:
     """Exit 0 when the target is ready: gRPC health SERVING, or HTTP 200."""
     if args.grpc:
+        from fuseserve.errors import StartupError
+        from fuseserve.wire.grpc_guard import channel_credentials
         from fuseserve.wire.grpc_service import health_status
 
-        status = health_status(args.grpc, args.timeout)
+        try:
+            credentials = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+        except StartupError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        status = health_status(args.grpc, args.timeout, credentials)
         ok = status == "SERVING"
         print(f"{'ready' if ok else 'not ready'}: {args.grpc}: {status}")
         return 0 if ok else 1
@@ -392,6 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--grpc", metavar="HOST:PORT", help="grpc.health.v1 Check must be SERVING")
     target.add_argument("--http", metavar="URL", help="GET must answer 200")
     probe.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+    probe.add_argument(
+        "--tls-ca", help="gRPC over TLS: PEM CA to trust ('system': the system's roots)"
+    )
+    probe.add_argument("--tls-cert", help="client certificate (PEM) for mutual TLS")
+    probe.add_argument("--tls-key", help="key of --tls-cert")
     probe.set_defaults(func=_probe)
 
     ex = sub.add_parser(
@@ -440,11 +452,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from fuseserve.errors import StartupError
+
     try:
         return int(args.func(args) or 0)
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except StartupError as exc:
+        import os
+
+        if os.environ.get("FUSESERVE_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -25,3 +25,8 @@ class Overloaded(ServiceError):
 
 class Unavailable(ServiceError):
     """A dependency (a model, a teacher, a remote engine) is down or not ready yet."""
+
+
+class StartupError(Exception):
+    """A service cannot start (missing model, unreadable tokenizer, port in use): one line
+    naming what and why; the CLI prints it and exits 1 (traceback only with FUSESERVE_DEBUG=1)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import grpc
 
+from fuseserve.wire.grpc_guard import aio_channel, auth_metadata
 from fuseserve.wire.grpc_service import channel_options
 from fuseserve.wire.messages import TeacherScores
 from fuseserve.wire.v1 import teacher_pb2, teacher_pb2_grpc
@@ -17,22 +18,31 @@ DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
 
 class TeacherClient:
     def __init__(
-        self, address: str, timeout_s: float = 60.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE
+        self,
+        address: str,
+        timeout_s: float = 60.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE,
+        credentials: grpc.ChannelCredentials | None = None,
+        api_key: str | None = None,
     ) -> None:
+        """``credentials``: TLS (``grpc_guard.channel_credentials``; None: plaintext);
+        ``api_key``: sent as ``authorization: Bearer`` on every call."""
         self.address = address
         self.timeout_s = timeout_s
-        self.channel = grpc.aio.insecure_channel(
-            address,
-            options=channel_options(max_message_bytes),
-        )
+        self.channel = aio_channel(address, credentials, channel_options(max_message_bytes))
+        self.metadata = auth_metadata(api_key)
         self.stub = teacher_pb2_grpc.TeacherStub(self.channel)
 
     async def info(self) -> teacher_pb2.InfoReply:
-        return await self.stub.Info(teacher_pb2.InfoRequest(), timeout=self.timeout_s)
+        return await self.stub.Info(
+            teacher_pb2.InfoRequest(), timeout=self.timeout_s, metadata=self.metadata
+        )
 
     async def vocab(self) -> list[str]:
         tokens: list[str] = []
-        async for chunk in self.stub.Vocab(teacher_pb2.VocabRequest(), timeout=self.timeout_s):
+        async for chunk in self.stub.Vocab(
+            teacher_pb2.VocabRequest(), timeout=self.timeout_s, metadata=self.metadata
+        ):
             if chunk.start_id != len(tokens):
                 raise RuntimeError(f"vocab chunk out of order at {chunk.start_id}")
             tokens.extend(chunk.tokens)
@@ -54,7 +64,7 @@ class TeacherClient:
             float_dtype=float_dtype,
         )
         out: list[TeacherScores | None] = [None] * len(texts)
-        async for reply in self.stub.Score(request, timeout=self.timeout_s):
+        async for reply in self.stub.Score(request, timeout=self.timeout_s, metadata=self.metadata):
             out[reply.index] = TeacherScores.from_bytes(reply.scores)
         if any(s is None for s in out):
             raise RuntimeError("teacher closed the stream before answering every text")

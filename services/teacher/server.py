@@ -15,15 +15,18 @@ import logging
 import signal
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
 
+from fuseserve.errors import StartupError
 from fuseserve.teacher.backend import ScoringBackend
 from fuseserve.teacher.batcher import DynamicBatcher
 from fuseserve.teacher.errors import EngineUnavailable, InvalidRequest, Overloaded, TeacherError
 from fuseserve.teacher.metrics import TeacherMetrics
 from fuseserve.teacher.settings import TeacherSettings
+from fuseserve.wire.grpc_guard import TokenAuth, add_guarded, add_port
 from fuseserve.wire.grpc_service import Health, add_health_and_reflection, new_server
 from fuseserve.wire.v1 import teacher_pb2, teacher_pb2_grpc
 
@@ -43,6 +46,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
         self.metrics = metrics
         self.backend: ScoringBackend | None = None
         self.batcher: DynamicBatcher | None = None
+        self._tokenize = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
 
     def _ready(self) -> tuple[ScoringBackend, DynamicBatcher]:
         if self.backend is None or self.batcher is None:
@@ -115,24 +119,38 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
                 "float_dtype", f"must be 'f16' or 'f32', got {request.float_dtype!r}"
             )
         add_bos = {0: None, 1: True, 2: False}.get(request.add_bos)
+        if add_bos is None and request.add_bos != 0:
+            raise InvalidRequest("add_bos", f"unknown value {request.add_bos}")
         truncate = request.too_long == teacher_pb2.TOO_LONG_TRUNCATE
-        items = []
         for i, text in enumerate(request.texts):
             if not text:
                 raise InvalidRequest(f"texts[{i}]", "is empty")
-            items.append(backend.tokenize(text, add_bos, truncate=truncate, field=f"texts[{i}]"))
+            if len(text) > s.max_text_chars:
+                limit = s.max_text_chars
+                raise InvalidRequest(
+                    f"texts[{i}]", f"{len(text)} characters exceed max_text_chars={limit}"
+                )
+        return [
+            backend.tokenize(text, add_bos, truncate=truncate, field=f"texts[{i}]")
+            for i, text in enumerate(request.texts)
+        ]
+
+    def _check_tokens(self, items) -> None:
+        s = self.settings
         total = sum(len(t.ids) for t in items)
         if total > s.max_request_tokens:
             raise InvalidRequest(
                 "texts", f"{total} tokens exceed max_request_tokens={s.max_request_tokens}"
             )
-        return items
 
     async def Score(self, request, context) -> AsyncIterator[teacher_pb2.ScoreReply]:
         started = time.perf_counter()
         try:
             backend, batcher = self._ready()
-            items = self._validate(request, backend)
+            # tokenising a long text takes a while: in one worker thread, off the event loop
+            loop = asyncio.get_running_loop()
+            items = await loop.run_in_executor(self._tokenize, self._validate, request, backend)
+            self._check_tokens(items)
             results = await batcher.submit(items, request.k)
         except TeacherError as exc:
             await self._abort(context, exc)
@@ -184,11 +202,17 @@ class RunningTeacher:
 async def start_server(settings: TeacherSettings) -> RunningTeacher:
     """Start serving (health NOT_SERVING) before any model is attached."""
     metrics = TeacherMetrics()
-    server = new_server(settings.max_message_bytes)
+    credentials = settings.grpc_credentials()
+    key = settings.key()
+    server = new_server(settings.max_message_bytes, [TokenAuth(key)] if key else None)
     servicer = TeacherServicer(settings, metrics)
-    teacher_pb2_grpc.add_TeacherServicer_to_server(servicer, server)
+    add_guarded(teacher_pb2_grpc.add_TeacherServicer_to_server, servicer, server)
     health = await add_health_and_reflection(server, SERVICE)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    try:
+        port = add_port(server, f"{settings.host}:{settings.port}", credentials)
+    except StartupError:
+        await server.stop(None)
+        raise
     await server.start()
     return RunningTeacher(server, port, servicer, health, metrics)
 
@@ -221,26 +245,46 @@ def load_backend(settings: TeacherSettings) -> ScoringBackend:
     raise EngineUnavailable(f"backend {settings.backend!r} is not available in this build")
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: its first line of text, or its type."""
+    text = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return text[0].strip() if text else type(exc).__name__
+
+
 async def serve(settings: TeacherSettings) -> None:
-    """Run until SIGTERM/SIGINT, then drain and return (exit code 0)."""
+    """Run until SIGTERM/SIGINT, then drain and return (exit code 0). A model that cannot be
+    loaded or a port that cannot be bound raises ``StartupError`` (one line; exit code 1)."""
     from prometheus_client import start_http_server
 
     running = await start_server(settings)
     log.info("teacher listening on %s:%d (loading %s)", settings.host, running.port, settings.model)
     if settings.metrics_port:
-        start_http_server(
-            settings.metrics_port, addr=settings.host, registry=running.metrics.registry
-        )
+        try:
+            start_http_server(
+                settings.metrics_port, addr=settings.host, registry=running.metrics.registry
+            )
+        except OSError as exc:
+            await running.server.stop(None)
+            raise StartupError(
+                f"metrics_port: cannot listen on {settings.host}:{settings.metrics_port}: "
+                f"{exc.strerror or exc}"
+            ) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     load = loop.run_in_executor(None, load_backend, settings)
-    done, _ = await asyncio.wait(
-        [load, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED
-    )
+    stopping = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait([load, stopping], return_when=asyncio.FIRST_COMPLETED)
     if load in done:
-        await running.set_backend(load.result())
+        try:
+            backend = load.result()
+        except Exception as exc:
+            stopping.cancel()
+            await running.stop(0)
+            log.debug("model load failed", exc_info=exc)
+            raise StartupError(f"model: cannot load {settings.model!r}: {one_line(exc)}") from exc
+        await running.set_backend(backend)
         log.info("teacher ready: %s", settings.model)
         await stop.wait()
     log.info("draining (grace %.0fs)", settings.drain_seconds)

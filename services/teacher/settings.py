@@ -11,8 +11,10 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from fuseserve.wire.grpc_guard import ServerSecurity
 
-class TeacherSettings(BaseSettings):
+
+class TeacherSettings(BaseSettings, ServerSecurity):
     model_config = SettingsConfigDict(env_prefix="FUSESERVE_TEACHER_", extra="forbid")
 
     model: str = Field(
@@ -32,6 +34,9 @@ class TeacherSettings(BaseSettings):
     max_sequence_length: int = Field(2048, ge=2)
     max_batch_texts: int = Field(64, ge=1, description="texts per Score request")
     max_request_tokens: int = Field(65536, ge=1, description="tokens per Score request")
+    max_text_chars: int = Field(
+        262144, ge=1, description="characters per text, checked before tokenising"
+    )
     batch_token_budget: int = Field(8192, ge=1, description="padded tokens per forward pass")
     batch_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for company")
     max_queue_sequences: int = Field(512, ge=1, description="queued sequences before 429")

@@ -24,6 +24,7 @@ import grpc
 import numpy as np
 
 from fuseserve.trainer.data import Block
+from fuseserve.wire.grpc_guard import auth_metadata, sync_channel
 from fuseserve.wire.grpc_service import channel_options
 from fuseserve.wire.messages import FusedBlock
 from fuseserve.wire.v1 import aligner_pb2, aligner_pb2_grpc
@@ -68,6 +69,8 @@ class FusedTargetStream:
         timeout_s: float = 300.0,
         max_reconnects: int = 5,
         max_message_bytes: int = 64 * 1024 * 1024,
+        credentials: grpc.ChannelCredentials | None = None,
+        api_key: str | None = None,
     ) -> None:
         if depth < 1:
             raise ValueError("prefetch_depth must be >= 1")
@@ -92,10 +95,9 @@ class FusedTargetStream:
         self._generation = 0  # one per stream opened; see _requests
         self._closed = threading.Event()
         self._call = None
-        self._channel = grpc.insecure_channel(
-            address,
-            options=channel_options(max_message_bytes),
-        )
+        # credentials: TLS (grpc_guard.channel_credentials); api_key: the aligner's bearer key
+        self._channel = sync_channel(address, credentials, channel_options(max_message_bytes))
+        self._metadata = auth_metadata(api_key)
         self._thread = threading.Thread(target=self._run, name="fused-prefetch", daemon=True)
 
     # ------------------------------------------------------------------ producer side
@@ -146,7 +148,9 @@ class FusedTargetStream:
                 generation = self._generation
                 resend = list(self._pending)
             try:
-                self._call = stub.FuseStream(self._requests(resend, generation))
+                self._call = stub.FuseStream(
+                    self._requests(resend, generation), metadata=self._metadata
+                )
                 for reply in self._call:
                     attempts = 0
                     with self._lock:

@@ -50,8 +50,8 @@ class Health:
             await self.servicer.set(name, status)
 
 
-def new_server(max_message_bytes: int) -> grpc.aio.Server:
-    return grpc.aio.server(options=size_options(max_message_bytes))
+def new_server(max_message_bytes: int, interceptors=None) -> grpc.aio.Server:
+    return grpc.aio.server(options=size_options(max_message_bytes), interceptors=interceptors)
 
 
 async def add_health_and_reflection(server: grpc.aio.Server, service_name: str) -> Health:
@@ -66,10 +66,15 @@ async def add_health_and_reflection(server: grpc.aio.Server, service_name: str) 
     return state
 
 
-def health_status(address: str, timeout_s: float = 1.0) -> str:
-    """The grpc.health.v1 status of the server at ``address`` ("SERVING", ..., or the error)."""
+def health_status(address: str, timeout_s: float = 1.0, credentials=None) -> str:
+    """The grpc.health.v1 status of the server at ``address`` ("SERVING", ..., or the error);
+    ``credentials``: TLS channel credentials (None: plaintext)."""
     try:
-        with grpc.insecure_channel(address) as channel:
+        with (
+            grpc.secure_channel(address, credentials)
+            if credentials is not None
+            else grpc.insecure_channel(address)
+        ) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=timeout_s
             )

@@ -193,7 +193,7 @@ def test_fuse_stream_answers_in_order(aligner, prose):
 
 
 BAD_REST = [
-    ({"text": ""}, "texts[0]"),
+    ({"text": ""}, "text"),
     ({"texts": []}, "texts"),
     ({"text": "ok text", "k": 999}, "k"),
     ({"text": "ok text", "k": 0}, "k"),
@@ -301,7 +301,11 @@ def test_overload_and_api_key(service_loop, teacher_procs, vocab_dir):
         assert handle.rest.get("/healthz").status_code == 200  # probes need no key
         stub, channel = stub_for(handle)
         with channel, pytest.raises(grpc.RpcError) as err:
-            stub.Fuse(aligner_pb2.FuseRequest(texts=body["texts"]), timeout=60)
+            stub.Fuse(
+                aligner_pb2.FuseRequest(texts=body["texts"]),
+                timeout=60,
+                metadata=(("authorization", "Bearer s3cret-key"),),
+            )
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     finally:
         handle.close()

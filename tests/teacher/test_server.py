@@ -159,3 +159,34 @@ def test_health_is_not_serving_until_a_model_is_attached(loop_thread, tiny_backe
         assert status == health_pb2.HealthCheckResponse.SERVING
     channel.close()
     loop_thread.run(running.stop(1.0))
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\xff\xff\xff\xff not a message",
+        teacher_pb2.ScoreRequest(texts=["x"], k=2).SerializeToString().replace(b"x", b"\xff"),
+    ],
+)
+def test_malformed_payload_is_invalid_argument(teacher, payload):
+    with grpc.insecure_channel(f"127.0.0.1:{teacher.port}") as channel:
+        score = channel.unary_stream("/fuseserve.teacher.v1.Teacher/Score")
+        with pytest.raises(grpc.RpcError) as err:
+            list(score(payload, timeout=10))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details().startswith("request: not a valid message")
+        info = channel.unary_unary("/fuseserve.teacher.v1.Teacher/Info")
+        with pytest.raises(grpc.RpcError) as err:
+            info(b"\xff\xff\xff\xff", timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_texts_over_max_text_chars_are_rejected_before_tokenising(teacher):
+    stub, channel = stub_for(teacher)
+    with channel:
+        request = teacher_pb2.ScoreRequest(texts=["ok", "z" * 300_000], k=2)
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Score(request, timeout=30))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details() == "texts[1]: 300000 characters exceed max_text_chars=262144"
+        assert len(score(stub, ["still serving"], k=2)[0]) == 1

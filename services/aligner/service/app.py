@@ -30,6 +30,8 @@ from fuseserve.aligner.service.rest import create_app
 from fuseserve.aligner.service.settings import AlignerSettings
 from fuseserve.aligner.tokenview import TokenizerView
 from fuseserve.aligner.vocabmap_store import VocabMapStore
+from fuseserve.errors import StartupError
+from fuseserve.wire.grpc_guard import channel_credentials
 from fuseserve.wire.grpc_service import Health
 
 log = logging.getLogger(__name__)
@@ -76,12 +78,26 @@ class RunningAligner:
         await self.service.cache.close()
 
 
+def secret(value) -> str | None:
+    return value.get_secret_value() if value else None
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: its first line of text, or its type."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(1024)
+    try:
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
     sock.setblocking(False)
     return sock
 
@@ -91,8 +107,19 @@ async def start_aligner(settings: AlignerSettings, show_progress: bool = False) 
     from fuseserve.loading import load_tokenizer
 
     metrics = AlignerMetrics()
-    tokenizer = await asyncio.to_thread(load_tokenizer, settings.target_tokenizer)
-    target = await asyncio.to_thread(TokenizerView.from_hf, tokenizer, settings.target_tokenizer)
+    try:
+        tokenizer = await asyncio.to_thread(load_tokenizer, settings.target_tokenizer)
+        target = await asyncio.to_thread(
+            TokenizerView.from_hf, tokenizer, settings.target_tokenizer
+        )
+    except Exception as exc:
+        raise StartupError(
+            f"target_tokenizer: cannot load {settings.target_tokenizer!r}: {one_line(exc)}"
+        ) from exc
+    server_tls = settings.grpc_credentials()
+    teacher_tls = channel_credentials(
+        settings.teacher_tls_ca, settings.teacher_tls_cert, settings.teacher_tls_key
+    )
     options = settings.fusion_options()
     pool = TeacherPool(
         settings.teachers,
@@ -107,6 +134,8 @@ async def start_aligner(settings: AlignerSettings, show_progress: bool = False) 
         metrics=metrics,
         first_tokens=hf_first_tokens(tokenizer),
         continuations_at_start=options.alignment is AlignMethod.SPANS,
+        credentials=teacher_tls,
+        api_key=secret(settings.teacher_api_key),
     )
     if settings.redis_url:
         cache = RedisCache(
@@ -131,16 +160,41 @@ async def start_aligner(settings: AlignerSettings, show_progress: bool = False) 
         max_block_tokens=settings.max_block_tokens,
         max_texts=settings.max_texts,
         max_inflight_blocks=settings.max_inflight_blocks,
+        max_text_chars=settings.max_text_chars,
+        max_text_bytes=settings.max_text_bytes,
     )
     servicer = AlignerServicer(
         service, metrics, settings.target_tokenizer, settings.max_stream_inflight
     )
-    grpc_server, grpc_port, health = await start_grpc(
-        servicer, settings.host, settings.grpc_port, settings.max_message_bytes
+    api_key = settings.key()
+    try:
+        sock = _bind(settings.host, settings.rest_port)
+    except OSError as exc:
+        await pool.close()
+        raise StartupError(
+            f"rest_port: cannot listen on {settings.host}:{settings.rest_port}: {exc.strerror}"
+        ) from None
+    try:
+        grpc_server, grpc_port, health = await start_grpc(
+            servicer,
+            settings.host,
+            settings.grpc_port,
+            settings.max_message_bytes,
+            api_key,
+            server_tls,
+        )
+    except StartupError as exc:
+        sock.close()
+        await pool.close()
+        raise StartupError(f"grpc_{exc}") from None
+    app = create_app(
+        service,
+        metrics,
+        settings.target_tokenizer,
+        api_key,
+        settings.max_body_bytes,
+        settings.body_timeout_s,
     )
-    api_key = settings.api_key.get_secret_value() if settings.api_key else None
-    app = create_app(service, metrics, settings.target_tokenizer, api_key, settings.max_body_bytes)
-    sock = _bind(settings.host, settings.rest_port)
     rest = _Uvicorn(
         uvicorn.Config(app, log_level=settings.log_level.lower(), access_log=False, lifespan="off")
     )

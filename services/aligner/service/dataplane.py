@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +72,25 @@ def validation_field(exc: ValidationError, prefix: str) -> tuple[str, str]:
     return (f"{prefix}.{loc}" if loc else prefix), err.get("msg", str(exc))
 
 
+def check_text(text: object, field: str, max_chars: int, max_bytes: int) -> None:
+    """A text the service can tokenise: a non-empty string of valid Unicode within the size
+    limits. Cheap (no tokenising), so a huge or broken text costs microseconds, not seconds."""
+    if not isinstance(text, str) or not text:
+        raise InvalidRequest(field, "must be a non-empty string")
+    if len(text) > max_chars:
+        raise InvalidRequest(field, f"{len(text)} characters exceed max_text_chars={max_chars}")
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(
+            field,
+            f"not valid Unicode: {exc.reason} (U+{ord(text[exc.start]):04X} at character "
+            f"{exc.start}); send UTF-8 text without lone surrogates",
+        ) from None
+    if size > max_bytes:
+        raise InvalidRequest(field, f"{size} UTF-8 bytes exceed max_text_bytes={max_bytes}")
+
+
 class FusionService:
     def __init__(
         self,
@@ -85,6 +105,8 @@ class FusionService:
         max_block_tokens: int = 4096,
         max_texts: int = 32,
         max_inflight_blocks: int = 256,
+        max_text_chars: int = 262144,
+        max_text_bytes: int = 512 * 1024,
     ) -> None:
         self.tokenizer = target_tokenizer
         self.target = target_view
@@ -97,6 +119,11 @@ class FusionService:
         self.max_block_tokens = max_block_tokens
         self.max_texts = max_texts
         self.max_inflight_blocks = max_inflight_blocks
+        self.max_text_chars = max_text_chars
+        self.max_text_bytes = max_text_bytes
+        # one thread tokenises (a fast tokenizer must not be called from two threads at once);
+        # the event loop stays free for health checks and other requests meanwhile
+        self._tokenize = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         self.inflight = 0
         self.flights = SingleFlight()
 
@@ -126,8 +153,7 @@ class FusionService:
         if len(texts) > self.max_texts:
             raise InvalidRequest("texts", f"{len(texts)} texts exceed max_texts={self.max_texts}")
         for i, text in enumerate(texts):
-            if not isinstance(text, str) or not text:
-                raise InvalidRequest(f"texts[{i}]", "must be a non-empty string")
+            check_text(text, f"texts[{i}]", self.max_text_chars, self.max_text_bytes)
         preset = preset or self.preset
         if preset not in PRESETS:
             raise InvalidRequest("preset", f"unknown preset {preset!r}; choose {sorted(PRESETS)}")
@@ -165,7 +191,11 @@ class FusionService:
     # ------------------------------------------------------------------ fusing
     async def fuse(self, query: FuseQuery) -> list[BlockResult]:
         """Answer every block of a validated query, in order."""
-        targets = [self.tokenize_target(t, f"texts[{i}]") for i, t in enumerate(query.texts)]
+        loop = asyncio.get_running_loop()
+        targets = await loop.run_in_executor(
+            self._tokenize,
+            lambda: [self.tokenize_target(t, f"texts[{i}]") for i, t in enumerate(query.texts)],
+        )
         n = len(query.texts)
         if self.inflight + n > self.max_inflight_blocks:
             raise Overloaded(

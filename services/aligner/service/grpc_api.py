@@ -20,7 +20,8 @@ import grpc
 
 from fuseserve.aligner.service.dataplane import BlockResult, FusionService
 from fuseserve.aligner.service.metrics import AlignerMetrics
-from fuseserve.errors import InvalidRequest, Overloaded, ServiceError, Unavailable
+from fuseserve.errors import InvalidRequest, Overloaded, ServiceError, StartupError, Unavailable
+from fuseserve.wire.grpc_guard import TokenAuth, add_guarded, add_port
 from fuseserve.wire.grpc_service import Health, add_health_and_reflection, new_server
 from fuseserve.wire.v1 import aligner_pb2, aligner_pb2_grpc
 
@@ -166,12 +167,22 @@ class AlignerServicer(aligner_pb2_grpc.AlignerServicer):
 
 
 async def start_grpc(
-    servicer: AlignerServicer, host: str, port: int, max_message_bytes: int
+    servicer: AlignerServicer,
+    host: str,
+    port: int,
+    max_message_bytes: int,
+    api_key: str | None = None,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> tuple[grpc.aio.Server, int, Health]:
-    """Start the aligner's gRPC server (health NOT_SERVING until ``Health.set_serving``)."""
-    server = new_server(max_message_bytes)
-    aligner_pb2_grpc.add_AlignerServicer_to_server(servicer, server)
+    """Start the aligner's gRPC server (health NOT_SERVING until ``Health.set_serving``);
+    ``api_key``: every call but health needs it; ``credentials``: TLS."""
+    server = new_server(max_message_bytes, [TokenAuth(api_key)] if api_key else None)
+    add_guarded(aligner_pb2_grpc.add_AlignerServicer_to_server, servicer, server)
     health = await add_health_and_reflection(server, SERVICE)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = add_port(server, f"{host}:{port}", credentials)
+    except StartupError:
+        await server.stop(None)
+        raise
     await server.start()
     return server, bound, health

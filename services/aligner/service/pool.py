@@ -107,6 +107,8 @@ class TeacherPool:
         metrics=None,
         first_tokens: FirstTokens | None = None,
         continuations_at_start: bool = False,
+        credentials=None,
+        api_key: str | None = None,
     ) -> None:
         self.target = target
         self.store = store
@@ -121,7 +123,10 @@ class TeacherPool:
             e.name: Teacher(
                 e.name,
                 tuple(e.addresses),
-                [TeacherClient(a, timeout_s, max_message_bytes) for a in e.addresses],
+                [
+                    TeacherClient(a, timeout_s, max_message_bytes, credentials, api_key)
+                    for a in e.addresses
+                ],
             )
             for e in endpoints
         }

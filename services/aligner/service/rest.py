@@ -11,17 +11,20 @@ Leaves out: the work itself (``dataplane.FusionService``); handlers only convert
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import math
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fuseserve import __version__
 from fuseserve.aligner.service.dataplane import BlockResult, FusionService
@@ -31,13 +34,20 @@ from fuseserve.errors import InvalidRequest, Overloaded, ServiceError, Unavailab
 STATUS = {InvalidRequest: 422, Overloaded: 429, Unavailable: 503}
 
 
+NonEmptyText = Annotated[str, Field(min_length=1)]
+
+
 class FuseBody(BaseModel):
-    """A fuse query: one text or a few, and optional overrides of the service defaults."""
+    """A fuse query: one text or a few, and optional overrides of the service defaults.
 
-    model_config = ConfigDict(extra="forbid")
+    Types are strict: ``k: "3"`` or ``k: true`` is a 422, not a 3 or a 1."""
 
-    text: str | None = Field(None, description="one text block (or use texts)")
-    texts: list[str] | None = Field(None, description="several text blocks")
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    text: NonEmptyText | None = Field(None, description="one text block (or use texts)")
+    texts: list[NonEmptyText] | None = Field(
+        None, min_length=1, description="several text blocks (at least one)"
+    )
     k: int | None = Field(None, ge=1, le=1024, description="top-k asked of each teacher")
     preset: Literal["default", "spans", "fusellm"] | None = None
     options: dict[str, Any] | None = Field(None, description="FusionOptions field overrides")
@@ -52,6 +62,36 @@ class FuseBody(BaseModel):
 
     def all_texts(self) -> list[str]:
         return [self.text] if self.text is not None else list(self.texts or [])
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(description="InvalidRequest, Overloaded, Unavailable, Unauthorized, ...")
+    message: str = Field(description="what is wrong, starting with the field when there is one")
+    field: str | None = Field(None, description="the request field at fault (422 only)")
+
+
+class ErrorEnvelope(BaseModel):
+    """Every error response of the API (4xx and 5xx) has this shape."""
+
+    error: ErrorDetail
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorEnvelope, "description": "missing or wrong bearer API key"},
+    408: {"model": ErrorEnvelope, "description": "the body did not arrive within body_timeout_s"},
+    413: {"model": ErrorEnvelope, "description": "body larger than max_body_bytes"},
+    422: {
+        "model": ErrorEnvelope,
+        "description": "invalid request: bad JSON, invalid UTF-8, JSON nested too deeply, a wrong "
+        "type or value, a text over max_text_chars / max_text_bytes / max_block_tokens, or a "
+        "text that is not valid Unicode; error.field names the field (e.g. texts[2])",
+    },
+    429: {
+        "model": ErrorEnvelope,
+        "description": "overloaded: retry after the Retry-After header (seconds)",
+    },
+    503: {"model": ErrorEnvelope, "description": "a teacher is down or not ready (named)"},
+}
 
 
 class Candidate(BaseModel):
@@ -136,21 +176,63 @@ def block_json(index: int, result: BlockResult, tokens: tuple[str, ...], top: in
     }
 
 
-def error_response(exc: ServiceError) -> JSONResponse:
+BEARER = HTTPBearer(auto_error=False, description="the aligner's --api-key")
+
+
+class SafeJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: a lone surrogate echoed in a message cannot break it."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False).encode()
+
+
+def envelope(
+    status: int, kind: str, message: str, field: str | None = None, headers=None
+) -> JSONResponse:
+    body: dict[str, Any] = {"error": {"type": kind, "message": message}}
+    if field is not None:
+        body["error"]["field"] = field
+    return SafeJSONResponse(body, status_code=status, headers=headers)
+
+
+def error_response(exc: ServiceError, retry_after_s: float = 1.0) -> JSONResponse:
     status = next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 500)
-    body = {"error": {"type": type(exc).__name__, "message": str(exc)}}
-    if isinstance(exc, InvalidRequest):
-        body["error"]["field"] = exc.field
-    headers = {"Retry-After": "1"} if status == 429 else None
-    return JSONResponse(body, status_code=status, headers=headers)
+    field = exc.field if isinstance(exc, InvalidRequest) else None
+    headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if status == 429 else None
+    return envelope(status, type(exc).__name__, str(exc), field, headers)
+
+
+def field_path(loc) -> str:
+    """A pydantic error location as the field people write: ``texts[2]``, ``options.x``."""
+    out = ""
+    for part in loc:
+        if part == "body":
+            continue
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "body"
+
+
+def parse_error(exc: BaseException | None) -> str:
+    """Why FastAPI could not read a JSON body (it raises a bare 400 for these)."""
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not valid UTF-8 (byte {exc.start}: {exc.reason})"
+    if isinstance(exc, RecursionError):
+        return "JSON nested too deeply"
+    return "could not be parsed as a JSON object"
 
 
 class BodyLimit:
-    """ASGI middleware: bodies over ``max_bytes`` get 413 before any handler sees them."""
+    """ASGI middleware: the whole body is read here, before any handler, within ``timeout_s``
+    and ``max_bytes``: larger bodies get 413 (by Content-Length at once, or when chunks pass
+    the limit), bodies that do not arrive in time 408; both close the connection."""
 
-    def __init__(self, app, max_bytes: int) -> None:
+    def __init__(self, app, max_bytes: int, timeout_s: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -158,41 +240,73 @@ class BodyLimit:
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await self._reject(send)
+            return await self._too_large(send)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        chunks: list[bytes] = []
         seen = 0
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                return await self._reject(
+                    send,
+                    408,
+                    "RequestTimeout",
+                    f"body: not received within body_timeout_s={self.timeout_s:g}",
+                )
+            if message["type"] == "http.disconnect":
+                return None  # the caller left: nothing to answer
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > self.max_bytes:
+                # read on (discarding, briefly) so the caller, still sending, can read the 413
+                await self._drain(receive, min(deadline, loop.time() + 2.0), 4 * self.max_bytes)
+                return await self._too_large(send)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        sent = False
 
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge
-            return message
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except _TooLarge:
-            await self._reject(send)
+        return await self.app(scope, replay, send)
 
-    async def _reject(self, send) -> None:
-        body = (
-            b'{"error":{"type":"PayloadTooLarge","message":"body: larger than max_body_bytes='
-            + str(self.max_bytes).encode()
-            + b'"}}'
+    @staticmethod
+    async def _drain(receive, until: float, budget: int) -> None:
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(TimeoutError):
+            while budget > 0 and loop.time() < until:
+                message = await asyncio.wait_for(receive(), until - loop.time())
+                budget -= len(message.get("body", b""))
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return
+
+    async def _too_large(self, send) -> None:
+        await self._reject(
+            send, 413, "PayloadTooLarge", f"body: larger than max_body_bytes={self.max_bytes}"
         )
+
+    async def _reject(self, send, status: int, kind: str, message: str) -> None:
+        body = json.dumps({"error": {"type": kind, "message": message}}).encode()
         await send(
             {
                 "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json")],
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
             }
         )
         await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def create_app(
@@ -201,52 +315,62 @@ def create_app(
     target_name: str,
     api_key: str | None = None,
     max_body_bytes: int = 8 * 1024 * 1024,
+    body_timeout_s: float = 30.0,
 ) -> FastAPI:
     app = FastAPI(
         title="fuseserve aligner",
         version=__version__,
-        description="Fused next-token distributions from several LLMs on one target vocabulary.",
+        description="Fused next-token distributions from several LLMs on one target vocabulary. "
+        "With an API key set, /v1/* need `Authorization: Bearer <key>`; /healthz, /readyz and "
+        "/metrics never do. Every error response is an ErrorEnvelope.",
     )
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes, timeout_s=body_timeout_s)
     expected = api_key.encode() if api_key else None
 
-    def require_key(request: Request) -> None:
+    def require_key(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
+    ) -> None:
         if expected is None:
             return
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), expected):
+        token = credentials.credentials.encode() if credentials else b""
+        if not hmac.compare_digest(token, expected):
             raise _Unauthorized
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError):
         metrics.requests.labels("rest", type(exc).__name__).inc()
-        return error_response(exc)
+        return error_response(exc, getattr(exc, "retry_after_s", 1.0))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         errors = exc.errors()
-        loc = [str(p) for p in errors[0].get("loc", ()) if p != "body"] if errors else []
-        field = ".".join(loc) or "body"
-        message = errors[0].get("msg", "invalid request") if errors else "invalid request"
+        first = errors[0] if errors else {}
+        field = field_path(first.get("loc", ()))
+        message = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            at = next((p for p in first.get("loc", ()) if isinstance(p, int)), None)
+            field, message = "body", f"not valid JSON ({first.get('ctx', {}).get('error', '')}"
+            message += f" at character {at})" if at is not None else ")"
+        elif first.get("type") == "string_unicode":
+            message = "not valid Unicode (a lone surrogate?); send UTF-8 text"
         metrics.requests.labels("rest", "InvalidRequest").inc()
-        return JSONResponse(
-            {
-                "error": {
-                    "type": "InvalidRequest",
-                    "field": field,
-                    "message": f"{field}: {message}",
-                },
-                "detail": [{k: e.get(k) for k in ("loc", "msg", "type")} for e in errors],
-            },
-            status_code=422,
-        )
+        return envelope(422, "InvalidRequest", f"{field}: {message}", field)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400:  # FastAPI's "error parsing the body": a caller's mistake
+            metrics.requests.labels("rest", "InvalidRequest").inc()
+            message = "body: " + parse_error(exc.__cause__)
+            return envelope(422, "InvalidRequest", message, "body")
+        kind = {404: "NotFound", 405: "MethodNotAllowed"}.get(exc.status_code, "HTTPError")
+        return envelope(exc.status_code, kind, str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(_Unauthorized)
     async def _unauthorized(request: Request, exc: _Unauthorized):
-        return JSONResponse(
-            {"error": {"type": "Unauthorized", "message": "a valid bearer API key is required"}},
-            status_code=401,
+        return envelope(
+            401,
+            "Unauthorized",
+            "a valid bearer API key is required",
             headers={"WWW-Authenticate": "Bearer"},
         )
 
@@ -254,7 +378,7 @@ def create_app(
         "/v1/fuse",
         response_model=FuseResponse,
         dependencies=[Depends(require_key)],
-        responses={413: {"description": "body larger than max_body_bytes"}},
+        responses=ERRORS,
     )
     async def fuse(body: FuseBody) -> Response:
         """Fused next-token distributions for each text, per target position."""
@@ -281,7 +405,11 @@ def create_app(
         metrics.request_latency.labels("rest").observe(time.perf_counter() - start)
         return Response(payload, media_type="application/json")
 
-    @app.get("/v1/teachers", dependencies=[Depends(require_key)])
+    @app.get(
+        "/v1/teachers",
+        dependencies=[Depends(require_key)],
+        responses={401: ERRORS[401]},
+    )
     async def teachers() -> list[dict[str, Any]]:
         out = []
         for name, t in service.pool.teachers.items():
@@ -312,7 +440,7 @@ def create_app(
     async def readyz():
         if service.ready:
             return {"status": "ready"}
-        return JSONResponse(
+        return SafeJSONResponse(
             {"status": "not ready", "teachers": service.problems()}, status_code=503
         )
 

@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fuseserve.aligner.options import FusionOptions
 from fuseserve.config_file import load_settings_file
+from fuseserve.wire.grpc_guard import ServerSecurity
 
 
 def default_vocab_map_dir() -> str:
@@ -34,7 +35,7 @@ class TeacherEndpoint(BaseModel):
     addresses: tuple[str, ...] = Field(min_length=1)
 
 
-class AlignerSettings(BaseSettings):
+class AlignerSettings(BaseSettings, ServerSecurity):
     model_config = SettingsConfigDict(
         env_prefix="FUSESERVE_ALIGNER_", extra="forbid", populate_by_name=True
     )
@@ -59,9 +60,18 @@ class AlignerSettings(BaseSettings):
     grpc_port: int = Field(50061, ge=0, le=65535, description="gRPC port (aligner.v1)")
     max_block_tokens: int = Field(4096, ge=2, description="target tokens per text block")
     max_texts: int = Field(32, ge=1, description="texts per request")
+    max_text_chars: int = Field(
+        262144, ge=2, description="characters per text, checked before tokenising (422)"
+    )
+    max_text_bytes: int = Field(
+        512 * 1024, ge=2, description="UTF-8 bytes per text, checked before tokenising (422)"
+    )
     max_inflight_blocks: int = Field(256, ge=1, description="blocks in flight before 429")
     max_stream_inflight: int = Field(8, ge=1, description="blocks in flight per FuseStream")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="REST body limit (413)")
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="a REST body must arrive within this many seconds (408)"
+    )
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
     teacher_timeout_s: float = Field(120.0, gt=0, description="deadline per teacher call")
     teacher_retries: int = Field(2, ge=0, description="retries on UNAVAILABLE (with backoff)")
@@ -82,7 +92,12 @@ class AlignerSettings(BaseSettings):
     vocab_map_dir: str = Field(
         default_factory=default_vocab_map_dir, description="persisted vocabulary maps"
     )
-    api_key: SecretStr | None = Field(None, description="bearer token required on REST /v1/*")
+    teacher_tls_ca: str | None = Field(
+        None, description="PEM CA to trust when calling teachers over TLS (unset = plaintext)"
+    )
+    teacher_tls_cert: str | None = Field(None, description="client certificate for teacher mTLS")
+    teacher_tls_key: str | None = Field(None, description="key of teacher_tls_cert")
+    teacher_api_key: SecretStr | None = Field(None, description="bearer token sent to teachers")
     log_level: str = Field("info", description="logging level")
 
     @model_validator(mode="after")
