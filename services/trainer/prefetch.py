@@ -24,7 +24,7 @@ import grpc
 import numpy as np
 
 from fuseserve.trainer.data import Block
-from fuseserve.wire.grpc_guard import auth_metadata, sync_channel
+from fuseserve.wire.grpc_guard import auth_metadata, client_security_from_env, sync_channel
 from fuseserve.wire.grpc_service import channel_options
 from fuseserve.wire.messages import FusedBlock
 from fuseserve.wire.v1 import aligner_pb2, aligner_pb2_grpc
@@ -95,7 +95,10 @@ class FusedTargetStream:
         self._generation = 0  # one per stream opened; see _requests
         self._closed = threading.Event()
         self._call = None
-        # credentials: TLS (grpc_guard.channel_credentials); api_key: the aligner's bearer key
+        # credentials: TLS (grpc_guard.channel_credentials); api_key: the aligner's bearer key;
+        # neither given: both from FUSESERVE_CLIENT_* (how a Ray worker's pod configures them)
+        if credentials is None and api_key is None:
+            credentials, api_key = client_security_from_env()
         self._channel = sync_channel(address, credentials, channel_options(max_message_bytes))
         self._metadata = auth_metadata(api_key)
         self._thread = threading.Thread(target=self._run, name="fused-prefetch", daemon=True)

@@ -14,6 +14,7 @@ Leaves out: the services themselves, and where the settings come from (each serv
 from __future__ import annotations
 
 import hmac
+import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -231,6 +232,22 @@ def channel_credentials(
         private_key=_read(key, "tls client key"),
         certificate_chain=_read(cert, "tls client cert"),
     )
+
+
+CLIENT_ENV = "FUSESERVE_CLIENT_"
+
+
+def client_security_from_env(environ=None) -> tuple[grpc.ChannelCredentials | None, str | None]:
+    """(TLS credentials, API key) for a client configured only by its environment (the trainer's
+    Ray workers): ``FUSESERVE_CLIENT_TLS_CA`` / ``_TLS_CERT`` / ``_TLS_KEY`` and
+    ``FUSESERVE_CLIENT_API_KEY``; unset: plaintext, no key."""
+    env = os.environ if environ is None else environ
+    credentials = channel_credentials(
+        env.get(CLIENT_ENV + "TLS_CA"),
+        env.get(CLIENT_ENV + "TLS_CERT"),
+        env.get(CLIENT_ENV + "TLS_KEY"),
+    )
+    return credentials, env.get(CLIENT_ENV + "API_KEY") or None
 
 
 def add_port(server, address: str, credentials: grpc.ServerCredentials | None) -> int:

@@ -117,3 +117,35 @@ def test_rest_key_and_probe_over_tls(guarded_aligner, certs):
     assert ok.returncode == 0 and "ready" in ok.stdout, ok.stderr
     plain = probe("--timeout", "2")
     assert plain.returncode == 1 and "not ready" in plain.stdout
+
+
+def test_trainer_prefetch_reaches_the_guarded_aligner_from_its_environment(
+    guarded_aligner, certs, mistral_tok, monkeypatch
+):
+    """FusedTargetStream with no credentials given reads FUSESERVE_CLIENT_* (a Ray worker's pod
+    environment): TLS with the test CA and the aligner's key."""
+    import numpy as np
+
+    from fuseserve.trainer.data import Block
+    from fuseserve.trainer.prefetch import FusedTargetStream
+
+    text = "Fused targets over TLS for the trainer."
+    ids = np.asarray(mistral_tok(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    blocks = [Block(0, text, ids)]
+    monkeypatch.setenv("FUSESERVE_CLIENT_TLS_CA", certs.ca)
+    monkeypatch.setenv("FUSESERVE_CLIENT_API_KEY", ALIGNER_KEY)
+    stream = FusedTargetStream(guarded_aligner.grpc_address, blocks, iter([0]), timeout_s=60)
+    try:
+        fused = stream.start().get(blocks[0])
+        assert np.array_equal(fused.target_ids[: len(ids)], ids)
+    finally:
+        stream.close()
+    monkeypatch.delenv("FUSESERVE_CLIENT_API_KEY")
+    stream = FusedTargetStream(
+        guarded_aligner.grpc_address, blocks, iter([0]), timeout_s=60, max_reconnects=0
+    )
+    try:
+        with pytest.raises(Exception, match=r"UNAUTHENTICATED|API key"):
+            stream.start().get(blocks[0])
+    finally:
+        stream.close()

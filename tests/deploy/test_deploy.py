@@ -128,7 +128,42 @@ def test_every_long_running_container_has_probes(rendered, overlay):
                 assert "readinessProbe" in c and "livenessProbe" in c, f"{where}/{c['name']}"
         if doc["kind"] == "Deployment" and "teacher" in doc["metadata"]["name"]:
             c = doc["spec"]["template"]["spec"]["containers"][0]
-            assert c["startupProbe"]["grpc"]["port"] == TeacherSettings.model_fields["port"].default
+            port = TeacherSettings.model_fields["port"].default
+            # the kubelet's gRPC probe is plaintext: over TLS the probe is `fuseserve probe`
+            command = c["startupProbe"]["exec"]["command"]
+            assert command[:4] == ["fuseserve", "probe", "--grpc", f"127.0.0.1:{port}"], command
+            assert "--tls-ca" in command and "--tls-cert" in command
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_grpc_tls_files_and_keys_come_from_secrets(rendered, overlay):
+    """Teachers: mutual TLS + key; aligner: TLS + key, mutual TLS to teachers; trainer pods:
+    TLS clients with the key. Every TLS path lies in the mounted fuseserve-grpc-tls Secret."""
+    seen = set()
+    for doc in rendered[overlay]:
+        for where, spec in pod_specs(doc):
+            volumes = {v["name"]: v for v in spec.get("volumes", [])}
+            for c in spec["containers"]:
+                env = {e["name"]: e for e in c.get("env", [])}
+                paths = {n: e["value"] for n, e in env.items() if "_TLS_" in n}
+                if not paths:
+                    continue
+                mount = next(m for m in c["volumeMounts"] if m["mountPath"] == "/etc/fuseserve/tls")
+                assert mount["readOnly"] is True
+                assert volumes[mount["name"]]["secret"]["secretName"] == "fuseserve-grpc-tls"
+                assert all(p.startswith("/etc/fuseserve/tls/") for p in paths.values()), paths
+                keys = [n for n in env if n.endswith("API_KEY")]
+                assert keys and all(env[n]["valueFrom"]["secretKeyRef"] for n in keys), where
+                seen.update(paths)
+    assert {
+        "FUSESERVE_TEACHER_TLS_CERT",
+        "FUSESERVE_TEACHER_TLS_KEY",
+        "FUSESERVE_TEACHER_TLS_CLIENT_CA",
+        "FUSESERVE_ALIGNER_TLS_CERT",
+        "FUSESERVE_ALIGNER_TLS_KEY",
+        "FUSESERVE_ALIGNER_TEACHER_TLS_CA",
+        "FUSESERVE_CLIENT_TLS_CA",
+    } <= seen
 
 
 def test_gpu_requests_equal_limits_and_the_gpu_overlay_asks_for_gpus(rendered):
