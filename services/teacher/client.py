@@ -7,6 +7,7 @@ Covers Info, the full vocabulary (reassembled from chunks) and Score (replies de
 from __future__ import annotations
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fuseserve.wire.grpc_guard import aio_channel, auth_metadata
 from fuseserve.wire.grpc_service import channel_options
@@ -32,6 +33,8 @@ class TeacherClient:
         self.channel = aio_channel(address, credentials, channel_options(max_message_bytes))
         self.metadata = auth_metadata(api_key)
         self.stub = teacher_pb2_grpc.TeacherStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+        self.serving = True  # as last seen by ``health``
 
     async def info(self) -> teacher_pb2.InfoReply:
         return await self.stub.Info(
@@ -69,6 +72,18 @@ class TeacherClient:
         if any(s is None for s in out):
             raise RuntimeError("teacher closed the stream before answering every text")
         return out  # type: ignore[return-value]
+
+    async def health(self, timeout_s: float) -> str | None:
+        """None when the teacher's grpc.health.v1 status is SERVING, else what it is."""
+        try:
+            reply = await self.health_stub.Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            return exc.code().name
+        if reply.status == health_pb2.HealthCheckResponse.SERVING:
+            return None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     async def close(self) -> None:
         await self.channel.close()

@@ -23,6 +23,8 @@ def test_redis_killed_mid_test_leaves_the_service_answering(
         first = handle.rest.post("/v1/fuse", json={"text": "Cached in Redis, first of all."})
         assert first.status_code == 200
         assert redis.Redis(port=port).dbsize() == 3  # two teachers' scores and the fused block
+        assert handle.rest.get("/readyz").json()["cache"] == "ok"
+        assert handle.metric("fuseserve_aligner_cache_up", {}) == 1
 
         own_redis.kill()
         for i in range(3):
@@ -32,6 +34,10 @@ def test_redis_killed_mid_test_leaves_the_service_answering(
         assert again.status_code == 200 and not again.json()["blocks"][0]["cache_hit"]
         errors = handle.metric("fuseserve_aligner_cache_errors_total", {"op": "get"})
         assert errors >= 1
+        # a dead cache is visible (not only in the log) but does not make the aligner unready
+        readyz = handle.rest.get("/readyz")
+        assert readyz.status_code == 200 and readyz.json()["cache"].startswith("unreachable: ")
+        assert handle.metric("fuseserve_aligner_cache_up", {}) == 0
 
         own_redis = launch.start_redis(logs, port=port)
         client = redis.Redis(port=port)
@@ -44,21 +50,56 @@ def test_redis_killed_mid_test_leaves_the_service_answering(
         wait_until(recovered, 15, "the aligner to write to the restarted Redis")
         hit = handle.rest.post("/v1/fuse", json={"text": "Redis is back, cache me."})
         assert hit.json()["blocks"][0]["cache_hit"]
+        assert handle.rest.get("/readyz").json()["cache"] == "ok"
+        assert handle.metric("fuseserve_aligner_cache_up", {}) == 1
     finally:
         handle.close()
         own_redis.stop()
 
 
 def test_teacher_killed_gives_503_naming_it_then_recovers(aligner, teacher_procs, tiny_dirs, logs):
-    bpe = teacher_procs["bpe"]
-    bpe.kill()
-    down = aligner.rest.post("/v1/fuse", json={"text": "A teacher has gone away."})
-    assert down.status_code == 503, down.text
-    assert "'bpe'" in down.json()["error"]["message"]
+    """SIGKILL one teacher: the health watch shows it down everywhere (/v1/teachers, gRPC Info,
+    teacher_ready, /readyz, the aligner's gRPC health) and requests fail at once naming it;
+    /readyz follows ``ready_min_teachers``; after a restart everything is ready again."""
     import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from fuseserve.wire.v1 import aligner_pb2, aligner_pb2_grpc
 
+    def bpe_status():
+        return next(t for t in aligner.rest.get("/v1/teachers").json() if t["name"] == "bpe")
+
+    def grpc_view():
+        with grpc.insecure_channel(aligner.grpc_address) as channel:
+            info = aligner_pb2_grpc.AlignerStub(channel).Info(aligner_pb2.InfoRequest(), timeout=10)
+            health = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=10
+            )
+        ready = {t.name: t.ready for t in info.teachers}
+        return ready, health.status == health_pb2.HealthCheckResponse.SERVING
+
+    assert bpe_status()["ready"] and grpc_view() == ({"spm": True, "bpe": True}, True)
+    bpe = teacher_procs["bpe"]
+    bpe.kill()
+    # generous bound: proves the outage is seen without a request, not a latency figure
+    wait_until(lambda: not bpe_status()["ready"], 20, "/v1/teachers to show 'bpe' down")
+    assert "'bpe' is not serving" in bpe_status()["problem"]
+    assert aligner.metric("fuseserve_aligner_teacher_ready", {"teacher": "bpe"}) == 0
+    assert aligner.metric("fuseserve_aligner_teacher_ready", {"teacher": "spm"}) == 1
+    assert grpc_view() == ({"spm": True, "bpe": False}, False)
+    readyz = aligner.rest.get("/readyz")
+    assert readyz.status_code == 503 and "bpe" in readyz.json()["teachers"]
+    aligner.service.pool.min_ready = 1  # the policy "ready while >= 1 teacher serves"
+    try:
+        assert aligner.rest.get("/readyz").status_code == 200
+    finally:
+        aligner.service.pool.min_ready = 0
+
+    down = aligner.rest.post("/v1/fuse", json={"text": "A teacher has gone away."})
+    assert down.status_code == 503, down.text
+    assert "'bpe'" in down.json()["error"]["message"]
+    only_spm = aligner.rest.post("/v1/fuse", json={"text": "Just spm.", "teachers": ["spm"]})
+    assert only_spm.status_code == 200
     with grpc.insecure_channel(aligner.grpc_address) as channel:
         stub = aligner_pb2_grpc.AlignerStub(channel)
         with pytest.raises(grpc.RpcError) as err:
@@ -68,13 +109,12 @@ def test_teacher_killed_gives_503_naming_it_then_recovers(aligner, teacher_procs
     restarted = start_teacher("bpe", tiny_dirs["bpe"], logs, port=bpe.port)
     teacher_procs["bpe"] = restarted
     launch.wait_grpc_serving(restarted, 180)
-    wait_until(
-        lambda: (
-            aligner.rest.post("/v1/fuse", json={"text": "And it came back."}).status_code == 200
-        ),
-        30,
-        "the aligner to use the restarted teacher",
-    )
+    wait_until(lambda: bpe_status()["ready"], 30, "the aligner to see 'bpe' back")
+    assert aligner.rest.get("/readyz").status_code == 200
+    assert grpc_view() == ({"spm": True, "bpe": True}, True)
+    assert aligner.metric("fuseserve_aligner_teacher_ready", {"teacher": "bpe"}) == 1
+    back = aligner.rest.post("/v1/fuse", json={"text": "And it came back."})
+    assert back.status_code == 200, back.text
 
 
 def test_teacher_with_a_new_tokenizer_is_detected(aligner, teacher_procs, tiny_dirs, logs):

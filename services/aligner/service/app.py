@@ -136,6 +136,7 @@ async def start_aligner(settings: AlignerSettings, show_progress: bool = False) 
         continuations_at_start=options.alignment is AlignMethod.SPANS,
         credentials=teacher_tls,
         api_key=secret(settings.teacher_api_key),
+        min_ready=settings.ready_min_teachers,
     )
     if settings.redis_url:
         cache = RedisCache(
@@ -148,6 +149,7 @@ async def start_aligner(settings: AlignerSettings, show_progress: bool = False) 
         )
     else:
         cache = LRUCache(settings.lru_max_bytes)
+    metrics.cache_up.set_function(lambda: float(cache.status() in ("ok", "off")))
     service = FusionService(
         tokenizer,
         target,
@@ -221,6 +223,14 @@ async def start_aligner(settings: AlignerSettings, show_progress: bool = False) 
         )
         if settings.info_refresh_s:
             running.tasks.append(asyncio.create_task(pool.refresh_forever(settings.info_refresh_s)))
+        if settings.health_interval_s:
+
+            def on_change() -> None:
+                asyncio.get_running_loop().create_task(health.set_serving(pool.ready))
+
+            running.tasks.append(
+                asyncio.create_task(pool.watch_health(settings.health_interval_s, 2, on_change))
+            )
 
     running.startup = asyncio.create_task(connect())
     return running

@@ -64,6 +64,10 @@ class Cache(Protocol):
 
     name: str
 
+    def status(self) -> str:
+        """``ok``, or why the store cannot be used now (shown by /readyz and a metric)."""
+        ...
+
     async def get(self, key: str) -> bytes | None: ...
 
     async def set(self, key: str, value: bytes) -> None: ...
@@ -102,6 +106,9 @@ class LRUCache:
     def __len__(self) -> int:
         return len(self._data)
 
+    def status(self) -> str:
+        return "ok" if self.max_bytes > 0 else "off"
+
     async def close(self) -> None:
         self._data.clear()
         self.bytes = 0
@@ -138,10 +145,14 @@ class RedisCache:
         self.ttl_s = ttl_s
         self.on_error = on_error
         self._down_until = 0.0
+        self.last_error: str | None = None  # the latest command's failure; None once one succeeds
 
     @property
     def healthy(self) -> bool:
         return time.monotonic() >= self._down_until
+
+    def status(self) -> str:
+        return "ok" if self.last_error is None else f"unreachable: {self.last_error}"
 
     async def _call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T | None:
         if not self.healthy:
@@ -149,8 +160,9 @@ class RedisCache:
             return None
         try:
             # the socket timeout bounds each read; wait_for also bounds connect + pool waits
-            return await asyncio.wait_for(fn(), self.timeout_s * 2)
+            result = await asyncio.wait_for(fn(), self.timeout_s * 2)
         except Exception as exc:  # any Redis failure is a miss, never the caller's error
+            self.last_error = (str(exc).splitlines() or [""])[0][:200] or type(exc).__name__
             if self._down_until <= time.monotonic():
                 log.warning(
                     "redis %s failed (%s); serving uncached for %.1fs", op, exc, self.retry_s
@@ -158,6 +170,8 @@ class RedisCache:
             self._down_until = time.monotonic() + self.retry_s
             self.on_error(op)
             return None
+        self.last_error = None
+        return result
 
     async def get(self, key: str) -> bytes | None:
         return await self._call("get", lambda: self.client.get(self.prefix + key))

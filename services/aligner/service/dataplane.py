@@ -133,7 +133,7 @@ class FusionService:
         return self.pool.ready
 
     def problems(self) -> dict[str, str]:
-        return {n: t.problem for n, t in self.pool.teachers.items() if not t.ready}
+        return {n: t.why for n, t in self.pool.teachers.items() if not t.ready}
 
     def query_options_json(self) -> str:
         """The service's default FusionOptions as JSON."""
@@ -167,7 +167,7 @@ class FusionService:
         chosen = [self.pool.get(n) for n in names]
         not_ready = [t for t in chosen if not t.ready]
         if not_ready:
-            raise Unavailable("; ".join(t.problem or f"{t.name!r} not ready" for t in not_ready))
+            raise Unavailable("; ".join(t.why for t in not_ready))
         k = self.default_k if k in (None, 0) else k
         max_k = min(t.max_k for t in chosen)
         if not 1 <= k <= max_k:

@@ -65,6 +65,11 @@ class AlignerMetrics:
         self.inflight = Gauge(
             "fuseserve_aligner_inflight_blocks", "blocks being answered", registry=r
         )
+        self.cache_up = Gauge(
+            "fuseserve_aligner_cache_up",
+            "1 while the cache answers (Redis: its latest command succeeded); 0 while it fails",
+            registry=r,
+        )
         self.teacher_ready = Gauge(
             "fuseserve_aligner_teacher_ready", "1 when a teacher is usable", ["teacher"], registry=r
         )

@@ -75,20 +75,33 @@ class Teacher:
     info: object | None = None
     fingerprint: str = ""
     problem: str = "not connected yet"
+    down: str = ""  # set by the health watch while no replica is SERVING
+    failed_checks: int = 0
     reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
     _next: int = 0
 
     @property
     def ready(self) -> bool:
-        return self.vocab_map is not None and not self.problem
+        return self.vocab_map is not None and not self.problem and not self.down
+
+    @property
+    def why(self) -> str:
+        """Why the teacher is not ready ("" when it is)."""
+        if self.ready:
+            return ""
+        return self.problem or self.down or f"teacher {self.name!r} is not ready"
 
     @property
     def max_k(self) -> int:
         return min(self.info.max_k, self.view.vocab_size) if self.info and self.view else 0
 
     def next_client(self) -> TeacherClient:
-        client = self.clients[self._next % len(self.clients)]
-        self._next += 1
+        """Round-robin over the replicas, skipping those the health watch saw down."""
+        for _ in range(len(self.clients)):
+            client = self.clients[self._next % len(self.clients)]
+            self._next += 1
+            if client.serving:
+                return client
         return client
 
 
@@ -109,6 +122,7 @@ class TeacherPool:
         continuations_at_start: bool = False,
         credentials=None,
         api_key: str | None = None,
+        min_ready: int = 0,
     ) -> None:
         self.target = target
         self.store = store
@@ -119,6 +133,7 @@ class TeacherPool:
         self.backoff_s = backoff_s
         self.float_dtype = float_dtype
         self.metrics = metrics
+        self.min_ready = min_ready
         self.teachers: dict[str, Teacher] = {
             e.name: Teacher(
                 e.name,
@@ -164,6 +179,7 @@ class TeacherPool:
         info = infos[0]
         if teacher.view is not None and teacher.view.fingerprint == info.tokenizer_fingerprint:
             teacher.info, teacher.fingerprint, teacher.problem = info, cache_fingerprint(info), ""
+            teacher.down, teacher.failed_checks = "", 0  # every replica answered Info just now
             self._set_ready(teacher)
             return
         tokens = await teacher.clients[0].vocab()
@@ -184,6 +200,7 @@ class TeacherPool:
         teacher.view, teacher.vocab_map, teacher.info = view, vocab_map, info
         teacher.other_maps, teacher.continuations = {}, continuations
         teacher.fingerprint, teacher.problem = cache_fingerprint(info), ""
+        teacher.down, teacher.failed_checks = "", 0
         self._set_ready(teacher)
         log.info(
             "teacher %s ready: %s (%d tokens, %s), map %.1f%% exact",
@@ -230,6 +247,49 @@ class TeacherPool:
             except Exception:  # keep refreshing; one bad round must not end the loop
                 log.exception("teacher refresh failed")
 
+    # ------------------------------------------------------------------ health
+    async def watch_health(
+        self, interval_s: float, failures: int = 2, on_change=lambda: None
+    ) -> None:
+        """Check every replica's grpc.health.v1 status each ``interval_s``: a teacher none of
+        whose replicas is SERVING for ``failures`` rounds in a row is down (not ready, requests
+        asking for it fail at once with 503 / UNAVAILABLE naming it); back when one serves again
+        (its Info is read again first: a restarted teacher may have another tokenizer)."""
+        while True:
+            before = {n: t.ready for n, t in self.teachers.items()}
+            await asyncio.gather(
+                *(self._check(t, interval_s, failures) for t in self.teachers.values())
+            )
+            if before != {n: t.ready for n, t in self.teachers.items()}:
+                on_change()
+            await asyncio.sleep(interval_s)
+
+    async def _check(self, teacher: Teacher, interval_s: float, failures: int) -> None:
+        if teacher.vocab_map is None:
+            return  # still connecting: start() and refresh() own it
+        timeout = max(1.0, interval_s)
+        problems = await asyncio.gather(*(c.health(timeout) for c in teacher.clients))
+        for client, problem in zip(teacher.clients, problems):
+            client.serving = problem is None
+        if any(p is None for p in problems):
+            teacher.failed_checks = 0
+            if teacher.down:
+                async with teacher.reloading:
+                    try:
+                        await self._load(teacher)
+                    except (grpc.aio.AioRpcError, Unavailable) as exc:
+                        reason = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else exc
+                        teacher.down = f"teacher {teacher.name!r} is back but failed: {reason}"
+                        return
+                    log.info("teacher %s serves again", teacher.name)
+            return
+        teacher.failed_checks += 1
+        if teacher.failed_checks >= failures and not teacher.down:
+            where = ", ".join(f"{c.address}: {p}" for c, p in zip(teacher.clients, problems))
+            teacher.down = f"teacher {teacher.name!r} is not serving ({where})"
+            log.warning(teacher.down)
+            self._set_ready(teacher)
+
     # ------------------------------------------------------------------ scoring
     def get(self, name: str) -> Teacher:
         teacher = self.teachers.get(name)
@@ -241,11 +301,17 @@ class TeacherPool:
 
     @property
     def ready(self) -> bool:
-        return bool(self.teachers) and all(t.ready for t in self.teachers.values())
+        """The readiness policy: at least ``min_ready`` teachers ready (0: every teacher)."""
+        wanted = self.min_ready or len(self.teachers)
+        return bool(self.teachers) and self.ready_count >= min(wanted, len(self.teachers))
+
+    @property
+    def ready_count(self) -> int:
+        return sum(t.ready for t in self.teachers.values())
 
     async def _refined_map(self, teacher: Teacher) -> VocabMap:
         if teacher.view is None:
-            raise Unavailable(teacher.problem or f"teacher {teacher.name!r} is not ready")
+            raise Unavailable(teacher.why)
         vmap = teacher.other_maps.get("cooc")
         if vmap is None:
             vmap = await asyncio.to_thread(
@@ -269,7 +335,7 @@ class TeacherPool:
             if teacher.continuations is None:
                 view = teacher.view
                 if view is None:
-                    raise Unavailable(teacher.problem or f"teacher {name!r} is not ready")
+                    raise Unavailable(teacher.why)
                 table = await asyncio.to_thread(
                     self.store.get_or_build_continuations,
                     view,
@@ -292,7 +358,7 @@ class TeacherPool:
             return await self._refined_map(teacher)
         if mode == self.mode or teacher.vocab_map is None:
             if teacher.vocab_map is None:
-                raise Unavailable(teacher.problem or f"teacher {name!r} is not ready")
+                raise Unavailable(teacher.why)
             return teacher.vocab_map
         async with teacher.reloading:
             vmap = teacher.other_maps.get(mode)
@@ -309,7 +375,7 @@ class TeacherPool:
         """Score texts on one teacher (truncating at its max length), retrying on outages."""
         teacher = self.get(name)
         if not teacher.ready:
-            raise Unavailable(teacher.problem or f"teacher {name!r} is not ready")
+            raise Unavailable(teacher.why)
         delay = self.backoff_s
         last: grpc.aio.AioRpcError | None = None
         for attempt in range(self.retries + 1):

@@ -419,7 +419,7 @@ def create_app(
                     "name": name,
                     "addresses": list(t.addresses),
                     "ready": t.ready,
-                    "problem": t.problem or None,
+                    "problem": t.why or None,
                     "model_id": info.model_id if info else None,
                     "backend": info.backend if info else None,
                     "tokenizer_fingerprint": t.view.fingerprint if t.view else None,
@@ -438,10 +438,17 @@ def create_app(
 
     @app.get("/readyz")
     async def readyz():
+        # the cache is optional (a dead one costs misses, not errors), so it is reported here
+        # and in fuseserve_aligner_cache_up but never makes the aligner unready
+        ping = getattr(service.cache, "ping", None)
+        if ping is not None:
+            await ping()
+        cache = service.cache.status()
         if service.ready:
-            return {"status": "ready"}
+            return {"status": "ready", "cache": cache}
         return SafeJSONResponse(
-            {"status": "not ready", "teachers": service.problems()}, status_code=503
+            {"status": "not ready", "teachers": service.problems(), "cache": cache},
+            status_code=503,
         )
 
     @app.get("/metrics")

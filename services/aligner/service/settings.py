@@ -78,6 +78,12 @@ class AlignerSettings(BaseSettings, ServerSecurity):
     teacher_backoff_s: float = Field(0.2, ge=0, description="first retry backoff (doubles)")
     startup_timeout_s: float = Field(600.0, gt=0, description="wait this long for teachers")
     info_refresh_s: float = Field(30.0, ge=0, description="re-read teacher Info (0 = never)")
+    health_interval_s: float = Field(
+        0.5, ge=0, description="check every teacher's gRPC health this often (0 = never)"
+    )
+    ready_min_teachers: int = Field(
+        0, ge=0, description="/readyz and gRPC health: ready while this many teachers are (0 = all)"
+    )
     teacher_float_dtype: Literal["f16", "f32"] = Field("f32", description="teacher payload")
     redis_url: str | None = Field(
         None,
