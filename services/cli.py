@@ -156,7 +156,7 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import json
 
-    from fuseserve.trainer.data import read_documents
+    from fuseserve.trainer.data import read_conversations, read_documents
     from fuseserve.trainer.evaluate import evaluate_domains
 
     domains = {}
@@ -166,13 +166,14 @@ def _eval(args: argparse.Namespace) -> int:
             print(f"error: data: expected domain=path[,path], got {spec!r}", file=sys.stderr)
             return 2
         try:
-            domains[name] = read_documents(paths.split(","))
+            read = read_conversations if args.chat else read_documents
+            domains[name] = read(paths.split(","))
         except (FileNotFoundError, ValueError) as exc:
-            print(f"error: data: {exc}", file=sys.stderr)
+            print(f"error: data{' (--chat)' if args.chat else ''}: {exc}", file=sys.stderr)
             return 2
     rows = {}
     for model in args.model:
-        results = evaluate_domains(model, domains, args.max_length)
+        results = evaluate_domains(model, domains, args.max_length, chat=args.chat)
         rows[model] = {d: r.value for d, r in results.items()}
     names = list(domains)
     print("| model | " + " | ".join(names) + " |")
@@ -387,6 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="held-out text of one domain: files or directories (repeatable)",
     )
     ev.add_argument("--max-length", type=int, default=1024, help="tokens per window")
+    ev.add_argument(
+        "--chat",
+        action="store_true",
+        help="the data is chat jsonl (messages, or prompt/response): response-only BPB, bits "
+        "of the assistant turns (rendered with each model's chat template) per byte of the "
+        "assistant contents",
+    )
     ev.add_argument("--json", help="also write the results here")
     ev.set_defaults(func=_eval)
 

@@ -43,7 +43,12 @@ class TrainConfig(BaseSettings):
         default_factory=dict, description="FusionOptions overrides sent with every request (JSON)"
     )
     k: int = Field(0, ge=0, description="top-k per teacher (0 = the aligner's default)")
-    prefetch_depth: int = Field(8, ge=1, description="fused blocks requested ahead per worker")
+    prefetch_depth: int = Field(
+        0,
+        ge=0,
+        description="fused blocks requested ahead per worker (0 = two steps' worth: "
+        "2 x batch_size x grad_accum, at least 8; set by hand it must hold one step)",
+    )
     aligner_timeout_s: float = Field(600.0, gt=0, description="longest wait for one fused block")
     lam: float = Field(0.9, ge=0.0, le=1.0, description="weight of the CLM loss (λ)")
     lam_end: float | None = Field(
@@ -51,7 +56,10 @@ class TrainConfig(BaseSettings):
     )
     fusion_loss: FusionLoss = Field(FusionLoss.SOFT_CE, description="soft_ce or kl")
     temperature: float = Field(1.0, gt=0.0, description="temperature of the target's softmax")
-    batch_size: int = Field(1, ge=1, description="blocks per worker per step")
+    batch_size: int = Field(1, ge=1, description="blocks per worker per micro-batch")
+    grad_accum: int = Field(
+        1, ge=1, description="micro-batches per optimizer step (gradient accumulation)"
+    )
     max_steps: int = Field(100, ge=1, description="optimizer steps")
     lr: float = Field(1e-5, gt=0.0)
     weight_decay: float = Field(0.1, ge=0.0)
@@ -59,7 +67,33 @@ class TrainConfig(BaseSettings):
     beta2: float = Field(0.95, ge=0.0, lt=1.0)
     grad_clip: float = Field(1.0, ge=0.0, description="max gradient norm (0 = off)")
     warmup_ratio: float = Field(0.008, ge=0.0, le=1.0)
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="model dtype")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype of the weights (bfloat16 = pure bf16, no fp32 master)"
+    )
+    mixed_precision: Literal["no", "bf16"] = Field(
+        "no", description="bf16: autocast forward in bfloat16, fp32 master weights (for GPUs)"
+    )
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: whole model per worker; fsdp: parameters, gradients and optimizer "
+        "state sharded across workers (torch FSDP2 fully_shard), sharded checkpoints",
+    )
+    activation_checkpointing: bool = Field(
+        False,
+        description="recompute each layer's activations in backward (HF gradient "
+        "checkpointing): less activation memory, one more forward per step",
+    )
+    loss_chunk: int = Field(
+        1024,
+        ge=0,
+        description="positions per slice of the loss (bounds its [chunk, vocab] temporaries; "
+        "0 = the whole micro-batch at once)",
+    )
+    chat: bool = Field(
+        False,
+        description="data is chat jsonl (messages, or prompt/response): rendered with the "
+        "target's chat template, loss only on assistant tokens",
+    )
     num_workers: int = Field(1, ge=1, description="Ray Train workers")
     use_gpu: bool = Field(False, description="one GPU per worker")
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -95,6 +129,11 @@ class TrainConfig(BaseSettings):
             raise ValueError(
                 "aligner: needed when lam or lam_end < 1 (fusion loss); set lam=1 for CLM only"
             )
+        if self.fused and self.prefetch_depth and self.prefetch_depth < self.blocks_per_step:
+            raise ValueError(
+                f"prefetch_depth: {self.prefetch_depth} cannot hold one step's "
+                f"{self.blocks_per_step} blocks (batch_size x grad_accum); use 0 (auto) or more"
+            )
         for spec in self.eval_data:
             domain, sep, paths = spec.partition("=")
             if not sep or not domain or not paths:
@@ -107,6 +146,15 @@ class TrainConfig(BaseSettings):
         for spec in self.eval_data:
             out[spec.partition("=")[0]] = spec.partition("=")[2].split(",")
         return out
+
+    @property
+    def blocks_per_step(self) -> int:
+        """Blocks one worker consumes per optimizer step."""
+        return self.batch_size * self.grad_accum
+
+    def fused_prefetch_depth(self) -> int:
+        """Fused blocks in flight per worker: as set, or two steps' worth (at least 8)."""
+        return self.prefetch_depth or max(8, 2 * self.blocks_per_step)
 
     def warmup_steps(self) -> int:
         """Warm-up steps: ``warmup_ratio`` of ``max_steps``, at least 1 when the ratio is > 0."""

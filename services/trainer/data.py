@@ -10,6 +10,12 @@ The ids a block trains on are the target tokenizer's ids *of the block text* (to
 own, no special tokens, cut to ``block_size``): the same ids the aligner computes, so the trainer
 can check the aligner's answer token by token.
 
+Chat data (``read_conversations``, ``chat_blocks``): jsonl with ``messages`` ([{role, content}])
+or ``prompt`` / ``response``; each conversation is rendered with the target tokenizer's chat
+template (a plain fallback template when it has none) into one block (cut at ``block_size``
+tokens), whose ``loss_mask`` [n] marks the tokens inside assistant turns (their content and the
+end-of-turn marker the template puts after it). Teachers score the same rendered text.
+
 Leaves out: fused targets (``prefetch``) and the model.
 """
 
@@ -27,11 +33,13 @@ TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
 
 @dataclass(frozen=True)
 class Block:
-    """One training block: its index in the corpus order, its text and its target ids [n]."""
+    """One training block: its index in the corpus order, its text and its target ids [n];
+    ``loss_mask`` [n] bool (chat): the tokens the loss is on (None = all)."""
 
     index: int
     text: str
     ids: np.ndarray
+    loss_mask: np.ndarray | None = None
 
 
 def read_documents(paths: Sequence[str | Path], field: str = "text") -> list[str]:
@@ -94,6 +102,105 @@ def pack_blocks(
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][:block_size]
         if len(ids) >= 2:
             blocks.append(Block(len(blocks), text, np.asarray(ids, dtype=np.int64)))
+    return blocks
+
+
+# Used when the target tokenizer has no chat template of its own.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' and eos_token %}{{ eos_token }}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def read_conversations(paths: Sequence[str | Path]) -> list[list[dict[str, str]]]:
+    """Conversations from chat jsonl files (or directories of them): each line has ``messages``
+    ([{"role", "content"}], roles system/user/assistant) or ``prompt`` and ``response``."""
+    conversations: list[list[dict[str, str]]] = []
+    for spec in paths:
+        path = Path(spec)
+        if not path.exists():
+            raise FileNotFoundError(f"data: no such file or directory {spec!r}")
+        files = sorted(path.rglob("*.jsonl")) if path.is_dir() else [path]
+        for file in files:
+            with file.open(encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    record = json.loads(line)
+                    if "messages" in record:
+                        messages = record["messages"]
+                        ok = isinstance(messages, list) and all(
+                            isinstance(m, dict) and {"role", "content"} <= m.keys()
+                            for m in messages
+                        )
+                        if not ok:
+                            raise ValueError(
+                                f"{file}:{n}: messages must be a list of {{role, content}}"
+                            )
+                        msgs = [{"role": m["role"], "content": str(m["content"])} for m in messages]
+                    elif "prompt" in record and "response" in record:
+                        msgs = [
+                            {"role": "user", "content": str(record["prompt"])},
+                            {"role": "assistant", "content": str(record["response"])},
+                        ]
+                    else:
+                        raise ValueError(
+                            f"{file}:{n}: a chat line needs 'messages' or 'prompt' and 'response'"
+                        )
+                    if any(m["role"] == "assistant" for m in msgs):
+                        conversations.append(msgs)
+    return conversations
+
+
+def render_chat(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+    """(text, assistant spans): the conversation rendered with the tokenizer's chat template and
+    the character ranges [start, end) of its assistant turns (content plus the end-of-turn marker
+    the template writes after it). A turn starts where the conversation before it, rendered with
+    the generation prompt, ends."""
+    template = None if getattr(tokenizer, "chat_template", None) else FALLBACK_CHAT_TEMPLATE
+
+    def render(msgs, prompt):
+        return tokenizer.apply_chat_template(
+            msgs, tokenize=False, add_generation_prompt=prompt, chat_template=template
+        )
+
+    text = render(messages, False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render(messages[:i], True) if i else ""
+        upto = render(messages[: i + 1], False)
+        if not (text.startswith(upto) and upto.startswith(before)):
+            raise ValueError(
+                "chat: the chat template does not render a conversation as a prefix of its "
+                "continuation; cannot locate the assistant turns"
+            )
+        start = len(before)
+        if m["content"] and not text.startswith(m["content"], start):
+            found = text.find(m["content"], start, len(upto))  # text the template put before it
+            start = found if found >= 0 else start
+        spans.append((start, len(upto)))
+    return text, spans
+
+
+def chat_blocks(tokenizer, conversations: Iterable[list[dict[str, str]]], block_size: int):
+    """One block per conversation (cut at ``block_size`` tokens) with its assistant-token mask."""
+    blocks: list[Block] = []
+    for messages in conversations:
+        rendered, spans = render_chat(tokenizer, messages)
+        enc = tokenizer(rendered, return_offsets_mapping=True, add_special_tokens=False)
+        offsets = enc["offset_mapping"][:block_size]
+        if len(offsets) < 2:
+            continue
+        text = rendered[: offsets[-1][1]]
+        enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+        ids = np.asarray(enc["input_ids"][:block_size], dtype=np.int64)
+        starts = [s for s, _ in enc["offset_mapping"][:block_size]]
+        mask = np.array([any(a <= s < b for a, b in spans) for s in starts], dtype=bool)
+        if len(ids) >= 2 and mask[1:].any():
+            blocks.append(Block(len(blocks), text, ids, mask))
     return blocks
 
 

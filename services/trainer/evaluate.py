@@ -5,6 +5,11 @@ windows of at most ``max_length`` tokens; every window starts with the model's B
 one, so every token (and every byte) of the text is predicted. A tokenizer without BOS cannot
 predict a window's first token: its bytes are left out of the count (stated in the result).
 
+Response-only BPB (chat data): each conversation is rendered with the model's own chat template;
+the bits are those of every token inside the assistant turns (their content and the end-of-turn
+marker, so stopping is paid for), the bytes those of the assistant contents alone, so models with
+different templates and tokenizers compare on the same bytes.
+
 Leaves out: training; choosing the held-out text (``fuseserve.demo`` builds one).
 """
 
@@ -110,6 +115,39 @@ def bits_per_byte(
     return BPB(bits, total_bytes - unpredicted, tokens, unpredicted)
 
 
+def response_bits_per_byte(
+    model,
+    tokenizer,
+    conversations: Iterable[list[dict[str, str]]],
+    max_length: int = 1024,
+    batch_size: int = 4,
+) -> BPB:
+    """BPB of the assistant turns only: bits of the tokens that start inside an assistant span of
+    the rendered conversation over the UTF-8 bytes of the assistant contents."""
+    from fuseserve.trainer.data import render_chat
+
+    rendered, spans, content_bytes = [], [], 0
+    for messages in conversations:
+        text, turns = render_chat(tokenizer, messages)
+        rendered.append(text)
+        spans.append(turns)
+        content_bytes += sum(
+            len(m["content"].encode("utf-8")) for m in messages if m["role"] == "assistant"
+        )
+    scored = score_texts(model, tokenizer, rendered, max_length, batch_size)
+    bits, tokens, unpredicted = 0.0, 0, 0
+    for s, turns in zip(scored, spans):
+        for i, (a, b) in enumerate(s.offsets):
+            if not any(lo <= a < hi for lo, hi in turns):
+                continue
+            if np.isnan(s.logprobs[i]):
+                unpredicted += len(s.text[a:b].encode("utf-8"))
+            else:
+                bits += float(-s.logprobs[i]) / math.log(2)
+                tokens += 1
+    return BPB(bits, content_bytes, tokens, unpredicted)
+
+
 def load_model(model_spec: str, tokenizer_spec: str | None = None):
     """(model in eval mode, tokenizer) for any model spec (directory, hub id, .gguf, shipped:)."""
     from fuseserve.teacher.hf_backend import HFBackend
@@ -124,13 +162,18 @@ def evaluate_domains(
     max_length: int = 1024,
     tokenizer_spec: str | None = None,
     show_progress: bool = True,
+    chat: bool = False,
 ) -> dict[str, BPB]:
-    """BPB per domain for one model spec (directory, hub id, .gguf or shipped:smollm2)."""
+    """BPB per domain for one model spec (directory, hub id, .gguf or shipped:smollm2);
+    ``chat``: domains hold conversations and the BPB is response-only."""
     from tqdm.auto import tqdm
 
     model, tokenizer = load_model(model_spec, tokenizer_spec)
     out = {}
     for domain, texts in domains.items():
+        if chat:
+            out[domain] = response_bits_per_byte(model, tokenizer, texts, max_length)
+            continue
         label = f"BPB {model_spec.rstrip('/').split('/')[-1]} [{domain}]"
         with tqdm(desc=label, unit="window", disable=not show_progress) as bar:
             out[domain] = bits_per_byte(model, tokenizer, texts, max_length, progress=bar.update)

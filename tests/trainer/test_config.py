@@ -57,3 +57,29 @@ def test_cli_flags_for_eval_data_and_fusion_choices(tmp_path, monkeypatch):
     bad_args = build_parser().parse_args(bad)
     with pytest.raises(SettingsError, match="fusion_options"):
         bad_args.func(bad_args)
+
+
+def test_prefetch_depth_follows_the_blocks_a_step_consumes():
+    fused = dict(BASE, aligner="h:1", lam=0.9)
+    assert TrainConfig(**fused).fused_prefetch_depth() == 8
+    cfg = TrainConfig(**fused, batch_size=4, grad_accum=4)
+    assert cfg.blocks_per_step == 16 and cfg.fused_prefetch_depth() == 32
+    assert TrainConfig(**fused, batch_size=2, grad_accum=2, prefetch_depth=4).prefetch_depth == 4
+    with pytest.raises(ValueError, match="prefetch_depth: 3 cannot hold one step's 4 blocks"):
+        TrainConfig(**fused, batch_size=2, grad_accum=2, prefetch_depth=3)
+
+
+def test_cli_names_a_bad_scaling_flag(monkeypatch):
+    monkeypatch.setattr("fuseserve.trainer.job.run_training", lambda cfg: None)
+    for flags, field in (
+        (["--parallel", "zero3"], "parallel"),
+        (["--grad-accum", "0"], "grad_accum"),
+        (["--mixed-precision", "fp8"], "mixed_precision"),
+        (["--loss-chunk", "-1"], "loss_chunk"),
+    ):
+        args = build_parser().parse_args(["train", "--model", "m", "--data", "a", *flags])
+        with pytest.raises(SettingsError, match=field):
+            args.func(args)
+    help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    for flag in ("--grad-accum", "--parallel", "--activation-checkpointing", "--chat"):
+        assert flag in help_text

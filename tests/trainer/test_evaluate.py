@@ -65,3 +65,32 @@ def test_eval_cli_prints_a_table_per_domain(tmp_path, mistral_tok, prose):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert bad.returncode == 2 and "domain=path" in bad.stderr
+
+
+def test_response_only_bpb_counts_the_assistant_turns(smol_tok, tiny_dirs, tmp_path, capsys):
+    """A uniform model: log2(V) bits for each token of "Hello!<|im_end|>\\n" and "4<|im_end|>\\n",
+    over the 7 bytes of "Hello!" and "4"."""
+    from fuseserve.cli import build_parser
+    from fuseserve.trainer.data import chat_blocks
+    from fuseserve.trainer.evaluate import response_bits_per_byte
+    from tests.trainer.test_accumulation import HAND_WORKED
+
+    model = build_tiny_llama(smol_tok, seed=0)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    (block,) = chat_blocks(smol_tok, [HAND_WORKED], block_size=256)
+    n_assistant = int(block.loss_mask.sum())
+    result = response_bits_per_byte(model, smol_tok, [HAND_WORKED], max_length=64)
+    assert result.tokens == n_assistant and result.bytes == 7
+    assert result.value == pytest.approx(n_assistant * math.log2(len(smol_tok)) / 7, rel=1e-5)
+    # the CLI: fuseserve eval --chat on a chat jsonl file
+    import json
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": HAND_WORKED}) + "\n")
+    out = tmp_path / "bpb.json"
+    argv = ["eval", "--model", str(tiny_dirs["bpe"]), "--data", f"chat={path}", "--chat"]
+    args = build_parser().parse_args([*argv, "--json", str(out)])
+    assert args.func(args) == 0
+    assert json.loads(out.read_text())[str(tiny_dirs["bpe"])]["chat"] > 0
+    assert "| chat |" in capsys.readouterr().out

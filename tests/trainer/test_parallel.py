@@ -1,0 +1,104 @@
+"""FSDP2 on CPU (gloo, 2 Ray workers): same trajectory as DDP; a SIGKILLed fused run resumes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+
+import psutil
+import pytest
+
+from fuseserve.trainer.loop import STATE_FILE, find_latest_checkpoint
+from tests.trainer.conftest import assert_same_weights, interrupted_run, resume, small_run
+
+pytestmark = pytest.mark.slow
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every process under it (Ray's raylet and train workers) at once, as
+    a lost node would: no worker may go on training after its driver died."""
+    root = psutil.Process(pid)
+    for p in [*root.children(recursive=True), root]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
+
+
+def small_fsdp_run(tiny_dirs, corpus, tmp_path, **settings) -> dict:
+    """2 workers, blocks of 32 tokens, 1 block x 2 micro-batches per worker and step."""
+    shape = dict(block_size=32, batch_size=1, grad_accum=2, num_workers=2)
+    return small_run(tiny_dirs, corpus, tmp_path, **shape, **settings)
+
+
+def test_fsdp_follows_the_ddp_loss_trajectory(ray_session, tiny_dirs, corpus, tmp_path):
+    """3 steps, 2 micro-batches each, 2 workers: FSDP2 losses and final weights equal DDP's."""
+    runs = {}
+    for mode in ("ddp", "fsdp"):
+        settings = small_fsdp_run(tiny_dirs, corpus, tmp_path, max_steps=3, checkpoint_every=3)
+        runs[mode] = resume({**settings, "lam": 1.0, "parallel": mode}, tmp_path, mode)[::-1]
+    ddp, fsdp = runs["ddp"][0], runs["fsdp"][0]
+    assert [m["step"] for m in fsdp] == [1, 2, 3]
+    assert fsdp[-1]["blocks_seen"] == 12  # 1 block x 2 micro-batches x 2 workers x 3 steps
+    assert fsdp[0]["global_batch_tokens"] == ddp[0]["global_batch_tokens"] > 0
+    for a, b in zip(ddp, fsdp):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
+    assert ddp[0]["loss"] != pytest.approx(ddp[-1]["loss"], abs=1e-3)  # it did train
+    # the FSDP run ends with a plain Hugging Face model equal to DDP's
+    assert_same_weights(runs["fsdp"][1].model_dir, runs["ddp"][1].model_dir, atol=1e-4)
+    checkpoint = find_latest_checkpoint(str(tmp_path / "runs"), "fsdp")
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    assert state["parallel"] == "fsdp" and state["world"] == 2
+    assert len(list((checkpoint / "dcp").glob("*.distcp"))) == 2  # one shard file per rank
+
+
+def test_a_sigkilled_fused_fsdp_run_resumes_exactly(
+    ray_session, aligner, tiny_dirs, corpus, tmp_path
+):
+    common = small_fsdp_run(tiny_dirs, corpus, tmp_path, max_steps=10, checkpoint_every=2)
+    common.update(lam=0.5, aligner=aligner.grpc_address, parallel="fsdp")
+    saved = interrupted_run(common, tmp_path / "killed.jsonl", lambda proc: kill_tree(proc.pid))
+    assert saved["step"] < 10, "the run finished before it could be killed"
+    assert saved["step"] % 2 == 0 and saved["blocks_seen"] == saved["step"] * 4
+
+    resumed, metrics = resume(common, tmp_path)
+    assert metrics[0]["step"] == saved["step"] + 1
+    assert metrics[0]["blocks_seen"] == saved["blocks_seen"] + 4
+    assert metrics[-1]["step"] == 10 and all(m["fusion_loss"] > 0 for m in metrics)
+
+    straight, straight_metrics = resume(common, tmp_path, "straight", checkpoint_every=10)
+    by_step = {m["step"]: m["loss"] for m in straight_metrics}
+    for m in metrics:
+        assert m["loss"] == pytest.approx(by_step[m["step"]], abs=1e-5)
+    assert_same_weights(resumed.model_dir, straight.model_dir, atol=1e-5)
+
+
+def test_a_teacher_subset_is_the_only_teacher_the_aligner_calls(aligner, mistral_tok, prose):
+    """``--teachers spm``: the aligner calls spm for every block and never bpe."""
+    from fuseserve.aligner.tokenview import TokenizerView
+    from fuseserve.trainer.data import pack_blocks
+    from fuseserve.trainer.prefetch import FusedTargetStream
+
+    def calls(name):
+        labels = {"teacher": name, "outcome": "ok"}
+        return aligner.metric("fuseserve_aligner_teacher_calls_total", labels)
+
+    # text no other test sends, so nothing comes from the cache
+    text = "A teacher subset test, fresh text.\n" + prose[-3000:][::-1]
+    blocks = pack_blocks(mistral_tok, [text], block_size=32)[:3]
+    before = {name: calls(name) for name in ("spm", "bpe")}
+    stream = FusedTargetStream(
+        aligner.grpc_address,
+        blocks,
+        iter(range(len(blocks))),
+        depth=3,
+        target_fingerprint=TokenizerView.from_hf(mistral_tok).fingerprint,
+        teachers=["spm"],
+        timeout_s=120,
+    ).start()
+    try:
+        fused = [stream.get(b) for b in blocks]
+    finally:
+        stream.close()
+    assert all(f.teachers == ("spm",) for f in fused)
+    assert calls("spm") - before["spm"] == len(blocks)
+    assert calls("bpe") == before["bpe"]
