@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint bench env proto experiment experiments
+.PHONY: demo test lint bench env proto experiment experiments compose-check
 
 $(VENV)/.installed: pyproject.toml scripts/bootstrap.sh
 	VENV=$(VENV) bash scripts/bootstrap.sh
@@ -33,3 +33,7 @@ experiment: $(VENV)/.installed  ## one experiment file (default: Table 7, ~40 mi
 
 experiments: $(VENV)/.installed  ## every file in experiments/ (hours on 2 cores; cached between runs)
 	for f in experiments/*.yaml; do $(PY) -m fuseserve.cli experiment $$f $(EXPERIMENT_ARGS) || exit 1; done
+
+# as root on a machine without a Docker engine: make compose-check COMPOSE_CHECK_ARGS=--install-engine
+compose-check:  ## build every image, run `compose up` end to end, check it, take it down (~15 min cold)
+	bash scripts/compose_check.sh $(COMPOSE_CHECK_ARGS)

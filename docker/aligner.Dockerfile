@@ -1,13 +1,21 @@
 # fuseserve aligner: REST (8080) + gRPC (50061). No torch in this image.
 # Build from the repository root: docker build -f docker/aligner.Dockerfile -t fuseserve-aligner .
+# Build arguments: PYTHON_IMAGE (a Debian-based Python 3.11+ image with `python` on PATH).
+# Optional build inputs (a CA bundle for pip): docker/build-context/README.md.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python -m venv /opt/venv
-COPY pyproject.toml README.md /src/
+COPY docker/build-context /build-context
+RUN if [ -f /build-context/ca.pem ]; then printf '[global]\ncert = /build-context/ca.pem\n' > /etc/pip.conf; fi \
+    && python -m venv /opt/venv
+# dependencies first, in their own layer; the source last, so a code change rebuilds one layer
+COPY pyproject.toml docker/pyproject_requirements.py /src/
+RUN python /src/pyproject_requirements.py /src/pyproject.toml aligner > /src/requirements.txt \
+    && /opt/venv/bin/pip install -r /src/requirements.txt
+COPY README.md /src/
 COPY services /src/services
-RUN /opt/venv/bin/pip install "/src[aligner]"
+RUN /opt/venv/bin/pip install --no-deps /src
 
 FROM ${PYTHON_IMAGE}
 ENV PATH=/opt/venv/bin:$PATH \

@@ -1,15 +1,29 @@
 # fuseserve trainer: Ray Train + torch (CPU by default; TORCH_INDEX=.../cu128 for CUDA nodes).
 # Build from the repository root: docker build -f docker/trainer.Dockerfile -t fuseserve-trainer .
+# Build arguments: PYTHON_IMAGE (a Debian-based Python 3.11+ image with `python` on PATH),
+# TORCH_VERSION, TORCH_INDEX (the package index torch comes from).
+# Optional build inputs (a CA bundle for pip, a local torch wheel): docker/build-context/README.md.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
+ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python -m venv /opt/venv
-RUN /opt/venv/bin/pip install torch==2.13.0 --index-url ${TORCH_INDEX}
-COPY pyproject.toml README.md /src/
+COPY docker/build-context /build-context
+RUN if [ -f /build-context/ca.pem ]; then printf '[global]\ncert = /build-context/ca.pem\n' > /etc/pip.conf; fi \
+    && python -m venv /opt/venv
+RUN if ls /build-context/wheels/torch-"${TORCH_VERSION}"*.whl >/dev/null 2>&1; then \
+        /opt/venv/bin/pip install /build-context/wheels/torch-"${TORCH_VERSION}"*.whl; \
+    else \
+        /opt/venv/bin/pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"; \
+    fi
+# dependencies first, in their own layer; the source last, so a code change rebuilds one layer
+COPY pyproject.toml docker/pyproject_requirements.py /src/
+RUN python /src/pyproject_requirements.py /src/pyproject.toml trainer > /src/requirements.txt \
+    && /opt/venv/bin/pip install -r /src/requirements.txt
+COPY README.md /src/
 COPY services /src/services
-RUN /opt/venv/bin/pip install "/src[trainer]"
+RUN /opt/venv/bin/pip install --no-deps /src
 
 FROM ${PYTHON_IMAGE}
 ENV PATH=/opt/venv/bin:$PATH \

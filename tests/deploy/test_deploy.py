@@ -47,9 +47,16 @@ def rendered() -> dict[str, list[dict]]:
     return out
 
 
+COMPOSE_TEXT = (ROOT / "docker-compose.yml").read_text()
+DEFAULTED = re.compile(r"\$\{(\w+):-([^}]*)\}")
+
+
 @pytest.fixture(scope="module")
 def compose() -> dict:
-    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    """The compose file as Compose reads it with nothing set: every ``${VAR:-default}`` is its
+    default (the file uses no other kind of interpolation)."""
+    assert re.findall(r"\$\{?\w+", DEFAULTED.sub("", COMPOSE_TEXT)) == []
+    return yaml.safe_load(DEFAULTED.sub(r"\2", COMPOSE_TEXT))
 
 
 def pod_specs(doc: dict) -> list[tuple[str, dict]]:
@@ -324,3 +331,72 @@ def test_deploy_doc_names_only_files_that_exist():
         assert (ROOT / path).exists(), f"docs/deploy.md names {path}, which does not exist"
     for port in ("50051", "9401", "8080", "50061", "6379"):
         assert port in doc
+
+
+def test_compose_file_works_with_compose_v1_29_too(compose):
+    """Debian's Compose is 1.29: no top-level ``name:`` (the project name comes from .env), no
+    ``depends_on.<svc>.required``, and nothing depends on a service that only a profile starts."""
+    assert "name" not in compose
+    env = dict(line.split("=", 1) for line in (ROOT / ".env").read_text().split())
+    assert env["COMPOSE_PROJECT_NAME"] == "fuseserve" and env["COMPOSE_PROFILES"] == "cpu"
+    services = compose["services"]
+    for name, service in services.items():
+        for dep, how in (service.get("depends_on") or {}).items():
+            assert "required" not in how, f"{name} -> {dep}"
+            if "profiles" in services[dep]:
+                assert set(service.get("profiles", [])) <= set(services[dep]["profiles"]), (
+                    f"{name} depends on {dep}, started only by profiles {services[dep]['profiles']}"
+                )
+
+
+def test_compose_redis_accepts_the_other_containers_and_every_service_is_uid_10001(compose):
+    redis_cmd = compose["services"]["redis"]["command"]
+    # Redis without a password refuses other hosts unless protected mode is off (the official
+    # image's entrypoint does this; a Redis from Debian's package does not)
+    assert redis_cmd[redis_cmd.index("--protected-mode") + 1] == "no"
+    assert compose["services"]["redis"]["user"].split(":")[0] == "10001"
+    for dockerfile in (ROOT / "docker").glob("*.Dockerfile"):
+        assert re.search(r"^USER 10001$", dockerfile.read_text(), flags=re.M), dockerfile
+
+
+@pytest.mark.parametrize("dockerfile", sorted((ROOT / "docker").glob("*.Dockerfile")), ids=str)
+def test_dockerfiles_take_base_image_and_torch_source_as_build_arguments(dockerfile, compose):
+    text = dockerfile.read_text()
+    base = "CUDA_IMAGE" if "cuda" in dockerfile.name else "PYTHON_IMAGE"
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, flags=re.M))
+    assert args[base] in {"python:3.11-slim-bookworm", "nvidia/cuda:12.8.1-runtime-ubuntu24.04"}
+    assert re.findall(r"^FROM (\S+)", text, flags=re.M)[0] == f"${{{base}}}"
+    if dockerfile.name != "aligner.Dockerfile":  # the aligner image has no torch
+        assert args["TORCH_INDEX"].startswith("https://download.pytorch.org/whl/")
+        assert "TORCH_VERSION" in args
+    build, final = re.split(r"^FROM ", text, flags=re.M)[1:][-2:]
+    # the optional CA bundle and wheels stay in the build stage: the final image copies the venv
+    assert "COPY docker/build-context /build-context" in build
+    assert "build-context" not in final and "pip.conf" not in final
+    assert re.findall(r"^COPY (.*)$", final, flags=re.M) == ["--from=build /opt/venv /opt/venv"]
+    # every compose service built from this file passes the build arguments the file declares
+    for service in compose["services"].values():
+        if service.get("build", {}).get("dockerfile") == f"docker/{dockerfile.name}":
+            assert set(service["build"]["args"]) <= set(args), service["image"]
+            assert base in service["build"]["args"]
+
+
+def test_image_requirements_follow_the_extras_of_pyproject():
+    sys.path.insert(0, str(ROOT / "docker"))
+    try:
+        from pyproject_requirements import requirements
+    finally:
+        sys.path.pop(0)
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    aligner, trainer = requirements(project, ["aligner"]), requirements(project, ["trainer"])
+    names = {re.split(r"[<>=\[ ]", r)[0] for r in trainer}
+    assert not any(r.startswith("torch") for r in aligner)
+    assert {"torch", "ray", "fastapi", "numpy"} <= names  # trainer -> teacher -> aligner -> core
+    assert not any(r.startswith("fuseserve") for r in trainer)
+    # compose's `prepare` runs `fuseserve demo --prepare-only` in the trainer image: the demo's
+    # small model is made on the Mistral v1 tokenizer that mistral-common ships
+    assert "mistral-common" in names
+    with pytest.raises(SystemExit, match="no extra 'gpu'"):
+        requirements(project, ["gpu"])
