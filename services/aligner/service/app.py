@@ -146,6 +146,8 @@ async def start_aligner(settings: AlignerSettings, show_progress: bool = False) 
             retry_s=settings.redis_retry_s,
             ttl_s=settings.cache_ttl_s,
             on_error=lambda op: metrics.cache_errors.labels(op).inc(),
+            max_connections=settings.redis_max_connections,
+            pool_timeout_s=settings.redis_pool_timeout_s,
         )
     else:
         cache = LRUCache(settings.lru_max_bytes)

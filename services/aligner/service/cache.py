@@ -115,7 +115,14 @@ class LRUCache:
 
 
 class RedisCache:
-    """Redis with fail-fast semantics; errors are counted through ``on_error``."""
+    """Redis with fail-fast semantics; errors are counted through ``on_error``.
+
+    At most ``max_connections`` commands run at once; a command that waits longer than
+    ``pool_timeout_s`` for one of them is a miss (``<op>_busy``) and never turns the cache off.
+    A connection that fails (a pooled one that went stale when Redis restarted) is retried once
+    on a fresh connection; only a failure after that, or a timeout, turns Redis off for
+    ``retry_s``. Every command is bounded by ``timeout_s`` (connect, write and read), so a hung
+    Redis costs a request at most that, once."""
 
     name = "redis"
 
@@ -127,23 +134,30 @@ class RedisCache:
         retry_s: float = 5.0,
         ttl_s: int = 0,
         on_error: Callable[[str], None] = lambda op: None,
+        max_connections: int = 256,
+        pool_timeout_s: float = 0.25,
     ) -> None:
         import redis.asyncio as redis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
 
         self.client = redis.from_url(
             url,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
+            # a stale pooled connection: reconnect and try once more; never retry a timeout
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             retry_on_timeout=False,
+            max_connections=max_connections,
         )
         self.prefix = prefix
         self.timeout_s = timeout_s
         self.retry_s = retry_s
         self.ttl_s = ttl_s
         self.on_error = on_error
+        self.pool_timeout_s = pool_timeout_s
+        self._slots = asyncio.Semaphore(max_connections)
         self._down_until = 0.0
         self.last_error: str | None = None  # the latest command's failure; None once one succeeds
 
@@ -159,19 +173,32 @@ class RedisCache:
             self.on_error(f"{op}_skipped")
             return None
         try:
-            # the socket timeout bounds each read; wait_for also bounds connect + pool waits
-            result = await asyncio.wait_for(fn(), self.timeout_s * 2)
+            await asyncio.wait_for(self._slots.acquire(), self.pool_timeout_s)
+        except TimeoutError:  # every connection busy: a miss, not an outage
+            self.on_error(f"{op}_busy")
+            return None
+        try:
+            if not self.healthy:  # went down while this one waited for a connection
+                self.on_error(f"{op}_skipped")
+                return None
+            # socket timeouts bound each read; wait_for bounds the whole command (and a retry)
+            result = await asyncio.wait_for(fn(), self.timeout_s)
+            self.last_error = None
+            return result
         except Exception as exc:  # any Redis failure is a miss, never the caller's error
             self.last_error = (str(exc).splitlines() or [""])[0][:200] or type(exc).__name__
             if self._down_until <= time.monotonic():
                 log.warning(
-                    "redis %s failed (%s); serving uncached for %.1fs", op, exc, self.retry_s
+                    "redis %s failed (%s); serving uncached for %.1fs",
+                    op,
+                    exc or type(exc).__name__,
+                    self.retry_s,
                 )
             self._down_until = time.monotonic() + self.retry_s
             self.on_error(op)
             return None
-        self.last_error = None
-        return result
+        finally:
+            self._slots.release()
 
     async def get(self, key: str) -> bytes | None:
         return await self._call("get", lambda: self.client.get(self.prefix + key))

@@ -93,6 +93,15 @@ class AlignerSettings(BaseSettings, ServerSecurity):
     redis_prefix: str = Field("fuseserve:", description="key prefix in Redis")
     redis_timeout_s: float = Field(0.25, gt=0, description="per Redis command")
     redis_retry_s: float = Field(5.0, ge=0, description="skip Redis this long after a failure")
+    redis_max_connections: int = Field(
+        512,
+        ge=1,
+        description="Redis commands at once (a request uses up to 1 + teachers per block; size it "
+        "to max_inflight_blocks x (1 + teachers))",
+    )
+    redis_pool_timeout_s: float = Field(
+        0.25, gt=0, description="wait this long for a free Redis connection, then miss"
+    )
     cache_ttl_s: int = Field(0, ge=0, description="Redis key TTL (0 = none; rely on LRU)")
     lru_max_bytes: int = Field(512 * 1024 * 1024, ge=0, description="in-process cache size")
     vocab_map_dir: str = Field(

@@ -1,0 +1,106 @@
+"""RedisCache against a real redis-server: restarts, a hung server, a busy connection pool."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+import pytest
+
+from fuseserve import launch
+from fuseserve.aligner.service.cache import RedisCache
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def own_redis(logs):
+    proc = launch.start_redis(logs)
+    yield proc
+    proc.stop()
+
+
+def make_cache(port: int, errors: list[str], **kw) -> RedisCache:
+    kw = {"timeout_s": 0.25, "retry_s": 5.0, **kw}
+    return RedisCache(f"redis://127.0.0.1:{port}/0", prefix="t:", on_error=errors.append, **kw)
+
+
+def test_stale_connections_after_a_restart_are_retried_not_an_outage(own_redis, logs, caplog):
+    """Redis restarts under a pool of open connections: each stale one is retried once on a
+    fresh connection, so the cache never turns off and the values written after the restart
+    are hits at once."""
+    errors: list[str] = []
+
+    async def scenario():
+        cache = make_cache(own_redis.port, errors)
+        # open several pooled connections
+        await asyncio.gather(*(cache.set(f"k{i}", b"v%d" % i) for i in range(20)))
+        assert await cache.get("k3") == b"v3"
+        own_redis.kill()
+        restarted = launch.start_redis(logs, port=own_redis.port)
+        try:
+            got = await asyncio.gather(*(cache.get(f"k{i}") for i in range(20)))
+            assert got == [None] * 20  # a fresh server: misses, not errors
+            await asyncio.gather(*(cache.set(f"k{i}", b"w%d" % i) for i in range(20)))
+            again = await asyncio.gather(*(cache.get(f"k{i}") for i in range(20)))
+            assert again == [b"w%d" % i for i in range(20)]
+            assert cache.healthy
+        finally:
+            await cache.close()
+            restarted.stop()
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(scenario())
+    assert errors == []
+    assert "serving uncached" not in caplog.text
+
+
+def test_a_busy_pool_is_a_miss_and_never_turns_the_cache_off(own_redis, caplog):
+    errors: list[str] = []
+
+    async def scenario():
+        cache = make_cache(own_redis.port, errors, max_connections=4, pool_timeout_s=0.05)
+        await cache.set("key", b"value")
+        results = await asyncio.gather(*(cache.get("key") for _ in range(300)))
+        assert set(results) <= {b"value", None} and results.count(b"value") > 0
+        # hold every connection slot: the next command waits pool_timeout_s and misses
+        for _ in range(4):
+            await cache._slots.acquire()
+        assert await cache.get("key") is None
+        for _ in range(4):
+            cache._slots.release()
+        assert cache.healthy and await cache.get("key") == b"value"
+        await cache.close()
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(scenario())
+    assert "get_busy" in errors and "get" not in errors
+    assert "serving uncached" not in caplog.text
+
+
+def test_a_hung_redis_costs_at_most_the_command_timeout_once(own_redis):
+    errors: list[str] = []
+
+    async def scenario():
+        cache = make_cache(own_redis.port, errors, timeout_s=0.25, retry_s=0.5)
+        await cache.set("key", b"value")
+        own_redis.popen.send_signal(signal.SIGSTOP)
+        try:
+            start = time.perf_counter()
+            first = await asyncio.gather(*(cache.get("key") for _ in range(50)))
+            hung = time.perf_counter() - start
+            start = time.perf_counter()
+            skipped = await cache.get("key")
+            skip = time.perf_counter() - start
+        finally:
+            own_redis.popen.send_signal(signal.SIGCONT)
+        assert first == [None] * 50 and skipped is None
+        assert hung < 2.0 and skip < 0.5  # generous bounds: bounded, not hung
+        await asyncio.sleep(0.6)  # past retry_s: tried again
+        assert await cache.get("key") == b"value"
+        await cache.close()
+
+    asyncio.run(scenario())
+    assert "get" in errors and "get_skipped" in errors
