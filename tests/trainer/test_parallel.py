@@ -8,6 +8,7 @@ import signal
 
 import psutil
 import pytest
+import torch
 
 from fuseserve.trainer.loop import STATE_FILE, find_latest_checkpoint
 from tests.trainer.conftest import assert_same_weights, interrupted_run, resume, small_run
@@ -102,3 +103,40 @@ def test_a_teacher_subset_is_the_only_teacher_the_aligner_calls(aligner, mistral
     assert all(f.teachers == ("spm",) for f in fused)
     assert calls("spm") - before["spm"] == len(blocks)
     assert calls("bpe") == before["bpe"]
+
+
+def test_chat_blocks_are_fused_on_the_rendered_text(aligner, mistral_tok):
+    """The aligner scores a rendered conversation (template markers and EOS included) and answers
+    with the trainer's own ids for it; the batch keeps fused rows only before assistant tokens."""
+    from fuseserve.aligner.tokenview import TokenizerView
+    from fuseserve.trainer.data import chat_blocks
+    from fuseserve.trainer.loop import batch_tensors
+    from fuseserve.trainer.prefetch import FusedTargetStream
+
+    conversations = [
+        [
+            {"role": "user", "content": f"What is {a} plus {b}?"},
+            {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
+        ]
+        for a, b in ((2, 3), (10, 7))
+    ]
+    blocks = chat_blocks(mistral_tok, conversations, block_size=64)
+    assert len(blocks) == 2 and all("</s>" in b.text for b in blocks)
+    stream = FusedTargetStream(
+        aligner.grpc_address,
+        blocks,
+        iter(range(len(blocks))),
+        depth=2,
+        target_fingerprint=TokenizerView.from_hf(mistral_tok).fingerprint,
+        timeout_s=120,
+    ).start()
+    try:
+        fused = [stream.get(b) for b in blocks]  # raises TargetMismatch on other ids
+    finally:
+        stream.close()
+    _, _, labels, f_ids, _, _ = batch_tensors(blocks, fused, 0)
+    for r, block in enumerate(blocks):
+        n = len(block.ids)
+        rows = (f_ids[r, : n - 1] >= 0).any(-1)
+        assert rows.any() and not rows[~torch.from_numpy(block.loss_mask[1:])].any()
+        assert (labels[r, :n] != -100).tolist() == block.loss_mask.tolist()
