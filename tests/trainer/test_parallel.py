@@ -73,11 +73,29 @@ def test_a_sigkilled_fused_fsdp_run_resumes_exactly(
     assert_same_weights(resumed.model_dir, straight.model_dir, atol=1e-5)
 
 
+def fetch_fused(aligner, tokenizer, blocks, teachers=()):
+    """The aligner's fused targets for ``blocks`` through the trainer's prefetch stream."""
+    from fuseserve.aligner.tokenview import TokenizerView
+    from fuseserve.trainer.prefetch import FusedTargetStream
+
+    stream = FusedTargetStream(
+        aligner.grpc_address,
+        blocks,
+        iter(range(len(blocks))),
+        depth=len(blocks),
+        target_fingerprint=TokenizerView.from_hf(tokenizer).fingerprint,
+        teachers=teachers,
+        timeout_s=120,
+    ).start()
+    try:
+        return [stream.get(b) for b in blocks]
+    finally:
+        stream.close()
+
+
 def test_a_teacher_subset_is_the_only_teacher_the_aligner_calls(aligner, mistral_tok, prose):
     """``--teachers spm``: the aligner calls spm for every block and never bpe."""
-    from fuseserve.aligner.tokenview import TokenizerView
     from fuseserve.trainer.data import pack_blocks
-    from fuseserve.trainer.prefetch import FusedTargetStream
 
     def calls(name):
         labels = {"teacher": name, "outcome": "ok"}
@@ -87,19 +105,7 @@ def test_a_teacher_subset_is_the_only_teacher_the_aligner_calls(aligner, mistral
     text = "A teacher subset test, fresh text.\n" + prose[-3000:][::-1]
     blocks = pack_blocks(mistral_tok, [text], block_size=32)[:3]
     before = {name: calls(name) for name in ("spm", "bpe")}
-    stream = FusedTargetStream(
-        aligner.grpc_address,
-        blocks,
-        iter(range(len(blocks))),
-        depth=3,
-        target_fingerprint=TokenizerView.from_hf(mistral_tok).fingerprint,
-        teachers=["spm"],
-        timeout_s=120,
-    ).start()
-    try:
-        fused = [stream.get(b) for b in blocks]
-    finally:
-        stream.close()
+    fused = fetch_fused(aligner, mistral_tok, blocks, teachers=["spm"])
     assert all(f.teachers == ("spm",) for f in fused)
     assert calls("spm") - before["spm"] == len(blocks)
     assert calls("bpe") == before["bpe"]
@@ -108,10 +114,8 @@ def test_a_teacher_subset_is_the_only_teacher_the_aligner_calls(aligner, mistral
 def test_chat_blocks_are_fused_on_the_rendered_text(aligner, mistral_tok):
     """The aligner scores a rendered conversation (template markers and EOS included) and answers
     with the trainer's own ids for it; the batch keeps fused rows only before assistant tokens."""
-    from fuseserve.aligner.tokenview import TokenizerView
     from fuseserve.trainer.data import chat_blocks
     from fuseserve.trainer.loop import batch_tensors
-    from fuseserve.trainer.prefetch import FusedTargetStream
 
     conversations = [
         [
@@ -122,18 +126,7 @@ def test_chat_blocks_are_fused_on_the_rendered_text(aligner, mistral_tok):
     ]
     blocks = chat_blocks(mistral_tok, conversations, block_size=64)
     assert len(blocks) == 2 and all("</s>" in b.text for b in blocks)
-    stream = FusedTargetStream(
-        aligner.grpc_address,
-        blocks,
-        iter(range(len(blocks))),
-        depth=2,
-        target_fingerprint=TokenizerView.from_hf(mistral_tok).fingerprint,
-        timeout_s=120,
-    ).start()
-    try:
-        fused = [stream.get(b) for b in blocks]  # raises TargetMismatch on other ids
-    finally:
-        stream.close()
+    fused = fetch_fused(aligner, mistral_tok, blocks)  # TargetMismatch on other ids
     _, _, labels, f_ids, _, _ = batch_tensors(blocks, fused, 0)
     for r, block in enumerate(blocks):
         n = len(block.ids)
