@@ -50,7 +50,7 @@ class ScoredText:
     logprobs: np.ndarray
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP2 would keep inference tensors as buffers
 def score_texts(
     model,
     tokenizer,

@@ -31,13 +31,25 @@ def small_fsdp_run(tiny_dirs, corpus, tmp_path, **settings) -> dict:
     return small_run(tiny_dirs, corpus, tmp_path, **shape, **settings)
 
 
-def test_fsdp_follows_the_ddp_loss_trajectory(ray_session, tiny_dirs, corpus, tmp_path):
+def held_out_rows(path) -> list[dict]:
+    return [json.loads(line) for line in open(path) if '"eval_bpb"' in line]
+
+
+def test_fsdp_follows_the_ddp_loss_trajectory(ray_session, tiny_dirs, corpus, prose, tmp_path):
     """3 steps, 2 micro-batches each, 2 workers: FSDP2 losses and final weights equal DDP's."""
+    held_out = tmp_path / "held-out.txt"
+    held_out.write_text(prose[-1500:])
     runs = {}
     for mode in ("ddp", "fsdp"):
         settings = small_fsdp_run(tiny_dirs, corpus, tmp_path, max_steps=3, checkpoint_every=3)
-        runs[mode] = resume({**settings, "lam": 1.0, "parallel": mode}, tmp_path, mode)[::-1]
+        settings.update(lam=1.0, parallel=mode, eval_data=[f"prose={held_out}"])
+        runs[mode] = resume(settings, tmp_path, mode)[::-1]
     ddp, fsdp = runs["ddp"][0], runs["fsdp"][0]
+    # held-out BPB before and after: every rank evaluates the sharded model, same values
+    bpb = {m: held_out_rows(tmp_path / f"{m}.resumed.jsonl") for m in ("ddp", "fsdp")}
+    assert [r["step"] for r in bpb["fsdp"]] == [0, 3]
+    for a, b in zip(bpb["ddp"], bpb["fsdp"]):
+        assert b["eval_bpb"]["prose"] == pytest.approx(a["eval_bpb"]["prose"], abs=1e-4)
     assert [m["step"] for m in fsdp] == [1, 2, 3]
     assert fsdp[-1]["blocks_seen"] == 12  # 1 block x 2 micro-batches x 2 workers x 3 steps
     assert fsdp[0]["global_batch_tokens"] == ddp[0]["global_batch_tokens"] > 0
@@ -133,3 +145,38 @@ def test_chat_blocks_are_fused_on_the_rendered_text(aligner, mistral_tok):
         rows = (f_ids[r, : n - 1] >= 0).any(-1)
         assert rows.any() and not rows[~torch.from_numpy(block.loss_mask[1:])].any()
         assert (labels[r, :n] != -100).tolist() == block.loss_mask.tolist()
+
+
+def test_a_chat_run_trains_on_fused_assistant_tokens(ray_session, aligner, tiny_dirs, tmp_path):
+    """--chat end to end: conversations rendered, fused, trained on their assistant tokens."""
+    data = tmp_path / "chat.jsonl"
+    lines = [
+        {"prompt": f"What is {a} times {b}?", "response": f"{a} times {b} is {a * b}."}
+        for a in range(2, 6)
+        for b in (3, 7)
+    ]
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    settings = small_run(
+        tiny_dirs, str(data), tmp_path, block_size=64, batch_size=2, grad_accum=2, max_steps=2
+    )
+    settings.update(num_workers=1, chat=True, lam=0.5, aligner=aligner.grpc_address)
+    result, metrics = resume(settings, tmp_path, "chat")
+    assert [m["step"] for m in metrics] == [1, 2] and metrics[-1]["blocks_seen"] == 8
+    assert all(m["fusion_loss"] > 0 and m["clm_loss"] > 0 for m in metrics)
+    assert metrics[0]["global_batch_tokens"] == sum(
+        len(b.ids) for b in blocks_of_first_step(settings)
+    )
+    assert result.model_dir is not None
+
+
+def blocks_of_first_step(settings):
+    """The 4 blocks the first step of a 1-worker run takes (the trainer's own schedule)."""
+    from fuseserve.loading import load_tokenizer
+    from fuseserve.trainer.config import TrainConfig
+    from fuseserve.trainer.data import worker_schedule
+    from fuseserve.trainer.loop import build_blocks
+
+    cfg = TrainConfig(**settings)
+    blocks = build_blocks(cfg, load_tokenizer(cfg.model))
+    _, _, idxs = next(worker_schedule(len(blocks), cfg.seed, 0, 1, cfg.blocks_per_step))
+    return [blocks[i] for i in idxs]
