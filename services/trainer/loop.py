@@ -71,12 +71,16 @@ def checkpoint_complete(folder: Path, registered: bool = False) -> bool:
     """All ranks finished writing this checkpoint: rank 0 writes ``COMPLETE`` into it after a
     barrier that follows every rank's upload, so a checkpoint cut off by a kill (some files there,
     some half-copied) is not. ``registered``: Ray's own checkpoint (registered only once every
-    rank has reported), for which the files are checked instead."""
-    if not (folder / STATE_FILE).exists():
+    rank has reported) and checkpoints from before the marker, for which the files are checked
+    instead."""
+    try:
+        state = json.loads((folder / STATE_FILE).read_text())
+    except (OSError, ValueError):
         return False
+    if "world" not in state:  # written before the marker existed (rank 0 alone, DDP)
+        registered = True
     if not registered:
         return (folder / COMPLETE_FILE).exists()
-    state = json.loads((folder / STATE_FILE).read_text())
     world = int(state.get("world", 0))
     if not all((folder / "rng" / f"rank{r}.pt").exists() for r in range(world)):
         return False
