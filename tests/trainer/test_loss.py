@@ -216,3 +216,11 @@ def test_step_denominators_make_micro_batches_add_up_to_the_batch():
         for i in range(3):
             total = sum(p[i] for p in parts)
             torch.testing.assert_close(total, batch[i], atol=1e-6, rtol=1e-6)
+    for chunk in (None, 5):  # CLM only: the plain cross-entropy and the chunked path
+        batch = combined_loss(logits, labels, None, None, 1.0, chunk=chunk)[0]
+        parts = [
+            combined_loss(logits[r : r + 1], labels[r : r + 1], None, None, 1.0, chunk=chunk,
+                          denominators=counts)[0]
+            for r in range(3)
+        ]  # fmt: skip
+        torch.testing.assert_close(sum(parts), batch, atol=1e-6, rtol=1e-6)
