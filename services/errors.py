@@ -20,7 +20,11 @@ class InvalidRequest(ServiceError):
 
 
 class Overloaded(ServiceError):
-    """Too much work in flight; retry later."""
+    """Too much work in flight; retry after ``retry_after_s`` seconds."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class Unavailable(ServiceError):

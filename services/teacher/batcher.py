@@ -1,6 +1,7 @@
 """Dynamic batching: concurrent Score requests share forward passes.
 
-Covers a bounded queue of tokenised sequences (full -> ``Overloaded`` at once), a collector that
+Covers a bounded queue of tokenised sequences (full -> ``Overloaded`` at once; sequences whose
+caller has gone, cancelled or past its deadline, are dropped before any compute), a collector that
 waits up to ``wait_s`` for company and packs sequences while the padded batch stays within the
 token budget, and one worker thread that runs the backend. Sequences asking for different k share
 a batch: it is scored at the largest k and each reply keeps its first k columns (top-k is sorted).
@@ -64,6 +65,8 @@ class DynamicBatcher:
         if self._closed:
             raise EngineUnavailable("teacher is shutting down")
         if len(self._queue) + len(items) > self._max_queue:
+            self._drop_gone()
+        if len(self._queue) + len(items) > self._max_queue:
             raise Overloaded(
                 f"queue full ({len(self._queue)} sequences waiting, limit {self._max_queue})"
             )
@@ -78,7 +81,17 @@ class DynamicBatcher:
         finally:
             self.in_flight -= 1
 
+    def _drop_gone(self) -> None:
+        """Forget queued sequences whose caller has gone (cancelled, deadline passed): they are
+        never computed."""
+        kept = deque(j for j in self._queue if not j.future.done())
+        dropped = len(self._queue) - len(kept)
+        if dropped:
+            self._queue = kept
+            self._metrics.dropped.inc(dropped)
+
     def _take_batch(self) -> list[_Job]:
+        self._drop_gone()
         batch: list[_Job] = []
         longest = 0
         while self._queue:
@@ -101,6 +114,8 @@ class DynamicBatcher:
                 await asyncio.sleep(self._wait_s)
             batch = self._take_batch()
             self._metrics.queue_depth.set(len(self._queue))
+            if not batch:
+                continue
             k = max(j.k for j in batch)
             try:
                 results = await loop.run_in_executor(

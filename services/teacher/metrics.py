@@ -19,6 +19,11 @@ class TeacherMetrics:
             registry=r,
         )
         self.tokens = Counter("fuseserve_teacher_tokens_scored", "tokens scored", registry=r)
+        self.dropped = Counter(
+            "fuseserve_teacher_dropped_sequences",
+            "queued sequences dropped unscored because their caller had gone",
+            registry=r,
+        )
         self.latency = Histogram(
             "fuseserve_teacher_request_seconds",
             "Score request latency",

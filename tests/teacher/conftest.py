@@ -92,3 +92,22 @@ def json_http_server(answer):
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
+
+
+class GatedBackend:
+    """A real backend whose forward passes wait for ``gate`` (open by default): lets a test
+    hold the model busy to build a queue, then let it go."""
+
+    def __init__(self, backend) -> None:
+        self.backend = backend
+        self.gate = threading.Event()
+        self.gate.set()
+        self.busy = threading.Event()  # set when a forward pass reaches the gate
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def score(self, items, k):
+        self.busy.set()
+        self.gate.wait(120)
+        return self.backend.score(items, k)

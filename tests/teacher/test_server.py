@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -190,3 +191,39 @@ def test_texts_over_max_text_chars_are_rejected_before_tokenising(teacher):
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert err.value.details() == "texts[1]: 300000 characters exceed max_text_chars=262144"
         assert len(score(stub, ["still serving"], k=2)[0]) == 1
+
+
+def test_sequences_of_callers_that_have_gone_are_never_computed(loop_thread, tiny_backend):
+    """While the model is busy, callers whose deadline passes are dropped from the queue
+    before any compute: only the first request's tokens are ever scored."""
+    from tests.teacher.conftest import GatedBackend
+
+    gated = GatedBackend(tiny_backend)
+    running = start_teacher(loop_thread, gated, batch_wait_ms=0.0)
+    metrics = running.metrics.registry
+    stub, channel = stub_for(running)
+    try:
+        gated.gate.clear()
+        with ThreadPoolExecutor(1) as pool:  # the holder's batch waits at the gate
+            holder = pool.submit(score, stub, ["the one that is computed"], 2)
+            wait = 0
+            while metrics.get_sample_value("fuseserve_teacher_queue_depth") != 0 or wait < 5:
+                wait += 1
+                time.sleep(0.05)
+            for _ in range(3):
+                request = teacher_pb2.ScoreRequest(texts=["gone before it ran", "me too"], k=2)
+                with pytest.raises(grpc.RpcError) as err:
+                    list(stub.Score(request, timeout=0.3))
+                assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            gated.gate.set()
+            (result,), _ = holder.result(60)
+        assert score(stub, ["scored afterwards too"], 2)[0]  # and the batcher goes on
+        dropped = metrics.get_sample_value("fuseserve_teacher_dropped_sequences_total")
+        assert dropped == 6
+        scored = metrics.get_sample_value("fuseserve_teacher_tokens_scored_total")
+        afterwards = len(tiny_backend.tokenize("scored afterwards too", None).ids)
+        assert scored == len(result.token_ids) + afterwards
+    finally:
+        gated.gate.set()
+        channel.close()
+        loop_thread.run(running.stop(1.0))

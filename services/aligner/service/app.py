@@ -166,6 +166,7 @@ async def start_aligner(settings: AlignerSettings, show_progress: bool = False) 
         max_inflight_blocks=settings.max_inflight_blocks,
         max_text_chars=settings.max_text_chars,
         max_text_bytes=settings.max_text_bytes,
+        request_deadline_s=settings.request_deadline_s,
     )
     servicer = AlignerServicer(
         service, metrics, settings.target_tokenizer, settings.max_stream_inflight

@@ -107,6 +107,7 @@ class FusionService:
         max_inflight_blocks: int = 256,
         max_text_chars: int = 262144,
         max_text_bytes: int = 512 * 1024,
+        request_deadline_s: float = 30.0,
     ) -> None:
         self.tokenizer = target_tokenizer
         self.target = target_view
@@ -121,6 +122,7 @@ class FusionService:
         self.max_inflight_blocks = max_inflight_blocks
         self.max_text_chars = max_text_chars
         self.max_text_bytes = max_text_bytes
+        self.request_deadline_s = request_deadline_s
         # one thread tokenises (a fast tokenizer must not be called from two threads at once);
         # the event loop stays free for health checks and other requests meanwhile
         self._tokenize = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
@@ -231,6 +233,7 @@ class FusionService:
             else:
                 waits[i] = future
         if owned:
+            self._admit(query, len(owned))
             try:
                 computed = await self._compute(query, [targets[i] for i in owned], owned)
             except BaseException as exc:
@@ -250,6 +253,21 @@ class FusionService:
             self.metrics.blocks.labels(r.source).inc()
         return results  # type: ignore[return-value]
 
+    def _admit(self, query: FuseQuery, n: int) -> None:
+        """Admit ``n`` blocks only if every teacher they need can answer them within
+        ``request_deadline_s`` at the rate it has been answering (an idle teacher always may)."""
+        waits = {name: self.pool.teachers[name].load.wait_s(n) for name in query.teachers}
+        name, wait = max(waits.items(), key=lambda kv: kv[1])
+        if wait > self.request_deadline_s:
+            load = self.pool.teachers[name].load
+            self.metrics.shed.labels(name).inc()
+            raise Overloaded(
+                f"teacher {name!r} has {load.inflight} blocks in flight at "
+                f"{load.rate:.2f} blocks/s: {n} more would take {wait:.1f}s, over "
+                f"request_deadline_s={self.request_deadline_s:g}; retry later",
+                retry_after_s=wait - self.request_deadline_s,
+            )
+
     def _decode_fused(self, value: bytes | None, target: _Target, query: FuseQuery):
         if value is None:
             self.metrics.cache_lookups.labels("fused", "miss").inc()
@@ -268,9 +286,16 @@ class FusionService:
         self, query: FuseQuery, targets: list[_Target], indices: list[int]
     ) -> list[FusedBlock]:
         texts = [query.texts[i] for i in indices]
-        per_teacher = await asyncio.gather(
-            *(self._teacher_scores(name, texts, query.k) for name in query.teachers)
-        )
+        # one teacher failing cancels the others' calls (and so their queued work)
+        try:
+            async with asyncio.TaskGroup() as group:
+                calls = [
+                    group.create_task(self._teacher_scores(name, texts, query.k))
+                    for name in query.teachers
+                ]
+        except BaseExceptionGroup as failed:
+            raise failed.exceptions[0] from None
+        per_teacher = [call.result() for call in calls]
         cooc = query.options.vocab is VocabAlign.COOC
         maps = [await self.pool.vocab_map(n, query.options.strings, cooc) for n in query.teachers]
         tables: list = [None] * len(query.teachers)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 
@@ -37,6 +38,13 @@ STATUS = {
 
 def status_of(exc: ServiceError) -> grpc.StatusCode:
     return next((c for cls, c in STATUS.items() if isinstance(exc, cls)), grpc.StatusCode.INTERNAL)
+
+
+def trailing_metadata(exc: ServiceError) -> tuple[tuple[str, str], ...]:
+    """``retry-after`` (whole seconds, like the REST header) on RESOURCE_EXHAUSTED."""
+    if isinstance(exc, Overloaded):
+        return (("retry-after", str(max(1, math.ceil(exc.retry_after_s)))),)
+    return ()
 
 
 def block_message(request_id: str, index: int, result: BlockResult, float_dtype: str, target_fp):
@@ -68,7 +76,7 @@ class AlignerServicer(aligner_pb2_grpc.AlignerServicer):
 
     async def _abort(self, context, exc: ServiceError):
         self.metrics.requests.labels("grpc", type(exc).__name__).inc()
-        await context.abort(status_of(exc), str(exc))
+        await context.abort(status_of(exc), str(exc), trailing_metadata(exc))
 
     def _query(self, request):
         if request.float_dtype not in ("", "f16", "f32"):
@@ -153,7 +161,9 @@ class AlignerServicer(aligner_pb2_grpc.AlignerServicer):
                     blocks = await task
                 except ServiceError as exc:
                     self.metrics.requests.labels("grpc", type(exc).__name__).inc()
-                    await context.abort(status_of(exc), f"request {request_id!r}: {exc}")
+                    await context.abort(
+                        status_of(exc), f"request {request_id!r}: {exc}", trailing_metadata(exc)
+                    )
                 self.metrics.requests.labels("grpc", "ok").inc()
                 for block in blocks:
                     yield block

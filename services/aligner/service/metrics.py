@@ -70,6 +70,13 @@ class AlignerMetrics:
             "1 while the cache answers (Redis: its latest command succeeded); 0 while it fails",
             registry=r,
         )
+        self.shed = Counter(
+            "fuseserve_aligner_shed_total",
+            "requests refused (429) because a teacher could not answer them within "
+            "request_deadline_s",
+            ["teacher"],
+            registry=r,
+        )
         self.teacher_ready = Gauge(
             "fuseserve_aligner_teacher_ready", "1 when a teacher is usable", ["teacher"], registry=r
         )

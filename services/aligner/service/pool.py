@@ -30,11 +30,40 @@ from fuseserve.wire.messages import TeacherScores
 
 log = logging.getLogger(__name__)
 
-RETRYABLE = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
+# retried (with backoff) on the next replica: the teacher may be restarting. Never retried:
+# RESOURCE_EXHAUSTED (an overloaded teacher gets no more of the same work; another replica may
+# take it once) and DEADLINE_EXCEEDED (the caller's time is spent).
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+
+
+@dataclass
+class Load:
+    """What one teacher is doing for this aligner, to admit only work it can finish in time.
+
+    ``inflight``: blocks sent and not answered. ``rate``: blocks per second it completes, an
+    exponentially weighted mean of Little's-law samples (blocks ahead of and in a call, divided
+    by the call's latency; the teacher works first come, first served)."""
+
+    inflight: int = 0
+    rate: float = 0.0
+    alpha: float = 0.3
+
+    def start(self, n: int) -> int:
+        ahead = self.inflight
+        self.inflight += n
+        return ahead + n
+
+    def finish(self, n: int, through: int | None = None, latency_s: float | None = None) -> None:
+        self.inflight -= n
+        if through and latency_s and latency_s > 0:
+            sample = through / latency_s
+            self.rate = sample if self.rate <= 0 else self.rate + self.alpha * (sample - self.rate)
+
+    def wait_s(self, n: int) -> float:
+        """Seconds until ``n`` more blocks would be answered (0 while idle or unmeasured)."""
+        if self.inflight == 0 or self.rate <= 0:
+            return 0.0
+        return (self.inflight + n) / self.rate
 
 
 def view_from_info(name: str, info, tokens: list[str]) -> TokenizerView:
@@ -76,6 +105,7 @@ class Teacher:
     fingerprint: str = ""
     problem: str = "not connected yet"
     down: str = ""  # set by the health watch while no replica is SERVING
+    load: Load = field(default_factory=Load)
     failed_checks: int = 0
     reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
     _next: int = 0
@@ -372,41 +402,53 @@ class TeacherPool:
             return vmap
 
     async def score(self, name: str, texts: list[str], k: int) -> list[TeacherScores]:
-        """Score texts on one teacher (truncating at its max length), retrying on outages."""
+        """Score texts on one teacher (truncating at its max length). UNAVAILABLE is retried
+        with backoff on the next replica; RESOURCE_EXHAUSTED moves once to another replica if
+        there is one, else it is ``Overloaded`` at once; nothing else is retried."""
         teacher = self.get(name)
         if not teacher.ready:
             raise Unavailable(teacher.why)
         delay = self.backoff_s
-        last: grpc.aio.AioRpcError | None = None
-        for attempt in range(self.retries + 1):
+        exhausted: set[str] = set()
+        attempt = 0
+        while True:
             client = teacher.next_client()
             start = time.perf_counter()
+            through = teacher.load.start(len(texts))
             try:
                 out = await client.score(texts, k, truncate=True, float_dtype=self.float_dtype)
             except grpc.aio.AioRpcError as exc:
-                self._count(name, exc.code().name.lower())
-                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                teacher.load.finish(len(texts))
+                code = exc.code()
+                self._count(name, code.name.lower())
+                where = f"teacher {name!r} at {client.address}"
+                if code == grpc.StatusCode.INVALID_ARGUMENT:
                     raise InvalidRequest("texts", f"teacher {name!r}: {exc.details()}") from exc
-                if exc.code() not in RETRYABLE:
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    exhausted.add(client.address)
+                    if len(exhausted) < len(teacher.clients) and attempt < self.retries:
+                        attempt += 1
+                        continue  # another replica, at once
+                    raise Overloaded(f"{where} is overloaded: {exc.details()}") from exc
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                     raise Unavailable(
-                        f"teacher {name!r} at {client.address}: {exc.code().name} {exc.details()}"
+                        f"{where} did not answer within {client.timeout_s:g}s"
                     ) from exc
-                last = exc
-                if attempt < self.retries:
-                    await asyncio.sleep(delay)
-                    delay *= 2
+                if code not in RETRYABLE or attempt >= self.retries:
+                    raise Unavailable(f"{where}: {code.name} {exc.details()}") from exc
+                attempt += 1
+                await asyncio.sleep(delay)
+                delay *= 2
                 continue
+            except BaseException:  # cancelled: the caller is gone
+                teacher.load.finish(len(texts))
+                raise
+            latency = time.perf_counter() - start
+            teacher.load.finish(len(texts), through, latency)
             if self.metrics is not None:
-                self.metrics.teacher_latency.labels(name).observe(time.perf_counter() - start)
+                self.metrics.teacher_latency.labels(name).observe(latency)
             self._count(name, "ok")
             return out
-        assert last is not None
-        if last.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            raise Overloaded(f"teacher {name!r} is overloaded: {last.details()}")
-        raise Unavailable(
-            f"teacher {name!r} is unavailable ({', '.join(teacher.addresses)}): "
-            f"{last.code().name} {last.details()}"
-        )
 
     def _count(self, name: str, outcome: str) -> None:
         if self.metrics is not None:

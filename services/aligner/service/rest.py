@@ -339,7 +339,7 @@ def create_app(
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError):
         metrics.requests.labels("rest", type(exc).__name__).inc()
-        return error_response(exc, getattr(exc, "retry_after_s", 1.0))
+        return error_response(exc, getattr(exc, "retry_after_s", 1.0))  # Overloaded has one
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):

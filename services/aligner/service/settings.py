@@ -67,6 +67,12 @@ class AlignerSettings(BaseSettings, ServerSecurity):
         512 * 1024, ge=2, description="UTF-8 bytes per text, checked before tokenising (422)"
     )
     max_inflight_blocks: int = Field(256, ge=1, description="blocks in flight before 429")
+    request_deadline_s: float = Field(
+        30.0,
+        gt=0,
+        description="admit a request only if its teachers can answer it within this, at their "
+        "measured rate (else 429 with Retry-After)",
+    )
     max_stream_inflight: int = Field(8, ge=1, description="blocks in flight per FuseStream")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="REST body limit (413)")
     body_timeout_s: float = Field(

@@ -1,0 +1,148 @@
+"""Load shedding: admission by what the teachers can finish in time, fast 429 with Retry-After,
+no retry into an overloaded teacher, and a failed request cancelling its sibling teacher calls.
+
+Two in-process teachers (the tiny spm and bpe models) whose forward passes wait at a gate the
+test opens and closes, so the teachers can be held busy at will.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import grpc
+import pytest
+
+from fuseserve.launch import wait_until
+from fuseserve.teacher.hf_backend import HFBackend
+from fuseserve.teacher.server import start_server
+from fuseserve.teacher.settings import TeacherSettings
+from fuseserve.wire.v1 import aligner_pb2, teacher_pb2, teacher_pb2_grpc
+from tests.aligner_service.test_service import stub_for
+from tests.service_fixtures import aligner_settings, start_handle
+from tests.teacher.conftest import GatedBackend
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def gated(service_loop, tiny_dirs):
+    async def start(name, **overrides):
+        backend = GatedBackend(
+            HFBackend.load(str(tiny_dirs[name]), max_sequence_length=1024, max_k=32)
+        )
+        settings = TeacherSettings(port=0, metrics_port=0, max_k=32, batch_wait_ms=0, **overrides)
+        running = await start_server(settings)
+        await running.set_backend(backend)
+        return SimpleNamespace(running=running, backend=backend, port=running.port)
+
+    teachers = {
+        "spm": service_loop.run(start("spm")),
+        "bpe": service_loop.run(start("bpe", max_queue_sequences=1)),
+    }
+    yield teachers
+    for t in teachers.values():
+        t.backend.gate.set()
+        service_loop.run(t.running.stop(1.0))
+
+
+@pytest.fixture(scope="module")
+def shedder(service_loop, gated, vocab_dir):
+    settings = aligner_settings(
+        gated, vocab_dir, request_deadline_s=0.001, teacher_retries=2, redis_url=None
+    )
+    handle = start_handle(service_loop, settings)
+    yield handle
+    handle.close()
+
+
+def teacher_metric(t, name):
+    return t.running.metrics.registry.get_sample_value(name) or 0.0
+
+
+def refused(handle, text: str, needle: str) -> None:
+    """POST ``text``: a 429 with Retry-After whose message holds ``needle``, without a hang."""
+    start = time.perf_counter()
+    shed = handle.rest.post("/v1/fuse", json={"text": text})
+    assert time.perf_counter() - start < 10  # generous: proves no wait, not a latency figure
+    assert shed.status_code == 429, shed.text
+    assert needle in shed.json()["error"]["message"]
+    assert int(shed.headers["Retry-After"]) >= 1
+
+
+def direct_score(t, text):
+    with grpc.insecure_channel(f"127.0.0.1:{t.port}") as channel:
+        request = teacher_pb2.ScoreRequest(texts=[text], k=2)
+        return list(teacher_pb2_grpc.TeacherStub(channel).Score(request, timeout=120))
+
+
+def test_overloaded_teacher_is_not_retried_and_siblings_are_cancelled(shedder, gated):
+    spm, bpe = gated["spm"], gated["bpe"]
+    spm_tokens = teacher_metric(spm, "fuseserve_teacher_tokens_scored_total")
+    holder_text = "holding the spm teacher busy"
+    for t in (spm, bpe):
+        t.backend.gate.clear()
+        t.backend.busy.clear()
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            holders = [pool.submit(direct_score, spm, holder_text)]
+            holders.append(pool.submit(direct_score, bpe, "holding the bpe teacher busy"))
+            depth = "fuseserve_teacher_queue_depth"
+            assert spm.backend.busy.wait(30) and bpe.backend.busy.wait(30)
+            holders.append(pool.submit(direct_score, bpe, "filling the queue of bpe"))
+            wait_until(lambda: teacher_metric(bpe, depth) == 1, 30, "bpe's queue full")
+
+            # at once, not after retries and backoff
+            refused(shedder, "a request bpe cannot take", "'bpe'")
+            calls = shedder.metric(
+                "fuseserve_aligner_teacher_calls_total",
+                {"teacher": "bpe", "outcome": "resource_exhausted"},
+            )
+            assert calls == 1  # one replica: never retried into the same teacher
+            # the spm call of the failed request was cancelled; let everything go
+            spm.backend.gate.set()
+            bpe.backend.gate.set()
+            for h in holders:
+                h.result(60)
+        wait_until(lambda: teacher_metric(spm, depth) == 0, 30, "spm's queue to drain")
+        held = len(spm.backend.tokenize(holder_text, None).ids)
+        # only the holder was ever computed on spm: the sibling call never was
+        assert teacher_metric(spm, "fuseserve_teacher_tokens_scored_total") == spm_tokens + held
+    finally:
+        spm.backend.gate.set()
+        bpe.backend.gate.set()
+
+
+def test_admission_sheds_at_once_with_retry_after(shedder, gated):
+    spm = gated["spm"]
+    for i in range(3):  # measured rates
+        ok = shedder.rest.post("/v1/fuse", json={"text": f"warming up the rate, text {i}"})
+        assert ok.status_code == 200, ok.text
+    assert shedder.service.pool.teachers["spm"].load.rate > 0
+    spm.backend.gate.clear()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            inflight = pool.submit(
+                shedder.rest.post, "/v1/fuse", json={"text": "in flight while spm is held"}
+            )
+            load = shedder.service.pool.teachers["spm"].load
+            wait_until(lambda: load.inflight >= 1, 30, "a block in flight at spm")
+            calls = shedder.metric(
+                "fuseserve_aligner_teacher_calls_total", {"teacher": "spm", "outcome": "ok"}
+            )
+            refused(shedder, "no room for this one", "request_deadline_s")  # before teacher work
+            assert shedder.metric("fuseserve_aligner_shed_total", {"teacher": "spm"}) >= 1
+            stub, channel = stub_for(shedder)
+            with channel, pytest.raises(grpc.RpcError) as err:
+                stub.Fuse(aligner_pb2.FuseRequest(texts=["nor for this one"]), timeout=30)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert dict(err.value.trailing_metadata())["retry-after"].isdigit()
+            spm.backend.gate.set()
+            assert inflight.result(60).status_code == 200
+        after = shedder.metric(
+            "fuseserve_aligner_teacher_calls_total", {"teacher": "spm", "outcome": "ok"}
+        )
+        assert after == calls + 1  # the shed requests never reached the teacher
+    finally:
+        spm.backend.gate.set()
