@@ -9,6 +9,7 @@ import signal
 import psutil
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from fuseserve.trainer.loop import STATE_FILE, find_latest_checkpoint
 from tests.trainer.conftest import assert_same_weights, interrupted_run, resume, small_run
@@ -180,3 +181,18 @@ def blocks_of_first_step(settings):
     blocks = build_blocks(cfg, load_tokenizer(cfg.model))
     _, _, idxs = next(worker_schedule(len(blocks), cfg.seed, 0, 1, cfg.blocks_per_step))
     return [blocks[i] for i in idxs]
+
+
+def test_fsdp_with_bf16_autocast_and_activation_checkpointing(
+    ray_session, tiny_dirs, corpus, tmp_path
+):
+    """The GPU settings wired together on CPU: losses close to fp32's, fp32 weights exported."""
+    settings = small_fsdp_run(tiny_dirs, corpus, tmp_path, max_steps=2, checkpoint_every=2)
+    settings.update(lam=1.0, parallel="fsdp")
+    low = {"mixed_precision": "bf16", "activation_checkpointing": True}
+    result, metrics = resume({**settings, **low}, tmp_path, "bf16")
+    _, reference = resume(settings, tmp_path, "fp32")
+    for a, b in zip(metrics, reference):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-2) and a["loss"] != b["loss"]
+    exported = AutoModelForCausalLM.from_pretrained(result.model_dir)
+    assert {p.dtype for p in exported.parameters()} == {torch.float32}
