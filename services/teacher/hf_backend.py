@@ -34,6 +34,9 @@ def resolve_model_spec(spec: str) -> tuple[str, dict]:
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return str(path.parent), {"gguf_file": path.name}
+    if spec.startswith(("/", "./", "../", "~")) and not path.exists():
+        # a path, not a hub id: say so instead of the hub's "Repo id must be in the form ..."
+        raise FileNotFoundError(f"no such file or directory: {path}")
     return spec, {}
 
 

@@ -46,7 +46,7 @@ def busy_port():
 
 def test_teacher_with_a_missing_model(tmp_path):
     result = run("teacher", "--model", str(tmp_path / "no-model"), "--port", "0")
-    assert_one_clear_line(result, "model: cannot load", "no-model")
+    assert_one_clear_line(result, "model: cannot load", "no-model", "no such file or directory")
     debug = run(
         "teacher", "--model", str(tmp_path / "no-model"), "--port", "0", FUSESERVE_DEBUG="1"
     )
