@@ -120,9 +120,9 @@ class RedisCache:
     At most ``max_connections`` commands run at once; a command that waits longer than
     ``pool_timeout_s`` for one of them is a miss (``<op>_busy``) and never turns the cache off.
     A connection that fails (a pooled one that went stale when Redis restarted) is retried once
-    on a fresh connection; only a failure after that, or a timeout, turns Redis off for
-    ``retry_s``. Every command is bounded by ``timeout_s`` (connect, write and read), so a hung
-    Redis costs a request at most that, once."""
+    on a fresh connection; only a failure after that, or a second timeout with no success in
+    between, turns Redis off for ``retry_s``. Every command is bounded by ``timeout_s`` (connect,
+    write and read), so a hung Redis costs a request at most that."""
 
     name = "redis"
 
@@ -159,6 +159,7 @@ class RedisCache:
         self.pool_timeout_s = pool_timeout_s
         self._slots = asyncio.Semaphore(max_connections)
         self._down_until = 0.0
+        self._timeouts = 0  # timeouts since the last success
         self.last_error: str | None = None  # the latest command's failure; None once one succeeds
 
     @property
@@ -184,15 +185,21 @@ class RedisCache:
             # socket timeouts bound each read; wait_for bounds the whole command (and a retry)
             result = await asyncio.wait_for(fn(), self.timeout_s)
             self.last_error = None
+            self._timeouts = 0
             return result
         except Exception as exc:  # any Redis failure is a miss, never the caller's error
-            self.last_error = (str(exc).splitlines() or [""])[0][:200] or type(exc).__name__
+            reason = (str(exc).splitlines() or [""])[0][:200] or type(exc).__name__
+            self.last_error = reason
+            if isinstance(exc, TimeoutError):
+                # one slow answer may be this process's busy event loop; two in a row with
+                # no success between them is a hung Redis
+                self._timeouts += 1
+                if self._timeouts < 2:
+                    self.on_error(f"{op}_timeout")
+                    return None
             if self._down_until <= time.monotonic():
                 log.warning(
-                    "redis %s failed (%s); serving uncached for %.1fs",
-                    op,
-                    exc or type(exc).__name__,
-                    self.retry_s,
+                    "redis %s failed (%s); serving uncached for %.1fs", op, reason, self.retry_s
                 )
             self._down_until = time.monotonic() + self.retry_s
             self.on_error(op)

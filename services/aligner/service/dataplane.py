@@ -193,6 +193,8 @@ class FusionService:
     # ------------------------------------------------------------------ fusing
     async def fuse(self, query: FuseQuery) -> list[BlockResult]:
         """Answer every block of a validated query, in order."""
+        # shed before any work (tokenising, cache look-ups) while the teachers are behind
+        self._admit(query, len(query.texts))
         loop = asyncio.get_running_loop()
         targets = await loop.run_in_executor(
             self._tokenize,

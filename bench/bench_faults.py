@@ -1,0 +1,314 @@
+"""Benchmark: the aligner under faults and overload (issue #15), as an operator would probe it.
+
+Setup: redis-server, two ``fuseserve teacher`` processes (tiny Llama models, fixed seed, on the
+Mistral v1 and SmolLM2 tokenizers) and the aligner as a process with Redis, every text distinct
+so nothing is a cache hit unless said so. Scenarios, in one run:
+
+1. capacity: closed loop (4 at a time) for ``--seconds``: requests/s answered 200;
+2. overload: open loop at ``--overload`` x capacity for 30 s: answers by status, p99 latency of
+   the refusals, goodput (200s per second during the load / capacity), the latency of one request
+   5 s after the load ends (vs the capacity run's median) and the aligner's RSS before and after;
+3. teacher SIGKILL under 150 concurrent requests: how many hung (no answer in 60 s), how long
+   until ``/v1/teachers`` shows it not ready, then success rate after a restart;
+4. Redis SIGKILL / restart / SIGSTOP: added p99 on misses, hits right after a restart, and whether
+   150 concurrent requests ever print "serving uncached";
+5. ``/healthz`` p99 while maximal (7.8 MB) texts are being rejected.
+
+Usage: python bench/bench_faults.py [--seconds 10] [--overload 5] [--deadline 2]
+Prints a markdown table (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import os
+import platform
+import signal
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from fuseserve import launch, shipped
+from fuseserve.teacher.tiny import save_tiny_llama
+
+TEACHER_ARGS = ["--max-sequence-length", "1024", "--max-k", "32", "--batch-wait-ms", "2"]
+counter = itertools.count()
+
+
+def text() -> str:
+    """A distinct ~60-token text (never a cache hit)."""
+    n = next(counter)
+    return f"Request {n}: the quick brown fox {n % 97} jumps over the lazy dog " * 4
+
+
+def p(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def counts(by: dict[int, int]) -> str:
+    return ", ".join(f"{k or 'no answer'}: {v}" for k, v in sorted(by.items()))
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def post(client, body, timeout=60.0) -> tuple[int, float, float]:
+    """(status or 0 for no answer, latency s, finish time)."""
+    start = time.perf_counter()
+    try:
+        r = await client.post("/v1/fuse", json=body, timeout=timeout)
+        status = r.status_code
+    except httpx.HTTPError:
+        status = 0
+    end = time.perf_counter()
+    return status, end - start, end
+
+
+async def capacity(client, seconds: float) -> tuple[float, list[float]]:
+    stop = time.perf_counter() + seconds
+    latencies: list[float] = []
+
+    async def worker():
+        while time.perf_counter() < stop:
+            status, lat, _ = await post(client, {"text": text()})
+            if status == 200:
+                latencies.append(lat)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(4)))
+    return len(latencies) / (time.perf_counter() - start), latencies
+
+
+async def overload(client, rate: float, seconds: float):
+    tasks = []
+    start = time.perf_counter()
+    for i in range(int(rate * seconds)):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(post(client, {"text": text()})))
+    end = time.perf_counter()
+    results = await asyncio.gather(*tasks)
+    return results, start, end
+
+
+async def misses_p99(client, n: int = 40) -> float:
+    lat = []
+    for _ in range(n // 2):
+        got = await asyncio.gather(*(post(client, {"text": text()}) for _ in range(2)))
+        lat += [g[1] for g in got if g[0] == 200]
+    return p(lat, 0.99)
+
+
+async def main_async(args, work: Path) -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = []
+    logs = work / "logs"
+    logs.mkdir()
+    dirs = {
+        "spm": save_tiny_llama(shipped.mistral_v1_tokenizer(), work / "spm", seed=1),
+        "bpe": save_tiny_llama(shipped.smollm2_tokenizer(), work / "bpe", seed=2),
+    }
+    redis = launch.start_redis(logs)
+    teachers = {
+        n: launch.start_teacher(n, str(d), logs, extra=TEACHER_ARGS) for n, d in dirs.items()
+    }
+    for t in teachers.values():
+        launch.wait_grpc_serving(t, 300)
+    aligner = launch.start_aligner(
+        {n: [f"127.0.0.1:{t.port}"] for n, t in teachers.items()},
+        logs,
+        extra=[
+            "--vocab-map-dir", str(work / "maps"),
+            "--preset", "default",
+            "--request-deadline-s", str(args.deadline),
+            "--redis-retry-s", "1",
+        ],
+        env={"REDIS_URL": f"redis://127.0.0.1:{redis.port}/0"},
+    )  # fmt: skip
+    try:
+        launch.wait_grpc_serving(aligner, 300)
+        limits = httpx.Limits(max_connections=400, max_keepalive_connections=400)
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{aligner.rest_port}", limits=limits
+        ) as client:
+            await capacity(client, 2)  # warm-up
+            cap, cap_lat = await capacity(client, args.seconds)
+            base = statistics.median(cap_lat)
+            ms = 1e3
+            rows.append(
+                ("capacity (closed loop, 4 at a time)", f"{cap:.1f} req/s, p50 {base * ms:.0f} ms")
+            )
+
+            # ---- overload
+            rss0 = rss_mib(aligner.popen.pid)
+            rate = args.overload * cap
+            results, t0, t1 = await overload(client, rate, 30)
+            by = {}
+            for status, _, _ in results:
+                by[status] = by.get(status, 0) + 1
+            refused = [lat for s, lat, _ in results if s in (429, 503)]
+            good = sum(1 for s, _, end in results if s == 200 and end <= t1 + args.deadline)
+            goodput = good / (t1 - t0)
+            await asyncio.sleep(5)
+            status, after, _ = await post(client, {"text": text()})
+            rss1 = rss_mib(aligner.popen.pid)
+            load = f"overload {args.overload:g}x ({rate:.1f} req/s for 30 s): answers"
+            rows += [
+                (load, counts(by)),
+                (
+                    "overload: refusals (429/503) latency p50 / p99",
+                    f"{p(refused, 0.5) * ms:.0f} / {p(refused, 0.99) * ms:.0f} ms",
+                ),
+                (
+                    "overload: goodput / capacity",
+                    f"{goodput:.1f} / {cap:.1f} req/s = {goodput / cap:.0%}",
+                ),
+                (
+                    "one request 5 s after the load",
+                    f"{status}, {after * ms:.0f} ms (capacity p50 {base * ms:.0f} ms)",
+                ),
+                ("aligner RSS before / after the overload", f"{rss0:.0f} / {rss1:.0f} MiB"),
+            ]
+
+            # ---- teacher SIGKILL under 150 concurrent requests
+            bpe = teachers["bpe"]
+            storm = [asyncio.ensure_future(post(client, {"text": text()})) for _ in range(150)]
+            await asyncio.sleep(0.5)
+            bpe.kill()
+            killed = time.perf_counter()
+            seen = None
+            while time.perf_counter() - killed < 30:
+                r = await client.get("/v1/teachers")
+                if not next(t for t in r.json() if t["name"] == "bpe")["ready"]:
+                    seen = time.perf_counter() - killed
+                    break
+                await asyncio.sleep(0.05)
+            results = await asyncio.gather(*storm)
+            hung = sum(1 for s, _, _ in results if s == 0)
+            slowest = max(lat for _, lat, _ in results)
+            codes = {}
+            for s, _, _ in results:
+                codes[s] = codes.get(s, 0) + 1
+            teachers["bpe"] = launch.start_teacher(
+                "bpe", str(dirs["bpe"]), logs, port=bpe.port, extra=TEACHER_ARGS
+            )
+            launch.wait_grpc_serving(teachers["bpe"], 300)
+            while True:
+                r = await client.get("/readyz")
+                if r.status_code == 200:
+                    break
+                await asyncio.sleep(0.1)
+            after = []
+            for _ in range(50):  # 2 at a time: within capacity
+                after += await asyncio.gather(*(post(client, {"text": text()}) for _ in range(2)))
+            ok = sum(1 for s, _, _ in after if s == 200)
+            after_codes: dict[int, int] = {}
+            for s, _, _ in after:
+                after_codes[s] = after_codes.get(s, 0) + 1
+            shown = f"{seen:.2f} s" if seen is not None else "not within 30 s"
+            rows += [
+                (
+                    "teacher SIGKILL, 150 concurrent: answers",
+                    f"{counts(codes)}; hung {hung}; slowest {slowest:.1f} s",
+                ),
+                ("teacher SIGKILL: shown not ready after", shown),
+                ("after restart: 100 requests (2 at a time)", f"{ok}% OK ({counts(after_codes)})"),
+            ]
+
+            # ---- Redis
+            up = await misses_p99(client)
+            redis.kill()
+            await post(client, {"text": text()})  # the failure that turns the cache off
+            dead = await misses_p99(client)
+            redis = launch.start_redis(logs, port=redis.port)
+            await asyncio.sleep(1.2)  # past redis_retry_s
+            texts = [text() for _ in range(40)]
+            for i in range(0, 40, 4):
+                await asyncio.gather(*(post(client, {"text": t}) for t in texts[i : i + 4]))
+            hits = 0
+            for t in texts:
+                try:
+                    r = await client.post("/v1/fuse", json={"text": t}, timeout=60)
+                except httpx.HTTPError:
+                    continue
+                hits += r.status_code == 200 and r.json()["blocks"][0]["cache_hit"]
+            redis.popen.send_signal(signal.SIGSTOP)
+            try:
+                stopped = await misses_p99(client)
+            finally:
+                redis.popen.send_signal(signal.SIGCONT)
+            await asyncio.sleep(1.2)
+            before = aligner.log_path.read_text(errors="replace").count("serving uncached")
+            await asyncio.gather(*(post(client, {"text": text()}) for _ in range(150)))
+            during = aligner.log_path.read_text(errors="replace").count("serving uncached") - before
+            rows += [
+                (
+                    "misses p99: Redis up / SIGKILLed / SIGSTOPped",
+                    f"{up * ms:.0f} / {dead * ms:.0f} / {stopped * ms:.0f} ms",
+                ),
+                ("Redis restarted: hits on 40 texts written just after", f"{hits}/40"),
+            ]
+            rows.append(
+                ("'serving uncached' during 150 concurrent requests, Redis up", str(during))
+            )
+
+            # ---- /healthz while maximal texts are rejected
+            huge = {"text": "word " * (7_800_000 // 5)}
+            health: list[float] = []
+            done = asyncio.Event()
+
+            async def poll():
+                while not done.is_set():
+                    start = time.perf_counter()
+                    await client.get("/healthz")
+                    health.append(time.perf_counter() - start)
+                    await asyncio.sleep(0.01)
+
+            poller = asyncio.ensure_future(poll())
+            codes = [(await post(client, huge))[0] for _ in range(5)]
+            done.set()
+            await poller
+            rows.append(
+                (
+                    "/healthz p99 while 5 maximal (7.8 MB) texts are rejected",
+                    f"{p(health, 0.99) * ms:.0f} ms ({len(health)} probes; "
+                    f"answers {sorted(set(codes))})",
+                )
+            )
+    finally:
+        aligner.stop()
+        for t in teachers.values():
+            t.stop()
+        redis.stop()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--overload", type=float, default=5.0)
+    parser.add_argument("--deadline", type=float, default=2.0, help="request_deadline_s")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = asyncio.run(main_async(args, Path(tmp)))
+    print(f"\n{platform.machine()}, {os.cpu_count()} CPUs, request_deadline_s={args.deadline:g}\n")
+    print("| scenario | measured |\n|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+
+
+if __name__ == "__main__":
+    main()
