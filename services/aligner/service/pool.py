@@ -282,7 +282,8 @@ class TeacherPool:
         self, interval_s: float, failures: int = 2, on_change=lambda: None
     ) -> None:
         """Check every replica's grpc.health.v1 status each ``interval_s``: a teacher none of
-        whose replicas is SERVING for ``failures`` rounds in a row is down (not ready, requests
+        whose replicas is SERVING for ``failures`` rounds in a row (one round when every
+        replica refuses the connection) is down (not ready, requests
         asking for it fail at once with 503 / UNAVAILABLE naming it); back when one serves again
         (its Info is read again first: a restarted teacher may have another tokenizer)."""
         while True:
@@ -314,7 +315,10 @@ class TeacherPool:
                     log.info("teacher %s serves again", teacher.name)
             return
         teacher.failed_checks += 1
-        if teacher.failed_checks >= failures and not teacher.down:
+        # refused connections (a dead process) are certain at once; a slow or NOT_SERVING
+        # answer must repeat ``failures`` times
+        certain = all(p == "UNAVAILABLE" for p in problems)
+        if (certain or teacher.failed_checks >= failures) and not teacher.down:
             where = ", ".join(f"{c.address}: {p}" for c, p in zip(teacher.clients, problems))
             teacher.down = f"teacher {teacher.name!r} is not serving ({where})"
             log.warning(teacher.down)
