@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint bench env proto experiment experiments compose-check
+.PHONY: demo test lint bench env proto experiment experiments compose-check gpu-check
 
 $(VENV)/.installed: pyproject.toml scripts/bootstrap.sh
 	VENV=$(VENV) bash scripts/bootstrap.sh
@@ -37,3 +37,6 @@ experiments: $(VENV)/.installed  ## every file in experiments/ (hours on 2 cores
 # as root on a machine without a Docker engine: make compose-check COMPOSE_CHECK_ARGS=--install-engine
 compose-check:  ## build every image, run `compose up` end to end, check it, take it down (~15 min cold)
 	bash scripts/compose_check.sh $(COMPOSE_CHECK_ARGS)
+
+gpu-check: $(VENV)/.installed  ## teacher and trainer on one GPU, ~5 min (needs a CUDA build of torch); results: gpu-check/
+	bash bench/gpu_check.sh
