@@ -239,9 +239,12 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await self._too_large(send)
         loop = asyncio.get_running_loop()
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            # read on (discarding, briefly) before answering: closing on a caller that is still
+            # sending resets the connection, and the reset can destroy the 413 in flight
+            await self._drain(receive, loop.time() + 2.0, 4 * self.max_bytes)
+            return await self._too_large(send)
         deadline = loop.time() + self.timeout_s
         chunks: list[bytes] = []
         seen = 0
