@@ -1,6 +1,6 @@
 """Trainer settings: env prefix ``FUSESERVE_TRAIN_``, an optional YAML file, CLI flags.
 
-Defaults follow the paper (DESIGN.md section 1): λ = 0.9, AdamW β = (0.9, 0.95), weight decay
+Defaults follow the FuseLLM paper's training setup: λ = 0.9, AdamW β = (0.9, 0.95), weight decay
 0.1, gradient clipping 1.0, cosine schedule with warm-up ratio 0.008, lr 1e-5, blocks of 2048
 tokens with packing, soft cross-entropy fusion loss, T = 1. ``aligner`` unset (or λ = 1) trains
 with CLM only.

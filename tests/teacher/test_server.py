@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -204,12 +203,11 @@ def test_sequences_of_callers_that_have_gone_are_never_computed(loop_thread, tin
     stub, channel = stub_for(running)
     try:
         gated.gate.clear()
+        gated.busy.clear()
         with ThreadPoolExecutor(1) as pool:  # the holder's batch waits at the gate
             holder = pool.submit(score, stub, ["the one that is computed"], 2)
-            wait = 0
-            while metrics.get_sample_value("fuseserve_teacher_queue_depth") != 0 or wait < 5:
-                wait += 1
-                time.sleep(0.05)
+            # the holder's batch is at the gate, so what comes next waits in the queue
+            assert gated.busy.wait(30), "the holder's batch never reached the model"
             for _ in range(3):
                 request = teacher_pb2.ScoreRequest(texts=["gone before it ran", "me too"], k=2)
                 with pytest.raises(grpc.RpcError) as err:
