@@ -146,3 +146,35 @@ def test_admission_sheds_at_once_with_retry_after(shedder, gated):
         assert after == calls + 1  # the shed requests never reached the teacher
     finally:
         spm.backend.gate.set()
+
+
+def test_refusal_comes_before_the_body_is_parsed(shedder, gated):
+    """While no teacher could take one more block in time, POST /v1/fuse is refused before
+    its body is parsed (so a refusal costs the event loop almost nothing): even a body that is
+    not JSON gets the 429; once the teachers are free, the same body gets its 4xx."""
+    for i in range(2):  # measured rates on both teachers
+        ok = shedder.rest.post("/v1/fuse", json={"text": f"warming both teachers, text {i}"})
+        assert ok.status_code == 200, ok.text
+    for t in gated.values():
+        t.backend.gate.clear()
+    broken = {"content": b"{not json", "headers": {"content-type": "application/json"}}
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            inflight = pool.submit(
+                shedder.rest.post, "/v1/fuse", json={"text": "both teachers hold this one"}
+            )
+            for name in gated:
+                load = shedder.service.pool.teachers[name].load
+                wait_until(lambda load=load: load.inflight >= 1, 30, f"a block at {name}")
+            shed = shedder.rest.post("/v1/fuse", **broken)
+            assert shed.status_code == 429, shed.text
+            assert shed.json()["error"]["type"] == "Overloaded"
+            assert int(shed.headers["Retry-After"]) >= 1
+            for t in gated.values():
+                t.backend.gate.set()
+            assert inflight.result(60).status_code == 200
+        parsed = shedder.rest.post("/v1/fuse", **broken)
+        assert 400 <= parsed.status_code < 500 and parsed.status_code != 429, parsed.text
+    finally:
+        for t in gated.values():
+            t.backend.gate.set()

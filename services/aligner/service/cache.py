@@ -120,9 +120,12 @@ class RedisCache:
     At most ``max_connections`` commands run at once; a command that waits longer than
     ``pool_timeout_s`` for one of them is a miss (``<op>_busy``) and never turns the cache off.
     A connection that fails (a pooled one that went stale when Redis restarted) is retried once
-    on a fresh connection; only a failure after that, or a second timeout with no success in
-    between, turns Redis off for ``retry_s``. Every command is bounded by ``timeout_s`` (connect,
-    write and read), so a hung Redis costs a request at most that."""
+    on a fresh connection; only a failure after that turns Redis off for ``retry_s``. A timeout
+    alone may be this process's busy event loop, so it turns Redis off only when a command that
+    started at least ``timeout_s`` after an earlier timed-out one also times out with no success
+    in between (a hung Redis: two rounds of silence, however many commands each round held).
+    Every command is bounded by ``timeout_s`` (connect, write and read), so a hung Redis costs a
+    request at most two timeouts."""
 
     name = "redis"
 
@@ -141,6 +144,7 @@ class RedisCache:
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
         from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
 
         self.client = redis.from_url(
             url,
@@ -158,8 +162,10 @@ class RedisCache:
         self.on_error = on_error
         self.pool_timeout_s = pool_timeout_s
         self._slots = asyncio.Semaphore(max_connections)
+        self._timeout_errors = (TimeoutError, RedisTimeoutError)
         self._down_until = 0.0
-        self._timeouts = 0  # timeouts since the last success
+        self._silent_since: float | None = None  # start of the first timed-out command since
+        # the last success
         self.last_error: str | None = None  # the latest command's failure; None once one succeeds
 
     @property
@@ -178,6 +184,7 @@ class RedisCache:
         except TimeoutError:  # every connection busy: a miss, not an outage
             self.on_error(f"{op}_busy")
             return None
+        started = time.monotonic()
         try:
             if not self.healthy:  # went down while this one waited for a connection
                 self.on_error(f"{op}_skipped")
@@ -185,18 +192,14 @@ class RedisCache:
             # socket timeouts bound each read; wait_for bounds the whole command (and a retry)
             result = await asyncio.wait_for(fn(), self.timeout_s)
             self.last_error = None
-            self._timeouts = 0
+            self._silent_since = None
             return result
         except Exception as exc:  # any Redis failure is a miss, never the caller's error
             reason = (str(exc).splitlines() or [""])[0][:200] or type(exc).__name__
+            if isinstance(exc, self._timeout_errors) and not self._hung(started):
+                self.on_error(f"{op}_timeout")
+                return None
             self.last_error = reason
-            if isinstance(exc, TimeoutError):
-                # one slow answer may be this process's busy event loop; two in a row with
-                # no success between them is a hung Redis
-                self._timeouts += 1
-                if self._timeouts < 2:
-                    self.on_error(f"{op}_timeout")
-                    return None
             if self._down_until <= time.monotonic():
                 log.warning(
                     "redis %s failed (%s); serving uncached for %.1fs", op, reason, self.retry_s
@@ -206,6 +209,14 @@ class RedisCache:
             return None
         finally:
             self._slots.release()
+
+    def _hung(self, started: float) -> bool:
+        """After a timeout of a command begun at ``started``: is this a second round of
+        silence (Redis hung) rather than one slow round (a busy event loop)?"""
+        if self._silent_since is None:
+            self._silent_since = started
+            return False
+        return started >= self._silent_since + self.timeout_s
 
     async def get(self, key: str) -> bytes | None:
         return await self._call("get", lambda: self.client.get(self.prefix + key))

@@ -261,14 +261,32 @@ class FusionService:
         waits = {name: self.pool.teachers[name].load.wait_s(n) for name in query.teachers}
         name, wait = max(waits.items(), key=lambda kv: kv[1])
         if wait > self.request_deadline_s:
-            load = self.pool.teachers[name].load
-            self.metrics.shed.labels(name).inc()
-            raise Overloaded(
-                f"teacher {name!r} has {load.inflight} blocks in flight at "
-                f"{load.rate:.2f} blocks/s: {n} more would take {wait:.1f}s, over "
-                f"request_deadline_s={self.request_deadline_s:g}; retry later",
-                retry_after_s=wait - self.request_deadline_s,
+            raise self._shed(name, n, wait)
+
+    def refusal_before_parsing(self) -> Overloaded | None:
+        """The 429 for any request, decided before its body is parsed: every block slot is
+        taken, or no teacher could answer one more block within ``request_deadline_s`` (every
+        query needs at least one teacher). None when a request might be admitted."""
+        if self.inflight >= self.max_inflight_blocks:
+            return Overloaded(
+                f"{self.inflight} blocks in flight (max_inflight_blocks="
+                f"{self.max_inflight_blocks}); retry later"
             )
+        waits = {name: teacher.load.wait_s(1) for name, teacher in self.pool.teachers.items()}
+        if not waits:
+            return None
+        name, wait = min(waits.items(), key=lambda kv: kv[1])
+        return self._shed(name, 1, wait) if wait > self.request_deadline_s else None
+
+    def _shed(self, name: str, n: int, wait: float) -> Overloaded:
+        load = self.pool.teachers[name].load
+        self.metrics.shed.labels(name).inc()
+        return Overloaded(
+            f"teacher {name!r} has {load.inflight} blocks in flight at "
+            f"{load.rate:.2f} blocks/s: {n} more would take {wait:.1f}s, over "
+            f"request_deadline_s={self.request_deadline_s:g}; retry later",
+            retry_after_s=wait - self.request_deadline_s,
+        )
 
     def _decode_fused(self, value: bytes | None, target: _Target, query: FuseQuery):
         if value is None:

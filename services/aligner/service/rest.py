@@ -16,6 +16,7 @@ import hmac
 import json
 import math
 import time
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -28,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fuseserve import __version__
 from fuseserve.aligner.service.dataplane import BlockResult, FusionService
+from fuseserve.aligner.service.early_shed import RefuseBeforeParsing
 from fuseserve.aligner.service.metrics import AlignerMetrics
 from fuseserve.errors import InvalidRequest, Overloaded, ServiceError, Unavailable
 
@@ -327,8 +329,22 @@ def create_app(
         "With an API key set, /v1/* need `Authorization: Bearer <key>`; /healthz, /readyz and "
         "/metrics never do. Every error response is an ErrorEnvelope.",
     )
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes, timeout_s=body_timeout_s)
     expected = api_key.encode() if api_key else None
+
+    def refusal(headers: Mapping[bytes, bytes]) -> Response | None:
+        # an unauthenticated caller gets its 401 from the route, never a hint about load
+        token = headers.get(b"authorization", b"").removeprefix(b"Bearer ").strip()
+        if expected is not None and not hmac.compare_digest(token, expected):
+            return None
+        exc = service.refusal_before_parsing()
+        if exc is None:
+            return None
+        metrics.requests.labels("rest", "Overloaded").inc()
+        return error_response(exc, exc.retry_after_s)
+
+    # added first, so it runs inside BodyLimit: the body is read, nothing is parsed yet
+    app.add_middleware(RefuseBeforeParsing, path="/v1/fuse", refusal=refusal)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes, timeout_s=body_timeout_s)
 
     def require_key(
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
