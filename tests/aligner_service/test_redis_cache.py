@@ -132,3 +132,39 @@ def test_a_hung_redis_costs_at_most_two_command_timeouts(own_redis):
 
     asyncio.run(scenario())
     assert "get_timeout" in errors and "get" in errors and "get_skipped" in errors
+
+
+def test_one_request_pays_at_most_one_timeout_to_a_hung_redis(own_redis):
+    """Within one request's budget, a hung Redis costs one command timeout in all: after it,
+    the request's remaining commands are misses at once (and do not turn the cache off)."""
+    errors: list[str] = []
+
+    async def request(cache) -> float:
+        start = time.perf_counter()
+        with cache.request_budget():
+            await asyncio.gather(cache.get("a"), cache.get("b"))  # overlapping: one timeout
+            await cache.get("c")
+            await cache.set("d", b"value")
+        return time.perf_counter() - start
+
+    async def scenario():
+        cache = make_cache(own_redis.port, errors, timeout_s=0.5, retry_s=5.0)
+        await cache.set("key", b"value")
+        own_redis.popen.send_signal(signal.SIGSTOP)
+        try:
+            first = await request(cache)
+            assert cache.healthy  # one silent round: a miss, not an outage
+            second = await request(cache)  # a second silent round: Redis is off
+            assert not cache.healthy
+            third = await request(cache)
+        finally:
+            own_redis.popen.send_signal(signal.SIGCONT)
+        await cache.close()
+        return first, second, third
+
+    first, second, third = asyncio.run(scenario())
+    assert errors.count("get_timeout") >= 2 and errors.count("get") >= 1
+    assert "get_over_budget" in errors and "set_over_budget" in errors
+    assert "get_skipped" in errors and "set_skipped" in errors
+    # 3 sequential rounds would take 1.5 s each without the budget; generous bounds
+    assert first < 1.2 and second < 1.2 and third < 0.3

@@ -2,8 +2,9 @@
 
 Covers two levels of keys (raw teacher scores, reusable when fusion options change; fused
 blocks), both hashes of (schema version, what produced the value, the text bytes). Redis is
-optional and never on the critical path: every command has a short timeout, no retries, and after
-a failure Redis is skipped for ``retry_s`` (then tried again), so a dead or slow Redis costs a miss,
+optional and never on the critical path: every command has a short timeout, one request's cache
+commands together have a budget of one timeout, a stale connection is retried once, and after a
+failure Redis is skipped for ``retry_s`` (then tried again), so a dead or slow Redis costs a miss,
 not an error. ``SingleFlight`` computes concurrent identical requests once.
 
 Leaves out: what the values mean (callers decode them; a value that fails to decode is a miss).
@@ -17,7 +18,8 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextvars import ContextVar
 from typing import Protocol, TypeVar
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,42 @@ def fused_key(
     )
 
 
+class _Budget:
+    """Wall time one request has spent waiting on cache commands (overlapping ones once)."""
+
+    def __init__(self, total_s: float) -> None:
+        self.total_s = total_s
+        self.spent_s = 0.0
+        self.active = 0
+        self.since = 0.0
+
+    def remaining(self) -> float:
+        running = time.monotonic() - self.since if self.active else 0.0
+        return self.total_s - self.spent_s - running
+
+    def begin(self) -> None:
+        if self.active == 0:
+            self.since = time.monotonic()
+        self.active += 1
+
+    def end(self) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self.spent_s += time.monotonic() - self.since
+
+
+_BUDGET: ContextVar[_Budget | None] = ContextVar("fuseserve_cache_budget", default=None)
+
+
+@contextlib.contextmanager
+def _request_budget(total_s: float) -> Iterator[None]:
+    token = _BUDGET.set(_Budget(total_s))
+    try:
+        yield
+    finally:
+        _BUDGET.reset(token)
+
+
 class Cache(Protocol):
     """Bytes by key; ``get`` returns None on a miss or when the backing store fails."""
 
@@ -73,6 +111,10 @@ class Cache(Protocol):
     async def set(self, key: str, value: bytes) -> None: ...
 
     async def close(self) -> None: ...
+
+    def request_budget(self) -> contextlib.AbstractContextManager[None]:
+        """A context bounding what the cache may cost one request (a no-op where it is free)."""
+        ...
 
 
 class LRUCache:
@@ -108,6 +150,9 @@ class LRUCache:
 
     def status(self) -> str:
         return "ok" if self.max_bytes > 0 else "off"
+
+    def request_budget(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
 
     async def close(self) -> None:
         self._data.clear()
@@ -175,12 +220,31 @@ class RedisCache:
     def status(self) -> str:
         return "ok" if self.last_error is None else f"unreachable: {self.last_error}"
 
+    def request_budget(self) -> contextlib.AbstractContextManager[None]:
+        """Within this context (one request, and the tasks it starts), the cache may cost at
+        most ``timeout_s`` of wall time in all; past that its commands are misses at once."""
+        return _request_budget(self.timeout_s)
+
     async def _call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T | None:
         if not self.healthy:
             self.on_error(f"{op}_skipped")
             return None
+        budget = _BUDGET.get()
+        limit = self.timeout_s if budget is None else min(self.timeout_s, budget.remaining())
+        if limit <= 0:  # this request has spent its cache time: a miss, not an outage
+            self.on_error(f"{op}_over_budget")
+            return None
+        if budget is not None:
+            budget.begin()
         try:
-            await asyncio.wait_for(self._slots.acquire(), self.pool_timeout_s)
+            return await self._command(op, fn, limit)
+        finally:
+            if budget is not None:
+                budget.end()
+
+    async def _command(self, op: str, fn: Callable[[], Awaitable[T]], limit: float) -> T | None:
+        try:
+            await asyncio.wait_for(self._slots.acquire(), min(self.pool_timeout_s, limit))
         except TimeoutError:  # every connection busy: a miss, not an outage
             self.on_error(f"{op}_busy")
             return None
@@ -190,15 +254,17 @@ class RedisCache:
                 self.on_error(f"{op}_skipped")
                 return None
             # socket timeouts bound each read; wait_for bounds the whole command (and a retry)
-            result = await asyncio.wait_for(fn(), self.timeout_s)
+            result = await asyncio.wait_for(fn(), limit)
             self.last_error = None
             self._silent_since = None
             return result
         except Exception as exc:  # any Redis failure is a miss, never the caller's error
             reason = (str(exc).splitlines() or [""])[0][:200] or type(exc).__name__
-            if isinstance(exc, self._timeout_errors) and not self._hung(started):
-                self.on_error(f"{op}_timeout")
-                return None
+            if isinstance(exc, self._timeout_errors):
+                # a command cut short by its request's budget says nothing about Redis
+                if limit < self.timeout_s or not self._hung(started):
+                    self.on_error(f"{op}_timeout")
+                    return None
             self.last_error = reason
             if self._down_until <= time.monotonic():
                 log.warning(

@@ -209,7 +209,8 @@ class FusionService:
         self.inflight += n
         self.metrics.inflight.set(self.inflight)
         try:
-            return await self._fuse(query, targets)
+            with self.cache.request_budget():  # a slow or hung cache costs one timeout at most
+                return await self._fuse(query, targets)
         finally:
             self.inflight -= n
             self.metrics.inflight.set(self.inflight)
