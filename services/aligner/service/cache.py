@@ -260,11 +260,11 @@ class RedisCache:
             return result
         except Exception as exc:  # any Redis failure is a miss, never the caller's error
             reason = (str(exc).splitlines() or [""])[0][:200] or type(exc).__name__
-            if isinstance(exc, self._timeout_errors):
-                # a command cut short by its request's budget says nothing about Redis
-                if limit < self.timeout_s or not self._hung(started):
-                    self.on_error(f"{op}_timeout")
-                    return None
+            # a command cut short by its request's budget says nothing about Redis
+            cut_short = limit < self.timeout_s
+            if isinstance(exc, self._timeout_errors) and (cut_short or not self._hung(started)):
+                self.on_error(f"{op}_timeout")
+                return None
             self.last_error = reason
             if self._down_until <= time.monotonic():
                 log.warning(
