@@ -32,6 +32,8 @@ Leaves out: the continuation table itself (``continuation``), combining teachers
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from fuseserve.aligner.alignment import Alignment, Anchor, fallback_ids
@@ -39,6 +41,32 @@ from fuseserve.aligner.continuation import ContinuationTable
 from fuseserve.aligner.projection import Fallback, SparseDist, merge_dense
 from fuseserve.aligner.tokenview import TokenizerView
 from fuseserve.wire.messages import TeacherScores
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """The target positions that get a teacher row, and where each sits in the teacher.
+
+    All arrays [r]: ``pos`` target positions; ``j`` the teacher position with the last boundary
+    at or before the position's context end; ``shared`` that boundary is the context end;
+    ``has_next`` teacher token j+1 exists; ``nxt`` = min(j+1, m-1)."""
+
+    pos: np.ndarray
+    j: np.ndarray
+    shared: np.ndarray
+    has_next: np.ndarray
+    nxt: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Candidates:
+    """Per row [r, k+1]: the teacher's top-k then the gold when it is not listed (-1 if it is),
+    their probabilities, and the column holding the gold ([r]; k when appended)."""
+
+    ids: np.ndarray
+    mass: np.ndarray
+    gold: np.ndarray  # [r] the teacher's actual next token, -1 past the end
+    gold_col: np.ndarray
 
 
 def project_spans(
@@ -60,113 +88,175 @@ def project_spans(
     target_ids = np.asarray(target_ids, dtype=np.int64)
     t_ends = np.asarray(target_ends, dtype=np.int64)
     s_ends = np.asarray(teacher_ends, dtype=np.int64)
-    s_ids = np.asarray(scores.token_ids, dtype=np.int64)
-    n, m = len(target_ids), len(s_ids)
-    topk_ids = np.asarray(scores.topk_ids, dtype=np.int64)
-    k = topk_ids.shape[1]
+    n = len(target_ids)
     labels = fallback_ids(target_ids, Anchor.NEXT)
-
-    # the teacher position with the last boundary at or before each target context end
-    boundary = np.nonzero(s_ends >= 0)[0]
-    b_ends = s_ends[boundary]
-    slot = np.searchsorted(b_ends, t_ends, side="right") - 1
-    rows = np.nonzero((labels >= 0) & (t_ends >= 0) & (slot >= 0))[0]
-    j = boundary[slot[rows]]
-    shared = s_ends[j] == t_ends[rows]
-    has_next = j + 1 < m
-    nxt = np.minimum(j + 1, m - 1)
-    inside = ~shared & has_next & (s_ends[nxt] > t_ends[rows])  # e is inside teacher token j+1
-    keep_row = shared | inside
-    rows, j, shared, has_next, nxt = (
-        rows[keep_row],
-        j[keep_row],
-        shared[keep_row],
-        has_next[keep_row],
-        nxt[keep_row],
-    )
-    r = len(rows)
-
-    # candidates: top-k, plus the gold when it is not among them
-    gold_lp = np.asarray(scores.gold_logprobs, dtype=np.float64)
-    cand = np.empty((r, k + 1), dtype=np.int64)
-    cand[:, :k] = topk_ids[j]
-    gold = np.where(has_next, s_ids[nxt], -1)
-    gold_p = np.where(has_next, np.exp(np.nan_to_num(gold_lp[j], nan=-np.inf)), 0.0)
-    in_topk = cand[:, :k] == gold[:, None]
-    gold_listed = in_topk.any(axis=1)
-    cand[:, k] = np.where(gold_listed, -1, gold)
-    mass = np.zeros((r, k + 1))
-    mass[:, :k] = np.exp(np.asarray(scores.topk_logprobs, dtype=np.float64)[j])
-    mass[:, k] = np.where(gold_listed, 0.0, gold_p)
-    gold_col = np.where(gold_listed, np.argmax(in_topk, axis=1), k)
-
-    # byte offsets into each candidate's text; which candidates are consistent with the bytes
-    known = (t_ends[rows] - s_ends[j]) * ~shared  # bytes of teacher token j+1 already read
-    nbytes = teacher.surface_nbytes
-    offset = np.repeat(known[:, None], k + 1, axis=1)
-    gold_len = nbytes[np.maximum(gold, 0)]
-    gold_offset = gold_len - (s_ends[nxt] - t_ends[rows])  # robust to a dummy-prefix space
-    offset[np.arange(r), gold_col] = np.where(shared, 0, gold_offset)
-    keep = cand >= 0
-    keep[~shared] &= _starts_with_known(
-        text, teacher, cand[~shared], s_ends[j[~shared]], known[~shared]
-    )
-    is_gold = np.zeros((r, k + 1), dtype=bool)
-    is_gold[np.arange(r), gold_col] = has_next
-    gold_ok = (offset >= 0) & (offset < np.maximum(nbytes[np.maximum(cand, 0)], 1))
-    keep = np.where(is_gold & ~shared[:, None], gold_ok & (cand >= 0), keep)
-    mapped = np.full((r, k + 1), -1, dtype=np.int64)
-    where = np.nonzero(keep)
-    mapped[where] = table.lookup(cand[where], offset[where])
-    mass = np.where(mapped >= 0, mass, 0.0)
+    boundary = np.nonzero(s_ends >= 0)[0]  # teacher positions that end on a byte boundary
+    at = _locate_rows(labels, t_ends, s_ends, boundary)
+    cands = _candidates(scores, at)
+    mapped, mass = _project_candidates(text, teacher, table, t_ends, s_ends, at, cands)
 
     # byte-conditioned rows are renormalised over what is kept (and any row over 1 by rounding)
     total = mass.sum(axis=1)
     alive = total > 0
-    renorm = ~shared | (not keep_tail) | (total > 1.0)
+    renorm = ~at.shared | (not keep_tail) | (total > 1.0)
     mass = np.where((renorm & alive)[:, None], mass / np.where(alive, total, 1.0)[:, None], mass)
     tail = np.where(renorm, 0.0, np.clip(1.0 - total, 0.0, 1.0))
     pair = np.full(n, -1, dtype=np.int64)
-    pair[rows[alive]] = j[alive]
+    pair[at.pos[alive]] = at.j[alive]
+    alignment = Alignment(pair=pair, fallback=labels)
     if not rows_wanted:
-        return Alignment(pair=pair, fallback=labels), None
+        return alignment, None
 
-    # chain rule: the target's next token ends on teacher boundary j' (its probability is exact)
-    # or inside teacher token j'+1 (then the last factor is the mass of the teacher's candidates
-    # at j' that start with the rest of its bytes)
-    next_end = t_ends[np.minimum(rows + 1, n - 1)]
+    ids, mass = _chain_rule_for_gold(
+        text, teacher, scores, labels, t_ends, s_ends, boundary, at, cands, mapped, mass
+    )
+    rows = _scatter_rows(n, labels, at.pos, alive, ids, mass, tail, Fallback(fallback))
+    return alignment, rows
+
+
+def _locate_rows(
+    labels: np.ndarray, t_ends: np.ndarray, s_ends: np.ndarray, boundary: np.ndarray
+) -> _Rows:
+    """Cases 1 and 2: target positions whose context end is a teacher boundary, or lies inside
+    the teacher token after the last boundary before it."""
+    m = len(s_ends)
+    slot = np.searchsorted(s_ends[boundary], t_ends, side="right") - 1
+    pos = np.nonzero((labels >= 0) & (t_ends >= 0) & (slot >= 0))[0]
+    j = boundary[slot[pos]]
+    shared = s_ends[j] == t_ends[pos]
+    has_next = j + 1 < m
+    nxt = np.minimum(j + 1, m - 1)
+    inside = ~shared & has_next & (s_ends[nxt] > t_ends[pos])  # e is inside teacher token j+1
+    keep = shared | inside
+    return _Rows(pos[keep], j[keep], shared[keep], has_next[keep], nxt[keep])
+
+
+def _candidates(scores: TeacherScores, at: _Rows) -> _Candidates:
+    """The top-k at each row's teacher position, plus the gold when it is not among them."""
+    s_ids = np.asarray(scores.token_ids, dtype=np.int64)
+    topk_ids = np.asarray(scores.topk_ids, dtype=np.int64)
+    gold_lp = np.asarray(scores.gold_logprobs, dtype=np.float64)
+    r, k = len(at.pos), topk_ids.shape[1]
+    ids = np.empty((r, k + 1), dtype=np.int64)
+    ids[:, :k] = topk_ids[at.j]
+    gold = np.where(at.has_next, s_ids[at.nxt], -1)
+    gold_p = np.where(at.has_next, np.exp(np.nan_to_num(gold_lp[at.j], nan=-np.inf)), 0.0)
+    in_topk = ids[:, :k] == gold[:, None]
+    gold_listed = in_topk.any(axis=1)
+    ids[:, k] = np.where(gold_listed, -1, gold)
+    mass = np.zeros((r, k + 1))
+    mass[:, :k] = np.exp(np.asarray(scores.topk_logprobs, dtype=np.float64)[at.j])
+    mass[:, k] = np.where(gold_listed, 0.0, gold_p)
+    gold_col = np.where(gold_listed, np.argmax(in_topk, axis=1), k)
+    return _Candidates(ids, mass, gold, gold_col)
+
+
+def _project_candidates(
+    text: str,
+    teacher: TokenizerView,
+    table: ContinuationTable,
+    t_ends: np.ndarray,
+    s_ends: np.ndarray,
+    at: _Rows,
+    cands: _Candidates,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each candidate's target token from the byte offset into its text that the row has
+    already read, keeping only candidates consistent with those bytes.
+
+    Returns mapped target ids [r, k+1] (-1: dropped) and their mass (0 where dropped)."""
+    r, width = cands.ids.shape
+    shared = at.shared
+    known = (t_ends[at.pos] - s_ends[at.j]) * ~shared  # bytes of teacher token j+1 already read
+    nbytes = teacher.surface_nbytes
+    offset = np.repeat(known[:, None], width, axis=1)
+    gold_len = nbytes[np.maximum(cands.gold, 0)]
+    gold_offset = gold_len - (s_ends[at.nxt] - t_ends[at.pos])  # robust to a dummy-prefix space
+    offset[np.arange(r), cands.gold_col] = np.where(shared, 0, gold_offset)
+    keep = cands.ids >= 0
+    keep[~shared] &= _starts_with_known(
+        text, teacher, cands.ids[~shared], s_ends[at.j[~shared]], known[~shared]
+    )
+    is_gold = np.zeros((r, width), dtype=bool)
+    is_gold[np.arange(r), cands.gold_col] = at.has_next
+    gold_ok = (offset >= 0) & (offset < np.maximum(nbytes[np.maximum(cands.ids, 0)], 1))
+    keep = np.where(is_gold & ~shared[:, None], gold_ok & (cands.ids >= 0), keep)
+    mapped = np.full((r, width), -1, dtype=np.int64)
+    where = np.nonzero(keep)
+    mapped[where] = table.lookup(cands.ids[where], offset[where])
+    return mapped, np.where(mapped >= 0, cands.mass, 0.0)
+
+
+def _chain_rule_for_gold(
+    text: str,
+    teacher: TokenizerView,
+    scores: TeacherScores,
+    labels: np.ndarray,
+    t_ends: np.ndarray,
+    s_ends: np.ndarray,
+    boundary: np.ndarray,
+    at: _Rows,
+    cands: _Candidates,
+    mapped: np.ndarray,
+    mass: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Case 3: the share of the gold's mass that is exactly the target's next token.
+
+    The target's next token ends on teacher boundary j' (its probability is exact) or inside
+    teacher token j'+1 (then the last factor is the mass of the teacher's candidates at j' that
+    start with the rest of its bytes). Returns ids and mass [r, k+2]: the last column holds the
+    target's next token with that share, taken from the gold's column."""
+    n, m = len(t_ends), len(s_ends)
+    r = len(at.pos)
+    b_ends = s_ends[boundary]
+    gold_lp = np.asarray(scores.gold_logprobs, dtype=np.float64)
+    next_end = t_ends[np.minimum(at.pos + 1, n - 1)]
     before = np.searchsorted(b_ends, next_end, side="left") - 1  # last boundary < next_end
     jp = np.where(before >= 0, boundary[np.maximum(before, 0)], -1)
-    on_boundary = (before + 1 < len(b_ends)) & (
-        b_ends[np.minimum(before + 1, len(b_ends) - 1)] == next_end
-    )
-    jp = np.where(on_boundary, boundary[np.minimum(before + 1, len(b_ends) - 1)], jp)
-    spans_gold = has_next & (next_end >= 0) & (jp >= j + 1)
+    following = np.minimum(before + 1, len(b_ends) - 1)
+    on_boundary = (before + 1 < len(b_ends)) & (b_ends[following] == next_end)
+    jp = np.where(on_boundary, boundary[following], jp)
+    spans_gold = at.has_next & (next_end >= 0) & (jp >= at.j + 1)
     partial = spans_gold & ~on_boundary & (jp + 1 < m)
     cum = np.concatenate([[0.0], np.cumsum(np.nan_to_num(gold_lp, nan=0.0))])
-    factor = np.exp(cum[np.maximum(jp, 0)] - cum[np.minimum(j + 1, m)])  # tokens j+2..j'
+    factor = np.exp(cum[np.maximum(jp, 0)] - cum[np.minimum(at.j + 1, m)])  # tokens j+2..j'
     factor[partial] *= _prefix_mass(text, teacher, scores, s_ends, jp[partial], next_end[partial])
     chain = spans_gold & (on_boundary | partial)
-    gold_mass = mass[np.arange(r), gold_col] * (mapped[np.arange(r), gold_col] >= 0)
+    rows = np.arange(r)
+    gold_mass = mass[rows, cands.gold_col] * (mapped[rows, cands.gold_col] >= 0)
     exact = np.where(chain, gold_mass * np.minimum(factor, 1.0), 0.0)
-    mass[np.arange(r), gold_col] -= exact
-    ids = np.concatenate([mapped, np.where(exact > 0, labels[rows], -1)[:, None]], axis=1)
-    mass = np.concatenate([mass, exact[:, None]], axis=1)
+    mass = mass.copy()
+    mass[rows, cands.gold_col] -= exact
+    ids = np.concatenate([mapped, np.where(exact > 0, labels[at.pos], -1)[:, None]], axis=1)
+    return ids, np.concatenate([mass, exact[:, None]], axis=1)
 
+
+def _scatter_rows(
+    n: int,
+    labels: np.ndarray,
+    pos: np.ndarray,
+    alive: np.ndarray,
+    ids: np.ndarray,
+    mass: np.ndarray,
+    tail: np.ndarray,
+    fallback: Fallback,
+) -> SparseDist:
+    """The rows [r, k+2] placed at their target positions among n, duplicates merged, the
+    fallback (one-hot on the next token, or nothing) where no teacher row exists."""
+    width = ids.shape[1]
     aligned = np.zeros(n, dtype=bool)
-    aligned[rows[alive]] = True
-    dense_ids = np.full((n, k + 2), -1, dtype=np.int64)
-    dense_p = np.zeros((n, k + 2))
-    dense_ids[rows[alive]] = np.where(mass[alive] > 0, ids[alive], -1)
-    dense_p[rows[alive]] = np.where(mass[alive] > 0, mass[alive], 0.0)
+    aligned[pos[alive]] = True
+    dense_ids = np.full((n, width), -1, dtype=np.int64)
+    dense_p = np.zeros((n, width))
+    dense_ids[pos[alive]] = np.where(mass[alive] > 0, ids[alive], -1)
+    dense_p[pos[alive]] = np.where(mass[alive] > 0, mass[alive], 0.0)
     row_tail = np.zeros(n, dtype=np.float32)
-    row_tail[rows[alive]] = tail[alive]
-    if Fallback(fallback) is Fallback.ONEHOT:
+    row_tail[pos[alive]] = tail[alive]
+    if fallback is Fallback.ONEHOT:
         onehot = np.nonzero(~aligned & (labels >= 0))[0]
         dense_ids[onehot, 0] = labels[onehot]
         dense_p[onehot, 0] = 1.0
-    out_ids, out_p = merge_dense(dense_ids, dense_p, k + 2)
-    return Alignment(pair=pair, fallback=labels), SparseDist(out_ids, out_p, aligned, row_tail)
+    out_ids, out_p = merge_dense(dense_ids, dense_p, width)
+    return SparseDist(out_ids, out_p, aligned, row_tail)
 
 
 def _prefix_mass(
