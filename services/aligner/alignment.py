@@ -182,8 +182,8 @@ def backtrack(
     inf = float("inf")
     get = acc.item
     use_gap = row_ends is not None and col_ends is not None
-    r_end = row_ends.tolist() if use_gap else None
-    c_end = col_ends.tolist() if use_gap else None
+    r_end: list[int] = row_ends.tolist() if row_ends is not None else []
+    c_end: list[int] = col_ends.tolist() if col_ends is not None else []
     while i > 0 or j > 0:
         diag = get(i - 1, j - 1) if i > 0 and j > 0 else inf
         up = get(i - 1, j) if i > 0 else inf

@@ -119,16 +119,18 @@ def fuse(
     weights = np.where(present, np.exp(score - peak), 0.0)
     total = weights.sum(axis=0, keepdims=True)
     weights = np.divide(weights, total, out=np.zeros_like(weights), where=total > 0)
-    rows, ids, mass = [], [], []
+    row_parts: list[np.ndarray] = []
+    id_parts: list[np.ndarray] = []
+    mass_parts: list[np.ndarray] = []
     for k, d in enumerate(dists):
         valid = d.ids >= 0
         r = np.nonzero(valid)[0]
-        rows.append(r)
-        ids.append(d.ids[valid].astype(np.int64))
-        mass.append(d.probs[valid].astype(np.float64) * weights[k, r])
+        row_parts.append(r)
+        id_parts.append(d.ids[valid].astype(np.int64))
+        mass_parts.append(d.probs[valid].astype(np.float64) * weights[k, r])
     width = sum(d.ids.shape[1] for d in dists)
     out_ids, out_p = merge_rows(
-        np.concatenate(rows), np.concatenate(ids), np.concatenate(mass), n, width
+        np.concatenate(row_parts), np.concatenate(id_parts), np.concatenate(mass_parts), n, width
     )
-    tail = sum(weights[k] * d.tail for k, d in enumerate(dists)).astype(np.float32)
+    tail = np.sum([weights[k] * d.tail for k, d in enumerate(dists)], axis=0).astype(np.float32)
     return Fused(ids=out_ids, probs=out_p, chosen=np.full(n, -1, dtype=np.int16), tail=tail)

@@ -174,6 +174,7 @@ def fuse_block(
     results = run_teachers(text, target, target_ids, target_offsets, teachers, options, rows_for)
     if one:
         dist = results[best].dist
+        assert dist is not None  # rows_for asked for this teacher's rows
         chosen = np.where(dist.present, best, -1).astype(np.int16)
         fused = Fused(ids=dist.ids, probs=dist.probs, chosen=chosen, tail=dist.tail)
     else:
@@ -181,7 +182,8 @@ def fuse_block(
         if options.level is FusionLevel.TOKEN:
             pairs = [r.alignment.pair for r in results]
             costs = token_costs(pairs, [t.scores.gold_logprobs for t in teachers], ces)
-        fused = fuse([r.dist for r in results], ces, options.method, options.level, costs)
+        dists = [r.dist for r in results if r.dist is not None]  # every teacher's rows built
+        fused = fuse(dists, ces, options.method, options.level, costs)
     return FusedBlock(
         target_ids=np.asarray(target_ids, dtype=np.int32),
         ids=fused.ids,

@@ -18,7 +18,7 @@ Leaves out: combining teachers (``fusion``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 import numpy as np
@@ -44,10 +44,10 @@ class SparseDist:
     ids: np.ndarray
     probs: np.ndarray
     aligned: np.ndarray
-    tail: np.ndarray | None = None
+    tail: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
 
     def __post_init__(self) -> None:
-        if self.tail is None:
+        if len(self.tail) == 0 and len(self.ids):  # not given: no tail mass
             object.__setattr__(self, "tail", np.zeros(len(self.ids), dtype=np.float32))
 
     @property
