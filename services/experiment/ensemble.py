@@ -64,12 +64,14 @@ def ensemble_bpb(
     from tqdm.auto import tqdm
 
     from fuseserve.aligner.tokenview import TokenizerView, context_ends
-    from fuseserve.trainer.evaluate import load_model, score_texts
+    from fuseserve.loading import load_model
+    from fuseserve.trainer.evaluate import score_texts
 
     texts = [(d, t) for d, ts in domains.items() for t in ts]
     per_model = []
     for spec in model_specs:
         model, tokenizer = load_model(spec)
+        model.eval()
         view = TokenizerView.from_hf(tokenizer, spec)
         with tqdm(desc=f"ensemble: score {spec.rstrip('/').split('/')[-1]}", unit="window") as bar:
             scored = score_texts(model, tokenizer, [t for _, t in texts], max_length, 4, bar.update)

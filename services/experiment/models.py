@@ -68,8 +68,8 @@ def train_clm(model, tokenizer, files: list[Path], train: SourceTraining, desc: 
     from transformers import get_cosine_schedule_with_warmup
 
     from fuseserve.trainer.data import pack_blocks, read_documents, worker_schedule
-    from fuseserve.trainer.loop import batch_tensors
     from fuseserve.trainer.loss import clm_loss
+    from fuseserve.trainer.step import batch_tensors
 
     blocks = pack_blocks(tokenizer, read_documents(files), train.block_size)
     batch = min(train.batch_size, len(blocks))
@@ -141,18 +141,15 @@ def _root_tokenizer(cfg: ExperimentConfig, name: str) -> str:
 
 
 def _make(cfg, name: str, model: ModelConfig, corpus: Corpus, folder: Path, ready, tok_spec):
-    from transformers import AutoModelForCausalLM
-
     from fuseserve.loading import load_tokenizer
 
     tokenizer = load_tokenizer(tok_spec)
     if model.init is not None:
         net = build_model(model.init, tokenizer)
     else:
-        from fuseserve.teacher.hf_backend import resolve_model_spec
+        from fuseserve.loading import load_causal_lm
 
-        source, extra = resolve_model_spec(ready[model.from_].spec)
-        net = AutoModelForCausalLM.from_pretrained(source, **extra)
+        net = load_causal_lm(ready[model.from_].spec)
     if model.train is not None:
         split, _, domain = model.train.data.partition(":")
         files = corpus.files(split, domain or None)

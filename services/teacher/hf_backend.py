@@ -17,27 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from fuseserve.aligner.tokenview import TokenizerView
+from fuseserve.batching import pad_ids
+from fuseserve.loading import resolve_model_spec
 from fuseserve.teacher.backend import BackendInfo, LocalTokenizer, TokenizedText
 from fuseserve.teacher.errors import InvalidRequest
 from fuseserve.wire.messages import TeacherScores
 
 log = logging.getLogger(__name__)
-
-
-def resolve_model_spec(spec: str) -> tuple[str, dict]:
-    """(path or hub id, extra from_pretrained kwargs) for a model spec."""
-    if spec == "shipped:smollm2":
-        from fuseserve import shipped
-
-        path = shipped.smollm2_gguf()
-        return str(path.parent), {"gguf_file": path.name}
-    path = Path(spec).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return str(path.parent), {"gguf_file": path.name}
-    if spec.startswith(("/", "./", "../", "~")) and not path.exists():
-        # a path, not a hub id: say so instead of the hub's "Repo id must be in the form ..."
-        raise FileNotFoundError(f"no such file or directory: {path}")
-    return spec, {}
 
 
 def local_revision(folder: Path) -> str:
@@ -130,12 +116,7 @@ class HFBackend(LocalTokenizer):
         if not 1 <= k <= min(self.info.max_k, self.view.vocab_size):
             raise InvalidRequest("k", f"must be in [1, {self.info.max_k}], got {k}")
         lengths = [len(t.ids) for t in batch]
-        width = max(lengths)
-        ids = torch.zeros((len(batch), width), dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, item in enumerate(batch):
-            ids[row, : lengths[row]] = torch.from_numpy(item.ids)
-            mask[row, : lengths[row]] = 1
+        ids, mask = pad_ids([t.ids for t in batch])
         ids, mask = ids.to(self.device), mask.to(self.device)
         with torch.inference_mode():
             logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits

@@ -10,7 +10,6 @@ Leaves out: the alignment/fusion options (the aligner owns them).
 
 from __future__ import annotations
 
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,19 +17,16 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fuseserve.config_file import load_settings_file
-
-
-class FusionLoss(StrEnum):
-    """Soft cross-entropy −Σ P log Q (the paper's choice) or KL(P ‖ Q)."""
-
-    SOFT_CE = "soft_ce"
-    KL = "kl"
+from fuseserve.trainer.loss_kind import FusionLoss
 
 
 class TrainConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FUSESERVE_TRAIN_", extra="forbid")
 
-    model: str = Field(description="target model to start from: a local directory or a hub id")
+    model: str = Field(
+        description="target model to start from: a local directory, a .gguf file, "
+        "shipped:smollm2 or a hub id (what fuseserve eval --model accepts)"
+    )
     tokenizer: str | None = Field(None, description="target tokenizer spec (default: model's)")
     data: list[str] = Field(description="text/.jsonl/.parquet files, directories, save_to_disk")
     data_field: str = Field("text", description="text field of jsonl/parquet/datasets")

@@ -231,3 +231,21 @@ def worker_schedule(
         base = within * global_batch + rank * batch_size
         yield step, epoch, order[base : base + batch_size].tolist()
         step += 1
+
+
+def build_blocks(cfg, tokenizer) -> list[Block]:
+    """The run's blocks from its settings (a ``TrainConfig``): chat blocks with ``cfg.chat``,
+    else packed documents; the same list on every worker."""
+    if cfg.chat:
+        return chat_blocks(tokenizer, read_conversations(cfg.data), cfg.block_size)
+    return pack_blocks(tokenizer, read_documents(cfg.data, cfg.data_field), cfg.block_size)
+
+
+def data_fingerprint(blocks: list[Block]) -> str:
+    """A short hash of the blocks' texts in order: a checkpoint resumes only on the same data."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for b in blocks:
+        h.update(b.text.encode("utf-8", "surrogatepass"))
+    return h.hexdigest()[:16]

@@ -10,6 +10,8 @@ the bits are those of every token inside the assistant turns (their content and 
 marker, so stopping is paid for), the bytes those of the assistant contents alone, so models with
 different templates and tokenizers compare on the same bytes.
 
+Models load through ``fuseserve.loading.load_model``, the path ``fuseserve train`` takes too.
+
 Leaves out: training; choosing the held-out text (``fuseserve.demo`` builds one).
 """
 
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from fuseserve.batching import pad_ids
 
 
 @dataclass(frozen=True)
@@ -76,12 +80,7 @@ def score_texts(
             windows.append((len(encoded) - 1, a, [bos, *chunk] if bos is not None else chunk))
     for i in range(0, len(windows), batch_size):
         batch = windows[i : i + batch_size]
-        length = max(len(w) for _, _, w in batch)
-        ids = torch.zeros((len(batch), length), dtype=torch.long)
-        mask = torch.zeros((len(batch), length), dtype=torch.long)
-        for r, (_, _, w) in enumerate(batch):
-            ids[r, : len(w)] = torch.tensor(w)
-            mask[r, : len(w)] = 1
+        ids, mask = pad_ids([w for _, _, w in batch])
         ids, mask = ids.to(device), mask.to(device)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0].cpu().numpy()
@@ -148,14 +147,6 @@ def response_bits_per_byte(
     return BPB(bits, content_bytes, tokens, unpredicted)
 
 
-def load_model(model_spec: str, tokenizer_spec: str | None = None):
-    """(model in eval mode, tokenizer) for any model spec (directory, hub id, .gguf, shipped:)."""
-    from fuseserve.teacher.hf_backend import HFBackend
-
-    backend = HFBackend.load(model_spec, tokenizer_spec=tokenizer_spec, device="cpu")
-    return backend.model.eval(), backend.tokenizer
-
-
 def evaluate_domains(
     model_spec: str,
     domains: Mapping[str, list[str]],
@@ -168,7 +159,10 @@ def evaluate_domains(
     ``chat``: domains hold conversations and the BPB is response-only."""
     from tqdm.auto import tqdm
 
+    from fuseserve.loading import load_model
+
     model, tokenizer = load_model(model_spec, tokenizer_spec)
+    model.eval()
     out = {}
     for domain, texts in domains.items():
         if chat:

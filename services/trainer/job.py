@@ -6,7 +6,7 @@ or CPU, CPUs per worker), RunConfig (storage path, name, FailureConfig, Checkpoi
 A run started again with the same ``storage_path`` and ``name`` resumes from its latest
 checkpoint (same step, same data position).
 
-Leaves out: what a worker does (``loop``).
+Leaves out: what a worker does (``recipe``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from fuseserve.trainer.loop import train_loop
+    from fuseserve.trainer.recipe import train_loop
 
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fuseserve.trainer.config import FusionLoss
+from fuseserve.trainer.loss_kind import FusionLoss
 
 
 def clm_loss(

@@ -46,7 +46,7 @@ def interrupted_run(settings: dict, metrics_file, stop) -> dict:
     import sys
 
     from fuseserve.launch import wait_until
-    from fuseserve.trainer.loop import STATE_FILE, find_latest_checkpoint
+    from fuseserve.trainer.checkpoint import STATE_FILE, find_latest_checkpoint
 
     flags = train_flags({**settings, "name": "killed", "metrics_file": str(metrics_file)})
     proc = subprocess.Popen(

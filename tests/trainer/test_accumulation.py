@@ -9,7 +9,7 @@ import torch
 from fuseserve.teacher.tiny import build_tiny_llama
 from fuseserve.trainer.config import TrainConfig
 from fuseserve.trainer.data import Block, chat_blocks, pack_blocks, render_chat
-from fuseserve.trainer.loop import accumulate_gradients, batch_tensors
+from fuseserve.trainer.step import accumulate_gradients, batch_tensors
 from fuseserve.wire.messages import FusedBlock
 
 

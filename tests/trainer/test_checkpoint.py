@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from fuseserve.trainer.loop import (
+from fuseserve.trainer.checkpoint import (
     COMPLETE_FILE,
     STATE_FILE,
     checkpoint_complete,

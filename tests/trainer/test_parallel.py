@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from fuseserve.trainer.loop import STATE_FILE, find_latest_checkpoint
+from fuseserve.trainer.checkpoint import STATE_FILE, find_latest_checkpoint
 from tests.trainer.conftest import assert_same_weights, interrupted_run, resume, small_run
 
 pytestmark = pytest.mark.slow
@@ -128,7 +128,7 @@ def test_chat_blocks_are_fused_on_the_rendered_text(aligner, mistral_tok):
     """The aligner scores a rendered conversation (template markers and EOS included) and answers
     with the trainer's own ids for it; the batch keeps fused rows only before assistant tokens."""
     from fuseserve.trainer.data import chat_blocks
-    from fuseserve.trainer.loop import batch_tensors
+    from fuseserve.trainer.step import batch_tensors
 
     conversations = [
         [
@@ -174,8 +174,7 @@ def blocks_of_first_step(settings):
     """The 4 blocks the first step of a 1-worker run takes (the trainer's own schedule)."""
     from fuseserve.loading import load_tokenizer
     from fuseserve.trainer.config import TrainConfig
-    from fuseserve.trainer.data import worker_schedule
-    from fuseserve.trainer.loop import build_blocks
+    from fuseserve.trainer.data import build_blocks, worker_schedule
 
     cfg = TrainConfig(**settings)
     blocks = build_blocks(cfg, load_tokenizer(cfg.model))
