@@ -291,8 +291,8 @@ def train_loop(config: dict) -> None:
     import ray.train.torch
     from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
 
-    from fuseserve.aligner.tokenview import TokenizerView
     from fuseserve.loading import load_tokenizer
+    from fuseserve.wire.tokenizer import TokenizerIdentity
 
     cfg = TrainConfig(**config)
     ctx = ray.train.get_context()
@@ -350,7 +350,7 @@ def train_loop(config: dict) -> None:
         steps_left = cfg.max_steps - start_step
         order_source = worker_schedule(len(blocks), cfg.seed, rank, world, per_step, start_step)
         order = (i for _, (_, _, idxs) in zip(range(steps_left), order_source) for i in idxs)
-        target_fp = TokenizerView.from_hf(tokenizer).fingerprint
+        target_fp = TokenizerIdentity.from_hf(tokenizer).fingerprint
         stream = FusedTargetStream(
             cfg.aligner,
             blocks,
