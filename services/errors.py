@@ -1,14 +1,31 @@
 """The error hierarchy every fuseserve service shares, mapped to a status once per transport.
 
 ``InvalidRequest`` -> 422 / INVALID_ARGUMENT (names the field), ``Overloaded`` -> 429 /
-RESOURCE_EXHAUSTED, ``Unavailable`` -> 503 / UNAVAILABLE (names the dependency).
+RESOURCE_EXHAUSTED, ``Unavailable`` -> 503 / UNAVAILABLE (names the dependency),
+``DeadlineExceeded`` (an ``Unavailable``) -> DEADLINE_EXCEEDED, any other ``ServiceError`` -> 500 /
+INTERNAL. The gRPC mapping, both ways, is ``fuseserve.wire.status``.
+
+Leaves out: the transports themselves.
 """
 
 from __future__ import annotations
 
+from typing import Self
+
 
 class ServiceError(Exception):
-    """Base class."""
+    """Base class. ``remote_status``: the gRPC status name a peer answered, when this error
+    stands for a peer's answer (set by ``fuseserve.wire.status.error_from_rpc``)."""
+
+    remote_status: str | None = None
+
+    def prefixed(self, prefix: str) -> Self:
+        """The same error with ``prefix`` before its message (e.g. which request of a stream);
+        this one is left as it is (it may be shared between callers)."""
+        clone = type(self).__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        clone.args = (f"{prefix}{self}",)
+        return clone
 
 
 class InvalidRequest(ServiceError):
@@ -29,6 +46,10 @@ class Overloaded(ServiceError):
 
 class Unavailable(ServiceError):
     """A dependency (a model, a teacher, a remote engine) is down or not ready yet."""
+
+
+class DeadlineExceeded(Unavailable):
+    """The caller's time ran out before the answer came."""
 
 
 class StartupError(Exception):

@@ -4,6 +4,9 @@ Covers what the demo, the benchmarks and the tests share: free ports, one proces
 its log in a file, readiness by gRPC health (teachers, aligner) or a Redis PING, stopping with
 SIGTERM then SIGKILL, and a clear error with the log's tail when a process dies while starting.
 
+Ships with the package (not only in tests/): ``fuseserve demo`` and ``fuseserve experiment`` start
+their teachers, aligner and Redis with it at run time.
+
 Leaves out: what the services do; Docker and Kubernetes (see docs/deploy.md).
 """
 

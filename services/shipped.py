@@ -108,7 +108,7 @@ def tekken_tokenizer(vocab_size: int = 16384):
     from tokenizers.models import BPE
     from transformers import PreTrainedTokenizerFast
 
-    from fuseserve.aligner.tokenview import byte_level_string
+    from fuseserve.wire.tokenizer import byte_level_string
 
     data = json.loads(tekken_file().read_text())
     ranks = {

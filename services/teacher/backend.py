@@ -13,9 +13,9 @@ from typing import Protocol
 
 import numpy as np
 
-from fuseserve.aligner.tokenview import TokenizerView
 from fuseserve.teacher.errors import InvalidRequest
 from fuseserve.wire.messages import TeacherScores
+from fuseserve.wire.tokenizer import TokenizerIdentity
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class TokenizedText:
 
 class ScoringBackend(Protocol):
     info: BackendInfo
-    view: TokenizerView
+    view: TokenizerIdentity
 
     def tokenize(self, text: str, add_bos: bool | None) -> TokenizedText: ...
 

@@ -1,20 +1,38 @@
 """An asyncio client of the teacher service, with a deadline on every call.
 
-Covers Info, the full vocabulary (reassembled from chunks) and Score (replies decoded into
-``TeacherScores``, in request order). gRPC errors propagate as ``grpc.aio.AioRpcError``.
+Covers Info (a ``TeacherInfo``), the full vocabulary (reassembled from chunks) and Score (replies
+decoded into ``TeacherScores``, in request order). A call the teacher refuses raises the shared
+error it stands for (``fuseserve.wire.status.error_from_rpc``: ``InvalidRequest``, ``Overloaded``,
+``DeadlineExceeded``, ``Unavailable``, else ``ServiceError``), with ``remote_status`` set.
+
+Leaves out: retries and replicas (the caller's, e.g. the aligner's pool).
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from fuseserve.wire import convert
+from fuseserve.wire.descriptions import TeacherInfo
 from fuseserve.wire.grpc_guard import aio_channel, auth_metadata
 from fuseserve.wire.grpc_service import channel_options
 from fuseserve.wire.messages import TeacherScores
+from fuseserve.wire.requests import ScoreQuery
+from fuseserve.wire.status import error_from_rpc
 from fuseserve.wire.v1 import teacher_pb2, teacher_pb2_grpc
 
 DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
+
+
+@contextlib.contextmanager
+def _translated():
+    try:
+        yield
+    except grpc.aio.AioRpcError as exc:
+        raise error_from_rpc(exc) from exc
 
 
 class TeacherClient:
@@ -36,19 +54,20 @@ class TeacherClient:
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.serving = True  # as last seen by ``health``
 
-    async def info(self) -> teacher_pb2.InfoReply:
-        return await self.stub.Info(
-            teacher_pb2.InfoRequest(), timeout=self.timeout_s, metadata=self.metadata
-        )
+    async def info(self) -> TeacherInfo:
+        with _translated():
+            reply = await self.stub.Info(
+                teacher_pb2.InfoRequest(), timeout=self.timeout_s, metadata=self.metadata
+            )
+        return convert.teacher_info_from_pb(reply)
 
     async def vocab(self) -> list[str]:
         tokens: list[str] = []
-        async for chunk in self.stub.Vocab(
-            teacher_pb2.VocabRequest(), timeout=self.timeout_s, metadata=self.metadata
-        ):
-            if chunk.start_id != len(tokens):
-                raise RuntimeError(f"vocab chunk out of order at {chunk.start_id}")
-            tokens.extend(chunk.tokens)
+        with _translated():
+            async for chunk in self.stub.Vocab(
+                teacher_pb2.VocabRequest(), timeout=self.timeout_s, metadata=self.metadata
+            ):
+                convert.vocab_extend(tokens, chunk)
         return tokens
 
     async def score(
@@ -59,16 +78,15 @@ class TeacherClient:
         add_bos: bool | None = None,
         float_dtype: str = "f32",
     ) -> list[TeacherScores]:
-        request = teacher_pb2.ScoreRequest(
-            texts=texts,
-            k=k,
-            too_long=teacher_pb2.TOO_LONG_TRUNCATE if truncate else teacher_pb2.TOO_LONG_REJECT,
-            add_bos={None: 0, True: 1, False: 2}[add_bos],
-            float_dtype=float_dtype,
+        request = convert.score_query_to_pb(
+            ScoreQuery(tuple(texts), k, truncate, add_bos, float_dtype)
         )
         out: list[TeacherScores | None] = [None] * len(texts)
-        async for reply in self.stub.Score(request, timeout=self.timeout_s, metadata=self.metadata):
-            out[reply.index] = TeacherScores.from_bytes(reply.scores)
+        with _translated():
+            async for reply in self.stub.Score(
+                request, timeout=self.timeout_s, metadata=self.metadata
+            ):
+                out[reply.index] = convert.scores_from_pb(reply)
         if any(s is None for s in out):
             raise RuntimeError("teacher closed the stream before answering every text")
         return out  # type: ignore[return-value]

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from fuseserve.aligner.tokenview import TokenizerView
 from fuseserve.batching import pad_ids
 from fuseserve.loading import resolve_model_spec
 from fuseserve.teacher.backend import BackendInfo, LocalTokenizer, TokenizedText
 from fuseserve.teacher.errors import InvalidRequest
 from fuseserve.wire.messages import TeacherScores
+from fuseserve.wire.tokenizer import TokenizerIdentity
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class HFBackend(LocalTokenizer):
         self.torch = torch
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.view = TokenizerView.from_hf(tokenizer, model_id)
+        self.view = TokenizerIdentity.from_hf(tokenizer, model_id)
         self.device = next(model.parameters()).device
         self.chunk_positions = chunk_positions
         self.max_sequence_length = max_sequence_length

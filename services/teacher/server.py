@@ -5,12 +5,14 @@ before any model work (INVALID_ARGUMENT naming the field), overload (RESOURCE_EX
 the standard health service (NOT_SERVING until the model is loaded and while the engine fails),
 server reflection, explicit message-size limits, Prometheus metrics, and a SIGTERM drain.
 
-Leaves out: the model (``hf_backend``) and batching (``batcher``).
+Leaves out: the model (``hf_backend``), batching (``batcher``), protobuf conversion
+(``fuseserve.wire.convert``) and the error -> status mapping (``fuseserve.wire.status``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import time
@@ -23,24 +25,24 @@ import grpc
 from fuseserve.errors import StartupError
 from fuseserve.teacher.backend import ScoringBackend
 from fuseserve.teacher.batcher import DynamicBatcher
-from fuseserve.teacher.errors import EngineUnavailable, InvalidRequest, Overloaded, TeacherError
+from fuseserve.teacher.errors import EngineUnavailable, InvalidRequest
 from fuseserve.teacher.metrics import TeacherMetrics
 from fuseserve.teacher.settings import TeacherSettings
+from fuseserve.wire import convert
+from fuseserve.wire.descriptions import TeacherInfo
 from fuseserve.wire.grpc_guard import TokenAuth, add_guarded, add_port
 from fuseserve.wire.grpc_service import Health, add_health_and_reflection, new_server
+from fuseserve.wire.requests import ScoreQuery
+from fuseserve.wire.status import ErrorStatus
 from fuseserve.wire.v1 import teacher_pb2, teacher_pb2_grpc
 
 log = logging.getLogger(__name__)
 SERVICE = "fuseserve.teacher.v1.Teacher"
 
-_STATUS = {
-    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
-    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    EngineUnavailable: grpc.StatusCode.UNAVAILABLE,
-}
-
 
 class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
+    """Handlers raise the shared errors; ``wire.status.ErrorStatus`` answers them."""
+
     def __init__(self, settings: TeacherSettings, metrics: TeacherMetrics) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -53,76 +55,38 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
             raise EngineUnavailable("model is still loading")
         return self.backend, self.batcher
 
-    async def _abort(self, context: grpc.aio.ServicerContext, exc: TeacherError) -> None:
-        code = _STATUS.get(type(exc), grpc.StatusCode.INTERNAL)
-        self.metrics.failures.labels(type(exc).__name__).inc()
-        await context.abort(code, str(exc))
-
-    async def Info(self, request, context):
-        try:
-            backend, _ = self._ready()
-        except TeacherError as exc:
-            await self._abort(context, exc)
-        info, view, s = backend.info, backend.view, self.settings
-
-        def role(value):
-            return -1 if value is None else value
-
-        return teacher_pb2.InfoReply(
-            model_id=info.model_id,
-            revision=info.revision,
-            architecture=info.architecture,
-            tokenizer_fingerprint=view.fingerprint,
-            vocab_size=view.vocab_size,
-            max_sequence_length=info.max_sequence_length,
-            max_k=info.max_k,
-            dtype=info.dtype,
-            device=info.device,
-            backend=info.backend,
-            tokenizer_scheme=str(view.scheme),
-            max_batch_texts=s.max_batch_texts,
-            max_request_tokens=s.max_request_tokens,
-            special_ids=sorted(view.special_ids),
-            bos_id=role(view.bos_id),
-            eos_id=role(view.eos_id),
-            unk_id=role(view.unk_id),
-            pad_id=role(view.pad_id),
+    def describe(self) -> TeacherInfo:
+        backend, _ = self._ready()
+        return TeacherInfo.describe(
+            backend.view,
+            **dataclasses.asdict(backend.info),
+            max_batch_texts=self.settings.max_batch_texts,
+            max_request_tokens=self.settings.max_request_tokens,
         )
 
+    async def Info(self, request, context):
+        return convert.teacher_info_to_pb(self.describe())
+
     async def Vocab(self, request, context) -> AsyncIterator[teacher_pb2.VocabChunk]:
-        try:
-            backend, _ = self._ready()
-        except TeacherError as exc:
-            await self._abort(context, exc)
+        backend, _ = self._ready()
         size = request.chunk_size or 8192
         if size < 0:
-            await self._abort(context, InvalidRequest("chunk_size", "must be >= 0"))
-        tokens = backend.view.tokens
-        for start in range(0, len(tokens), size):
-            yield teacher_pb2.VocabChunk(
-                start_id=start, tokens=tokens[start : start + size], vocab_size=len(tokens)
-            )
+            raise InvalidRequest("chunk_size", "must be >= 0")
+        for chunk in convert.vocab_chunks_to_pb(backend.view.tokens, size):
+            yield chunk
 
-    def _validate(self, request, backend: ScoringBackend):
+    def _validate(self, query: ScoreQuery, backend: ScoringBackend):
         s = self.settings
-        if not request.texts:
+        if not query.texts:
             raise InvalidRequest("texts", "must hold at least one text")
-        if len(request.texts) > s.max_batch_texts:
+        if len(query.texts) > s.max_batch_texts:
             raise InvalidRequest(
-                "texts", f"{len(request.texts)} texts exceed max_batch_texts={s.max_batch_texts}"
+                "texts", f"{len(query.texts)} texts exceed max_batch_texts={s.max_batch_texts}"
             )
         max_k = min(backend.info.max_k, backend.view.vocab_size)
-        if not 1 <= request.k <= max_k:
-            raise InvalidRequest("k", f"must be in [1, {max_k}], got {request.k}")
-        if request.float_dtype not in ("", "f16", "f32"):
-            raise InvalidRequest(
-                "float_dtype", f"must be 'f16' or 'f32', got {request.float_dtype!r}"
-            )
-        add_bos = {0: None, 1: True, 2: False}.get(request.add_bos)
-        if add_bos is None and request.add_bos != 0:
-            raise InvalidRequest("add_bos", f"unknown value {request.add_bos}")
-        truncate = request.too_long == teacher_pb2.TOO_LONG_TRUNCATE
-        for i, text in enumerate(request.texts):
+        if not 1 <= query.k <= max_k:
+            raise InvalidRequest("k", f"must be in [1, {max_k}], got {query.k}")
+        for i, text in enumerate(query.texts):
             if not text:
                 raise InvalidRequest(f"texts[{i}]", "is empty")
             if len(text) > s.max_text_chars:
@@ -131,8 +95,8 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
                     f"texts[{i}]", f"{len(text)} characters exceed max_text_chars={limit}"
                 )
         return [
-            backend.tokenize(text, add_bos, truncate=truncate, field=f"texts[{i}]")
-            for i, text in enumerate(request.texts)
+            backend.tokenize(text, query.add_bos, truncate=query.truncate, field=f"texts[{i}]")
+            for i, text in enumerate(query.texts)
         ]
 
     def _check_tokens(self, items) -> None:
@@ -145,23 +109,15 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
 
     async def Score(self, request, context) -> AsyncIterator[teacher_pb2.ScoreReply]:
         started = time.perf_counter()
-        try:
-            backend, batcher = self._ready()
-            # tokenising a long text takes a while: in one worker thread, off the event loop
-            loop = asyncio.get_running_loop()
-            items = await loop.run_in_executor(self._tokenize, self._validate, request, backend)
-            self._check_tokens(items)
-            results = await batcher.submit(items, request.k)
-        except TeacherError as exc:
-            await self._abort(context, exc)
-        dtype = request.float_dtype or "f32"
+        backend, batcher = self._ready()
+        query = convert.score_query_from_pb(request)
+        # tokenising a long text takes a while: in one worker thread, off the event loop
+        loop = asyncio.get_running_loop()
+        items = await loop.run_in_executor(self._tokenize, self._validate, query, backend)
+        self._check_tokens(items)
+        results = await batcher.submit(items, query.k)
         for index, result in enumerate(results):
-            yield teacher_pb2.ScoreReply(
-                index=index,
-                scores=result.to_bytes(dtype),
-                truncated=result.truncated,
-                num_tokens=len(result.token_ids),
-            )
+            yield convert.score_reply_to_pb(index, result, query.float_dtype)
         self.metrics.latency.observe(time.perf_counter() - started)
 
 
@@ -204,7 +160,8 @@ async def start_server(settings: TeacherSettings) -> RunningTeacher:
     metrics = TeacherMetrics()
     credentials = settings.grpc_credentials()
     key = settings.key()
-    server = new_server(settings.max_message_bytes, [TokenAuth(key)] if key else None)
+    errors = ErrorStatus(lambda exc: metrics.failures.labels(type(exc).__name__).inc())
+    server = new_server(settings.max_message_bytes, [TokenAuth(key), errors] if key else [errors])
     servicer = TeacherServicer(settings, metrics)
     add_guarded(teacher_pb2_grpc.add_TeacherServicer_to_server, servicer, server)
     health = await add_health_and_reflection(server, SERVICE)

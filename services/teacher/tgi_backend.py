@@ -21,10 +21,10 @@ import asyncio
 
 import numpy as np
 
-from fuseserve.aligner.tokenview import TokenizerView
 from fuseserve.teacher.backend import BackendInfo, LocalTokenizer, TokenizedText
 from fuseserve.teacher.errors import EngineUnavailable, InvalidRequest
 from fuseserve.wire.messages import TeacherScores
+from fuseserve.wire.tokenizer import TokenizerIdentity
 
 TGI_K_MESSAGE = (
     "the tgi backend serves k = 1 only: TGI returns just the prompt tokens' own log-probs, "
@@ -87,7 +87,7 @@ class TGIBackend(LocalTokenizer):
         self.timeout_s = timeout_s
         self.token = token
         self.tokenizer = tokenizer
-        self.view = TokenizerView.from_hf(tokenizer, model_name)
+        self.view = TokenizerIdentity.from_hf(tokenizer, model_name)
         self.info = BackendInfo(
             model_id=model_name,
             revision="remote",

@@ -4,6 +4,9 @@ Covers building a small ``LlamaForCausalLM`` (random weights from a fixed seed) 
 tokenizer's vocabulary and saving it with its tokenizer as a normal Hugging Face directory, which
 every loader in fuseserve accepts like any other model.
 
+Ships with the package (not only in tests/): ``fuseserve experiment`` builds its llama source
+models with ``build_tiny_llama`` at run time (``experiment.models``).
+
 Leaves out: training (the demo trains its small source model itself).
 """
 

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from fuseserve.aligner.tokenview import TokenizerView
 from fuseserve.teacher.backend import BackendInfo, LocalTokenizer, TokenizedText
 from fuseserve.teacher.errors import EngineUnavailable, InvalidRequest
 from fuseserve.wire.messages import TeacherScores
+from fuseserve.wire.tokenizer import TokenizerIdentity
 
 
 def parse_prompt_logprobs(
@@ -62,7 +62,7 @@ class VLLMBackend(LocalTokenizer):
         self.client = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s)
         self.model_name = model_name
         self.tokenizer = tokenizer
-        self.view = TokenizerView.from_hf(tokenizer, model_name)
+        self.view = TokenizerIdentity.from_hf(tokenizer, model_name)
         self.info = BackendInfo(
             model_id=model_name,
             revision="remote",

@@ -182,8 +182,8 @@ class FusionRecipe:
         cfg = self.cfg
         if not cfg.fused:
             return None
-        from fuseserve.aligner.tokenview import TokenizerView
         from fuseserve.trainer.prefetch import FusedTargetStream
+        from fuseserve.wire.tokenizer import TokenizerIdentity
 
         steps_left = cfg.max_steps - self.start_step
         order = (i for _, (_, _, idxs) in zip(range(steps_left), self.worker_steps()) for i in idxs)
@@ -192,7 +192,7 @@ class FusionRecipe:
             self.blocks,
             order,
             depth=cfg.fused_prefetch_depth(),
-            target_fingerprint=TokenizerView.from_hf(self.tokenizer).fingerprint,
+            target_fingerprint=TokenizerIdentity.from_hf(self.tokenizer).fingerprint,
             k=cfg.k,
             teachers=cfg.teachers,
             preset=cfg.preset,

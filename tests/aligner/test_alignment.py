@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from bench.reference import dtw_reference, levenshtein
 from fuseserve.aligner.alignment import (
     Anchor,
     align_dtw,
@@ -14,7 +15,6 @@ from fuseserve.aligner.alignment import (
     dtw_path,
     edit_distance_matrix,
 )
-from fuseserve.aligner.reference import dtw_reference, levenshtein
 from fuseserve.aligner.tokenview import context_ends
 from fuseserve.aligner.vocabmap import StringMode, build_vocab_map
 from tests.conftest import encode

@@ -6,9 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from bench.reference import fusellm_transform_reference
 from fuseserve.aligner.options import FusionOptions
 from fuseserve.aligner.pipeline import TeacherInput, fuse_block
-from fuseserve.aligner.reference import fusellm_transform_reference
 from fuseserve.aligner.vocabmap import StringMode, build_vocab_map
 from fuseserve.wire.messages import TeacherScores
 from tests.conftest import encode

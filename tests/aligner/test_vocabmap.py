@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fuseserve.aligner.reference import levenshtein, min_ed_reference
+from bench.reference import levenshtein, min_ed_reference
 from fuseserve.aligner.tokenview import Scheme, TokenizerView
 from fuseserve.aligner.vocabmap import StringMode, VocabMap, build_vocab_map
 from fuseserve.wire.codec import CodecError

@@ -393,7 +393,7 @@ def test_image_requirements_follow_the_extras_of_pyproject():
     aligner, trainer = requirements(project, ["aligner"]), requirements(project, ["trainer"])
     names = {re.split(r"[<>=\[ ]", r)[0] for r in trainer}
     assert not any(r.startswith("torch") for r in aligner)
-    assert {"torch", "ray", "fastapi", "numpy"} <= names  # trainer -> teacher -> aligner -> core
+    assert {"torch", "ray", "fastapi", "numpy"} <= names  # trainer -> teacher + aligner -> core
     assert not any(r.startswith("fuseserve") for r in trainer)
     # compose's `prepare` runs `fuseserve demo --prepare-only` in the trainer image: the demo's
     # small model is made on the Mistral v1 tokenizer that mistral-common ships

@@ -59,7 +59,7 @@ class RunningAligner:
     startup: asyncio.Task | None = None
 
     async def wait_ready(self, timeout_s: float) -> None:
-        """Wait for the teachers (raises what start-up raised, e.g. Unavailable)."""
+        """Wait for the teachers (raises what start-up raised, e.g. TeacherUnavailable)."""
         assert self.startup is not None
         await asyncio.wait_for(asyncio.shield(self.startup), timeout_s)
 
@@ -102,11 +102,10 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def start_aligner(settings: AlignerSettings, show_progress: bool = False) -> RunningAligner:
-    """Start both servers now; teachers connect in the background (see ``wait_ready``)."""
+async def load_target(settings: AlignerSettings):
+    """The target tokenizer and its view; a tokenizer that cannot be loaded is a StartupError."""
     from fuseserve.loading import load_tokenizer
 
-    metrics = AlignerMetrics()
     try:
         tokenizer = await asyncio.to_thread(load_tokenizer, settings.target_tokenizer)
         target = await asyncio.to_thread(
@@ -116,12 +115,18 @@ async def start_aligner(settings: AlignerSettings, show_progress: bool = False) 
         raise StartupError(
             f"target_tokenizer: cannot load {settings.target_tokenizer!r}: {one_line(exc)}"
         ) from exc
-    server_tls = settings.grpc_credentials()
+    return tokenizer, target
+
+
+def build_pool(
+    settings: AlignerSettings, tokenizer, target: TokenizerView, metrics: AlignerMetrics
+) -> TeacherPool:
+    """The teacher pool (not connected yet), with the TLS and key it calls teachers with."""
     teacher_tls = channel_credentials(
         settings.teacher_tls_ca, settings.teacher_tls_cert, settings.teacher_tls_key
     )
     options = settings.fusion_options()
-    pool = TeacherPool(
+    return TeacherPool(
         settings.teachers,
         target,
         VocabMapStore(settings.vocab_map_dir),
@@ -138,6 +143,10 @@ async def start_aligner(settings: AlignerSettings, show_progress: bool = False) 
         api_key=secret(settings.teacher_api_key),
         min_ready=settings.ready_min_teachers,
     )
+
+
+def build_cache(settings: AlignerSettings, metrics: AlignerMetrics):
+    """Redis when ``redis_url`` is set, else an in-process LRU; its state feeds a gauge."""
     if settings.redis_url:
         cache = RedisCache(
             settings.redis_url,
@@ -152,7 +161,13 @@ async def start_aligner(settings: AlignerSettings, show_progress: bool = False) 
     else:
         cache = LRUCache(settings.lru_max_bytes)
     metrics.cache_up.set_function(lambda: float(cache.status() in ("ok", "off")))
-    service = FusionService(
+    return cache
+
+
+def build_service(
+    settings: AlignerSettings, tokenizer, target, pool, cache, metrics
+) -> FusionService:
+    return FusionService(
         tokenizer,
         target,
         pool,
@@ -168,6 +183,14 @@ async def start_aligner(settings: AlignerSettings, show_progress: bool = False) 
         max_text_bytes=settings.max_text_bytes,
         request_deadline_s=settings.request_deadline_s,
     )
+
+
+async def start_servers(
+    settings: AlignerSettings, service: FusionService, metrics: AlignerMetrics, server_tls
+) -> RunningAligner:
+    """Bind REST and start gRPC (health NOT_SERVING; ``server_tls``: its TLS); a port that
+    cannot be bound closes the pool and is a StartupError naming it."""
+    pool = service.pool
     servicer = AlignerServicer(
         service, metrics, settings.target_tokenizer, settings.max_stream_inflight
     )
@@ -204,38 +227,46 @@ async def start_aligner(settings: AlignerSettings, show_progress: bool = False) 
         uvicorn.Config(app, log_level=settings.log_level.lower(), access_log=False, lifespan="off")
     )
     running = RunningAligner(
-        settings,
-        service,
-        metrics,
-        grpc_server,
-        grpc_port,
-        sock.getsockname()[1],
-        rest,
-        health,
+        settings, service, metrics, grpc_server, grpc_port, sock.getsockname()[1], rest, health
     )
     running.tasks.append(asyncio.create_task(rest.serve(sockets=[sock])))
+    return running
 
-    async def connect() -> None:
-        await pool.start(settings.startup_timeout_s)
-        await health.set_serving(True)
-        log.info(
-            "aligner ready: REST :%d, gRPC :%d, teachers %s",
-            running.rest_port,
-            grpc_port,
-            ", ".join(pool.teachers),
+
+async def connect_teachers(running: RunningAligner) -> None:
+    """Wait for every teacher, then serve (health SERVING) and start the periodic refresh and
+    health watch."""
+    settings, pool, health = running.settings, running.service.pool, running.health
+    await pool.start(settings.startup_timeout_s)
+    await health.set_serving(True)
+    log.info(
+        "aligner ready: REST :%d, gRPC :%d, teachers %s",
+        running.rest_port,
+        running.grpc_port,
+        ", ".join(pool.names),
+    )
+    if settings.info_refresh_s:
+        running.tasks.append(asyncio.create_task(pool.refresh_forever(settings.info_refresh_s)))
+    if settings.health_interval_s:
+
+        def on_change() -> None:
+            asyncio.get_running_loop().create_task(health.set_serving(pool.ready))
+
+        running.tasks.append(
+            asyncio.create_task(pool.watch_health(settings.health_interval_s, 2, on_change))
         )
-        if settings.info_refresh_s:
-            running.tasks.append(asyncio.create_task(pool.refresh_forever(settings.info_refresh_s)))
-        if settings.health_interval_s:
 
-            def on_change() -> None:
-                asyncio.get_running_loop().create_task(health.set_serving(pool.ready))
 
-            running.tasks.append(
-                asyncio.create_task(pool.watch_health(settings.health_interval_s, 2, on_change))
-            )
-
-    running.startup = asyncio.create_task(connect())
+async def start_aligner(settings: AlignerSettings, show_progress: bool = False) -> RunningAligner:
+    """Start both servers now; teachers connect in the background (see ``wait_ready``)."""
+    metrics = AlignerMetrics()
+    tokenizer, target = await load_target(settings)
+    server_tls = settings.grpc_credentials()  # unreadable TLS files fail before the pool exists
+    pool = build_pool(settings, tokenizer, target, metrics)
+    cache = build_cache(settings, metrics)
+    service = build_service(settings, tokenizer, target, pool, cache, metrics)
+    running = await start_servers(settings, service, metrics, server_tls)
+    running.startup = asyncio.create_task(connect_teachers(running))
     return running
 
 

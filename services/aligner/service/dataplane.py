@@ -4,8 +4,9 @@ Covers validating a fuse query (texts, k, preset, option overrides, teacher subs
 ``InvalidRequest`` naming the field, admission control (``Overloaded`` past
 ``max_inflight_blocks``), the two cache levels (fused blocks, then each teacher's raw scores),
 computing identical concurrent blocks once, asking all teachers concurrently (one Score call per
-teacher for all of a request's missing texts), and fusing each block with the core in a worker
-thread.
+teacher for all of a request's missing texts), fusing each block with the core in a worker
+thread, each teacher's status (a frozen ``TeacherStatus``), and turning the pool's teacher-level
+faults into request errors (``request_error``: which field was at fault, or which status).
 
 Leaves out: transport encoding (``rest``, ``grpc_api``) and teacher connections (``pool``).
 """
@@ -13,6 +14,7 @@ Leaves out: transport encoding (``rest``, ``grpc_api``) and teacher connections 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import Sequence
@@ -27,11 +29,19 @@ from fuseserve.aligner.alignment import AlignMethod
 from fuseserve.aligner.options import PRESETS, FusionOptions, VocabAlign
 from fuseserve.aligner.pipeline import TeacherInput, fuse_block
 from fuseserve.aligner.service.cache import Cache, SingleFlight, fused_key, scores_key
+from fuseserve.aligner.service.faults import (
+    MapMissing,
+    TeacherFault,
+    TeacherOverloaded,
+    TeacherRejected,
+    UnknownTeacher,
+)
 from fuseserve.aligner.service.metrics import AlignerMetrics
 from fuseserve.aligner.service.pool import TeacherPool
 from fuseserve.aligner.tokenview import TokenizerView
-from fuseserve.errors import InvalidRequest, Overloaded, Unavailable
+from fuseserve.errors import InvalidRequest, Overloaded, ServiceError, Unavailable
 from fuseserve.wire.codec import CodecError
+from fuseserve.wire.descriptions import TeacherStatus
 from fuseserve.wire.messages import FusedBlock, TeacherScores
 
 
@@ -63,6 +73,28 @@ class BlockResult:
 class _Target:
     ids: np.ndarray  # [n]
     offsets: np.ndarray  # [n, 2]
+
+
+def request_error(fault: TeacherFault) -> ServiceError:
+    """What a teacher's fault means for the request that met it."""
+    if isinstance(fault, UnknownTeacher):
+        return InvalidRequest("teachers", str(fault))
+    if isinstance(fault, MapMissing):
+        return InvalidRequest("options.vocab", str(fault))
+    if isinstance(fault, TeacherRejected):  # the texts were sent as they came
+        return InvalidRequest("texts", str(fault))
+    if isinstance(fault, TeacherOverloaded):
+        return Overloaded(str(fault), fault.retry_after_s)
+    return Unavailable(str(fault))
+
+
+@contextlib.contextmanager
+def request_errors():
+    """Teacher faults raised inside become the request errors they mean."""
+    try:
+        yield
+    except TeacherFault as fault:
+        raise request_error(fault) from fault
 
 
 def validation_field(exc: ValidationError, prefix: str) -> tuple[str, str]:
@@ -134,8 +166,11 @@ class FusionService:
     def ready(self) -> bool:
         return self.pool.ready
 
+    def teacher_statuses(self) -> list[TeacherStatus]:
+        return self.pool.statuses()
+
     def problems(self) -> dict[str, str]:
-        return {n: t.why for n, t in self.pool.teachers.items() if not t.ready}
+        return {s.name: s.problem or "" for s in self.pool.statuses() if not s.ready}
 
     def query_options_json(self) -> str:
         """The service's default FusionOptions as JSON."""
@@ -163,13 +198,14 @@ class FusionService:
             resolved = FusionOptions.preset(preset, **{**self.option_overrides, **(options or {})})
         except ValidationError as exc:
             raise InvalidRequest(*validation_field(exc, "options")) from exc
-        names = tuple(teachers) if teachers else tuple(self.pool.teachers)
+        names = tuple(teachers) if teachers else self.pool.names
         if len(set(names)) != len(names):
             raise InvalidRequest("teachers", f"duplicate names in {list(names)}")
-        chosen = [self.pool.get(n) for n in names]
+        with request_errors():
+            chosen = [self.pool.status(n) for n in names]
         not_ready = [t for t in chosen if not t.ready]
         if not_ready:
-            raise Unavailable("; ".join(t.why for t in not_ready))
+            raise Unavailable("; ".join(t.problem or "" for t in not_ready))
         k = self.default_k if k in (None, 0) else k
         max_k = min(t.max_k for t in chosen)
         if not 1 <= k <= max_k:
@@ -216,7 +252,7 @@ class FusionService:
             self.metrics.inflight.set(self.inflight)
 
     def _fused_key(self, query: FuseQuery, text: str) -> str:
-        prints = [f"{n}={self.pool.teachers[n].fingerprint}" for n in query.teachers]
+        prints = [f"{n}={self.pool.fingerprint(n)}" for n in query.teachers]
         return fused_key(self.target.fingerprint, prints, query.k, query.options.cache_key(), text)
 
     async def _fuse(self, query: FuseQuery, targets: list[_Target]) -> list[BlockResult]:
@@ -259,7 +295,7 @@ class FusionService:
     def _admit(self, query: FuseQuery, n: int) -> None:
         """Admit ``n`` blocks only if every teacher they need can answer them within
         ``request_deadline_s`` at the rate it has been answering (an idle teacher always may)."""
-        waits = {name: self.pool.teachers[name].load.wait_s(n) for name in query.teachers}
+        waits = {name: self.pool.load(name).wait_s(n) for name in query.teachers}
         name, wait = max(waits.items(), key=lambda kv: kv[1])
         if wait > self.request_deadline_s:
             raise self._shed(name, n, wait)
@@ -273,14 +309,14 @@ class FusionService:
                 f"{self.inflight} blocks in flight (max_inflight_blocks="
                 f"{self.max_inflight_blocks}); retry later"
             )
-        waits = {name: teacher.load.wait_s(1) for name, teacher in self.pool.teachers.items()}
+        waits = {name: self.pool.load(name).wait_s(1) for name in self.pool.names}
         if not waits:
             return None
         name, wait = min(waits.items(), key=lambda kv: kv[1])
         return self._shed(name, 1, wait) if wait > self.request_deadline_s else None
 
     def _shed(self, name: str, n: int, wait: float) -> Overloaded:
-        load = self.pool.teachers[name].load
+        load = self.pool.load(name)
         self.metrics.shed.labels(name).inc()
         return Overloaded(
             f"teacher {name!r} has {load.inflight} blocks in flight at "
@@ -306,6 +342,12 @@ class FusionService:
     async def _compute(
         self, query: FuseQuery, targets: list[_Target], indices: list[int]
     ) -> list[FusedBlock]:
+        with request_errors():
+            return await self._compute_blocks(query, targets, indices)
+
+    async def _compute_blocks(
+        self, query: FuseQuery, targets: list[_Target], indices: list[int]
+    ) -> list[FusedBlock]:
         texts = [query.texts[i] for i in indices]
         # one teacher failing cancels the others' calls (and so their queued work)
         try:
@@ -325,7 +367,7 @@ class FusionService:
         blocks = []
         for j, (text, target) in enumerate(zip(texts, targets)):
             inputs = [
-                TeacherInput(name, self.pool.teachers[name].view, vmap, s[j], table)
+                TeacherInput(name, self.pool.view(name), vmap, s[j], table)
                 for name, vmap, table, s in zip(query.teachers, maps, tables, per_teacher)
             ]
             start = time.perf_counter()
@@ -338,9 +380,8 @@ class FusionService:
 
     async def _teacher_scores(self, name: str, texts: list[str], k: int) -> list[TeacherScores]:
         """One teacher's scores of ``texts``: cached where possible, one call for the rest."""
-        teacher = self.pool.teachers[name]
         dtype = self.pool.float_dtype
-        keys = [scores_key(teacher.fingerprint, k, dtype, text) for text in texts]
+        keys = [scores_key(self.pool.fingerprint(name), k, dtype, text) for text in texts]
         values = await asyncio.gather(*(self.cache.get(key) for key in keys))
         out: list[TeacherScores | None] = []
         for value in values:

@@ -1,64 +1,35 @@
 """The aligner's gRPC API (fuseserve.aligner.v1): Info, Fuse, FuseStream; health; reflection.
 
-Covers converting requests into ``FusionService`` calls and results into ``FusedBlock`` messages,
-the one mapping of the error hierarchy to status codes, and FuseStream's flow control: a reader
-task admits at most ``max_stream_inflight`` requests of one stream at a time (it stops reading
-when the caller stops consuming), and replies go out in request order.
+Covers calling ``FusionService`` for each request and FuseStream's flow control: a reader task
+admits at most ``max_stream_inflight`` requests of one stream at a time (it stops reading when the
+caller stops consuming), and replies go out in request order; an error in a stream names the
+request it concerns.
 
-Leaves out: the work itself (``dataplane``).
+Leaves out: the work itself (``dataplane``), protobuf conversion (``fuseserve.wire.convert``) and
+the error -> status mapping (``fuseserve.wire.status.ErrorStatus``, installed on the server).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import math
 import time
 from collections.abc import AsyncIterator
 
 import grpc
 
-from fuseserve.aligner.service.dataplane import BlockResult, FusionService
+from fuseserve.aligner.service.dataplane import FusionService
 from fuseserve.aligner.service.metrics import AlignerMetrics
-from fuseserve.errors import InvalidRequest, Overloaded, ServiceError, StartupError, Unavailable
+from fuseserve.errors import ServiceError, StartupError
+from fuseserve.wire import convert
 from fuseserve.wire.grpc_guard import TokenAuth, add_guarded, add_port
 from fuseserve.wire.grpc_service import Health, add_health_and_reflection, new_server
+from fuseserve.wire.status import ErrorStatus
 from fuseserve.wire.v1 import aligner_pb2, aligner_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 SERVICE = aligner_pb2.DESCRIPTOR.services_by_name["Aligner"].full_name
-STATUS = {
-    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
-    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    Unavailable: grpc.StatusCode.UNAVAILABLE,
-}
-
-
-def status_of(exc: ServiceError) -> grpc.StatusCode:
-    return next((c for cls, c in STATUS.items() if isinstance(exc, cls)), grpc.StatusCode.INTERNAL)
-
-
-def trailing_metadata(exc: ServiceError) -> tuple[tuple[str, str], ...]:
-    """``retry-after`` (whole seconds, like the REST header) on RESOURCE_EXHAUSTED."""
-    if isinstance(exc, Overloaded):
-        return (("retry-after", str(max(1, math.ceil(exc.retry_after_s)))),)
-    return ()
-
-
-def block_message(request_id: str, index: int, result: BlockResult, float_dtype: str, target_fp):
-    block = result.block
-    return aligner_pb2.FusedBlock(
-        id=request_id,
-        index=index,
-        block=block.to_bytes(float_dtype),
-        cache_hit=result.cache_hit,
-        teachers=list(block.teachers),
-        ce=block.ce.tolist(),
-        coverage=block.coverage.tolist(),
-        target_fingerprint=target_fp,
-    )
 
 
 class AlignerServicer(aligner_pb2_grpc.AlignerServicer):
@@ -74,36 +45,15 @@ class AlignerServicer(aligner_pb2_grpc.AlignerServicer):
         self.target_name = target_name
         self.max_stream_inflight = max_stream_inflight
 
-    async def _abort(self, context, exc: ServiceError):
-        self.metrics.requests.labels("grpc", type(exc).__name__).inc()
-        await context.abort(status_of(exc), str(exc), trailing_metadata(exc))
-
-    def _query(self, request):
-        if request.float_dtype not in ("", "f16", "f32"):
-            raise InvalidRequest(
-                "float_dtype", f"must be 'f16' or 'f32', got {request.float_dtype!r}"
-            )
-        options = None
-        if request.options_json:
-            try:
-                options = json.loads(request.options_json)
-            except json.JSONDecodeError as exc:
-                raise InvalidRequest("options_json", f"not JSON: {exc}") from exc
-            if not isinstance(options, dict):
-                raise InvalidRequest("options_json", "must be a JSON object")
-        return self.service.query(
-            list(request.texts),
-            request.k or None,
-            request.preset or None,
-            options,
-            list(request.teachers) or None,
-        )
-
     async def _answer(self, request) -> list[aligner_pb2.FusedBlock]:
-        results = await self.service.fuse(self._query(request))
-        dtype = request.float_dtype or "f32"
+        call = convert.fuse_call_from_pb(request)
+        query = self.service.query(call.texts, call.k, call.preset, call.options, call.teachers)
+        results = await self.service.fuse(query)
         fp = self.service.target.fingerprint
-        return [block_message(request.id, i, r, dtype, fp) for i, r in enumerate(results)]
+        return [
+            convert.fused_block_to_pb(call.id, i, r.block, call.float_dtype, fp)
+            for i, r in enumerate(results)
+        ]
 
     async def Info(self, request, context):
         svc = self.service
@@ -111,18 +61,7 @@ class AlignerServicer(aligner_pb2_grpc.AlignerServicer):
             target_tokenizer=self.target_name,
             target_fingerprint=svc.target.fingerprint,
             target_vocab_size=svc.target.vocab_size,
-            teachers=[
-                aligner_pb2.TeacherInfo(
-                    name=name,
-                    addresses=list(t.addresses),
-                    model_id=t.info.model_id if t.info else "",
-                    tokenizer_fingerprint=t.view.fingerprint if t.view else "",
-                    vocab_size=t.view.vocab_size if t.view else 0,
-                    max_k=t.max_k,
-                    ready=t.ready,
-                )
-                for name, t in svc.pool.teachers.items()
-            ],
+            teachers=[convert.teacher_status_to_pb(s) for s in svc.teacher_statuses()],
             default_k=svc.default_k,
             default_options_json=svc.query_options_json(),
             max_block_tokens=svc.max_block_tokens,
@@ -131,10 +70,7 @@ class AlignerServicer(aligner_pb2_grpc.AlignerServicer):
 
     async def Fuse(self, request, context):
         start = time.perf_counter()
-        try:
-            blocks = await self._answer(request)
-        except ServiceError as exc:
-            await self._abort(context, exc)
+        blocks = await self._answer(request)
         self.metrics.requests.labels("grpc", "ok").inc()
         self.metrics.request_latency.labels("grpc").observe(time.perf_counter() - start)
         return aligner_pb2.FuseReply(blocks=blocks)
@@ -160,10 +96,7 @@ class AlignerServicer(aligner_pb2_grpc.AlignerServicer):
                 try:
                     blocks = await task
                 except ServiceError as exc:
-                    self.metrics.requests.labels("grpc", type(exc).__name__).inc()
-                    await context.abort(
-                        status_of(exc), f"request {request_id!r}: {exc}", trailing_metadata(exc)
-                    )
+                    raise exc.prefixed(f"request {request_id!r}: ") from exc
                 self.metrics.requests.labels("grpc", "ok").inc()
                 for block in blocks:
                     yield block
@@ -186,7 +119,9 @@ async def start_grpc(
 ) -> tuple[grpc.aio.Server, int, Health]:
     """Start the aligner's gRPC server (health NOT_SERVING until ``Health.set_serving``);
     ``api_key``: every call but health needs it; ``credentials``: TLS."""
-    server = new_server(max_message_bytes, [TokenAuth(api_key)] if api_key else None)
+    requests = servicer.metrics.requests
+    errors = ErrorStatus(lambda exc: requests.labels("grpc", type(exc).__name__).inc())
+    server = new_server(max_message_bytes, [TokenAuth(api_key), errors] if api_key else [errors])
     add_guarded(aligner_pb2_grpc.add_AlignerServicer_to_server, servicer, server)
     health = await add_health_and_reflection(server, SERVICE)
     try:

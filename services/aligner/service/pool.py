@@ -4,28 +4,35 @@ Covers, per teacher: one client per replica address (round-robin; a headless Kub
 gives one address per pod), waiting for the teacher at start-up, reading Info and the vocabulary,
 building or loading the vocabulary map onto the target, a cache fingerprint (model id, revision,
 tokenizer fingerprint, dtype, backend), Score with a deadline per call and retries with
-exponential backoff on UNAVAILABLE / DEADLINE_EXCEEDED / RESOURCE_EXHAUSTED, and detecting a
-teacher whose tokenizer changed (``refresh``): its map is rebuilt before it is used again.
+exponential backoff on UNAVAILABLE (RESOURCE_EXHAUSTED moves once to another replica), detecting
+a teacher whose tokenizer changed (``refresh``): its map is rebuilt before it is used again, and
+a frozen ``TeacherStatus`` per teacher. Failures are teacher-level faults (``faults``).
 
-Leaves out: caching and fusion (``dataplane``).
+Leaves out: caching and fusion, and which request field a fault concerns (``dataplane``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
 
-import grpc
-
 from fuseserve.aligner.continuation import ContinuationTable, FirstTokens
-from fuseserve.aligner.tokenview import Scheme, TokenizerView
+from fuseserve.aligner.service.faults import (
+    MapMissing,
+    TeacherFault,
+    TeacherOverloaded,
+    TeacherRejected,
+    TeacherUnavailable,
+    UnknownTeacher,
+)
+from fuseserve.aligner.tokenview import TokenizerView
 from fuseserve.aligner.vocabmap import StringMode, VocabMap
 from fuseserve.aligner.vocabmap_store import VocabMapStore
-from fuseserve.errors import InvalidRequest, Overloaded, Unavailable
+from fuseserve.errors import DeadlineExceeded, InvalidRequest, Overloaded, ServiceError
 from fuseserve.teacher.client import TeacherClient
+from fuseserve.wire.descriptions import TeacherInfo, TeacherStatus
 from fuseserve.wire.messages import TeacherScores
 
 log = logging.getLogger(__name__)
@@ -33,7 +40,7 @@ log = logging.getLogger(__name__)
 # retried (with backoff) on the next replica: the teacher may be restarting. Never retried:
 # RESOURCE_EXHAUSTED (an overloaded teacher gets no more of the same work; another replica may
 # take it once) and DEADLINE_EXCEEDED (the caller's time is spent).
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+RETRYABLE = {"UNAVAILABLE"}
 
 
 @dataclass
@@ -66,30 +73,6 @@ class Load:
         return (self.inflight + n) / self.rate
 
 
-def view_from_info(name: str, info, tokens: list[str]) -> TokenizerView:
-    """Rebuild a teacher's TokenizerView from its Info reply and vocabulary."""
-
-    def role(value: int) -> int | None:
-        return None if value < 0 else value
-
-    return TokenizerView(
-        name=name,
-        scheme=Scheme(info.tokenizer_scheme),
-        tokens=tuple(tokens),
-        special_ids=frozenset(info.special_ids),
-        bos_id=role(info.bos_id),
-        eos_id=role(info.eos_id),
-        unk_id=role(info.unk_id),
-        pad_id=role(info.pad_id),
-    )
-
-
-def cache_fingerprint(info) -> str:
-    """What makes two teachers' scores interchangeable: model, revision, tokenizer, dtype."""
-    parts = (info.model_id, info.revision, info.tokenizer_fingerprint, info.dtype, info.backend)
-    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
-
-
 @dataclass
 class Teacher:
     """One teacher's state; ``ready`` once its vocabulary map onto the target is loaded."""
@@ -101,7 +84,7 @@ class Teacher:
     vocab_map: VocabMap | None = None  # in the service's string mode
     other_maps: dict[str, VocabMap] = field(default_factory=dict)  # other modes, "cooc"
     continuations: ContinuationTable | None = None  # for `spans`: at start-up or first use
-    info: object | None = None
+    info: TeacherInfo | None = None
     fingerprint: str = ""
     problem: str = "not connected yet"
     down: str = ""  # set by the health watch while no replica is SERVING
@@ -124,6 +107,21 @@ class Teacher:
     @property
     def max_k(self) -> int:
         return min(self.info.max_k, self.view.vocab_size) if self.info and self.view else 0
+
+    def status(self) -> TeacherStatus:
+        info, view = self.info, self.view
+        return TeacherStatus(
+            name=self.name,
+            addresses=self.addresses,
+            ready=self.ready,
+            problem=self.why or None,
+            model_id=info.model_id if info else None,
+            backend=info.backend if info else None,
+            tokenizer_fingerprint=view.fingerprint if view else None,
+            vocab_size=view.vocab_size if view else None,
+            max_k=self.max_k,
+            vocab_map_exact_fraction=self.vocab_map.exact_fraction if self.vocab_map else None,
+        )
 
     def next_client(self) -> TeacherClient:
         """Round-robin over the replicas, skipping those the health watch saw down."""
@@ -188,13 +186,14 @@ class TeacherPool:
             try:
                 await self._load(teacher)
                 return
-            except (grpc.aio.AioRpcError, Unavailable) as exc:
-                reason = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+            except (ServiceError, TeacherFault) as exc:
+                reason = str(exc)
                 teacher.problem = f"waiting for teacher {teacher.name!r}: {reason}"
                 if time.monotonic() + delay > deadline:
-                    raise Unavailable(
+                    raise TeacherUnavailable(
+                        teacher.name,
                         f"teacher {teacher.name!r} at {', '.join(teacher.addresses)} did not "
-                        f"become ready within {timeout_s:.0f}s: {reason}"
+                        f"become ready within {timeout_s:.0f}s: {reason}",
                     ) from exc
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
@@ -203,21 +202,23 @@ class TeacherPool:
         infos = await asyncio.gather(*(c.info() for c in teacher.clients))
         prints = {i.tokenizer_fingerprint for i in infos}
         if len(prints) > 1:
-            raise Unavailable(
-                f"teacher {teacher.name!r}: replicas serve different tokenizers {sorted(prints)}"
+            raise TeacherUnavailable(
+                teacher.name,
+                f"teacher {teacher.name!r}: replicas serve different tokenizers {sorted(prints)}",
             )
         info = infos[0]
         if teacher.view is not None and teacher.view.fingerprint == info.tokenizer_fingerprint:
-            teacher.info, teacher.fingerprint, teacher.problem = info, cache_fingerprint(info), ""
+            teacher.info, teacher.fingerprint, teacher.problem = info, info.cache_fingerprint(), ""
             teacher.down, teacher.failed_checks = "", 0  # every replica answered Info just now
             self._set_ready(teacher)
             return
         tokens = await teacher.clients[0].vocab()
-        view = view_from_info(teacher.name, info, tokens)
+        view = info.tokenizer(teacher.name, tokens, TokenizerView)
         if view.fingerprint != info.tokenizer_fingerprint:
-            raise Unavailable(
+            raise TeacherUnavailable(
+                teacher.name,
                 f"teacher {teacher.name!r}: vocabulary fingerprint {view.fingerprint} does not "
-                f"match its Info {info.tokenizer_fingerprint}"
+                f"match its Info {info.tokenizer_fingerprint}",
             )
         vocab_map = await asyncio.to_thread(
             self.store.get_or_build, view, self.target, self.mode, False
@@ -229,7 +230,7 @@ class TeacherPool:
             )
         teacher.view, teacher.vocab_map, teacher.info = view, vocab_map, info
         teacher.other_maps, teacher.continuations = {}, continuations
-        teacher.fingerprint, teacher.problem = cache_fingerprint(info), ""
+        teacher.fingerprint, teacher.problem = info.cache_fingerprint(), ""
         teacher.down, teacher.failed_checks = "", 0
         self._set_ready(teacher)
         log.info(
@@ -251,7 +252,7 @@ class TeacherPool:
             async with teacher.reloading:
                 try:
                     infos = await asyncio.gather(*(c.info() for c in teacher.clients))
-                except grpc.aio.AioRpcError:
+                except ServiceError:
                     continue  # a down teacher shows up as 503 on use; nothing to re-check
                 if teacher.view is None or any(
                     i.tokenizer_fingerprint != teacher.view.fingerprint for i in infos
@@ -265,7 +266,7 @@ class TeacherPool:
                     log.warning(teacher.problem)
                     try:
                         await self._load(teacher)
-                    except (grpc.aio.AioRpcError, Unavailable) as exc:
+                    except (ServiceError, TeacherFault) as exc:
                         teacher.problem = f"teacher {teacher.name!r}: {exc}"
                         self._set_ready(teacher)
 
@@ -308,9 +309,8 @@ class TeacherPool:
                 async with teacher.reloading:
                     try:
                         await self._load(teacher)
-                    except (grpc.aio.AioRpcError, Unavailable) as exc:
-                        reason = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else exc
-                        teacher.down = f"teacher {teacher.name!r} is back but failed: {reason}"
+                    except (ServiceError, TeacherFault) as exc:
+                        teacher.down = f"teacher {teacher.name!r} is back but failed: {exc}"
                         return
                     log.info("teacher %s serves again", teacher.name)
             return
@@ -328,10 +328,28 @@ class TeacherPool:
     def get(self, name: str) -> Teacher:
         teacher = self.teachers.get(name)
         if teacher is None:
-            raise InvalidRequest(
-                "teachers", f"unknown teacher {name!r}; known: {list(self.teachers)}"
-            )
+            raise UnknownTeacher(name, f"unknown teacher {name!r}; known: {list(self.teachers)}")
         return teacher
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.teachers)
+
+    def status(self, name: str) -> TeacherStatus:
+        return self.get(name).status()
+
+    def statuses(self) -> list[TeacherStatus]:
+        return [t.status() for t in self.teachers.values()]
+
+    def fingerprint(self, name: str) -> str:
+        """The teacher's cache fingerprint (its scores' identity)."""
+        return self.get(name).fingerprint
+
+    def view(self, name: str) -> TokenizerView | None:
+        return self.get(name).view
+
+    def load(self, name: str) -> Load:
+        return self.get(name).load
 
     @property
     def ready(self) -> bool:
@@ -345,15 +363,15 @@ class TeacherPool:
 
     async def _refined_map(self, teacher: Teacher) -> VocabMap:
         if teacher.view is None:
-            raise Unavailable(teacher.why)
+            raise TeacherUnavailable(teacher.name, teacher.why)
         vmap = teacher.other_maps.get("cooc")
         if vmap is None:
             vmap = await asyncio.to_thread(
                 self.store.load, teacher.view, self.target, StringMode.SURFACE, True
             )
             if vmap is None:
-                raise InvalidRequest(
-                    "options.vocab",
+                raise MapMissing(
+                    teacher.name,
                     f"no co-occurrence map for teacher {teacher.name!r} in {self.store.directory}; "
                     "build one with `fuseserve vocab-map --cooc-corpus FILES`",
                 )
@@ -369,7 +387,7 @@ class TeacherPool:
             if teacher.continuations is None:
                 view = teacher.view
                 if view is None:
-                    raise Unavailable(teacher.why)
+                    raise TeacherUnavailable(teacher.name, teacher.why)
                 table = await asyncio.to_thread(
                     self.store.get_or_build_continuations,
                     view,
@@ -392,7 +410,7 @@ class TeacherPool:
             return await self._refined_map(teacher)
         if mode == self.mode or teacher.vocab_map is None:
             if teacher.vocab_map is None:
-                raise Unavailable(teacher.why)
+                raise TeacherUnavailable(teacher.name, teacher.why)
             return teacher.vocab_map
         async with teacher.reloading:
             vmap = teacher.other_maps.get(mode)
@@ -408,51 +426,59 @@ class TeacherPool:
     async def score(self, name: str, texts: list[str], k: int) -> list[TeacherScores]:
         """Score texts on one teacher (truncating at its max length). UNAVAILABLE is retried
         with backoff on the next replica; RESOURCE_EXHAUSTED moves once to another replica if
-        there is one, else it is ``Overloaded`` at once; nothing else is retried."""
+        there is one, else it is ``TeacherOverloaded`` at once; nothing else is retried."""
         teacher = self.get(name)
         if not teacher.ready:
-            raise Unavailable(teacher.why)
+            raise TeacherUnavailable(name, teacher.why)
         delay = self.backoff_s
         exhausted: set[str] = set()
         attempt = 0
         while True:
             client = teacher.next_client()
-            start = time.perf_counter()
-            through = teacher.load.start(len(texts))
+            where = f"teacher {name!r} at {client.address}"
             try:
-                out = await client.score(texts, k, truncate=True, float_dtype=self.float_dtype)
-            except grpc.aio.AioRpcError as exc:
-                teacher.load.finish(len(texts))
-                code = exc.code()
-                self._count(name, code.name.lower())
-                where = f"teacher {name!r} at {client.address}"
-                if code == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise InvalidRequest("texts", f"teacher {name!r}: {exc.details()}") from exc
-                if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    exhausted.add(client.address)
-                    if len(exhausted) < len(teacher.clients) and attempt < self.retries:
-                        attempt += 1
-                        continue  # another replica, at once
-                    raise Overloaded(f"{where} is overloaded: {exc.details()}") from exc
-                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    raise Unavailable(
-                        f"{where} did not answer within {client.timeout_s:g}s"
-                    ) from exc
-                if code not in RETRYABLE or attempt >= self.retries:
-                    raise Unavailable(f"{where}: {code.name} {exc.details()}") from exc
-                attempt += 1
-                await asyncio.sleep(delay)
-                delay *= 2
-                continue
-            except BaseException:  # cancelled: the caller is gone
-                teacher.load.finish(len(texts))
-                raise
-            latency = time.perf_counter() - start
-            teacher.load.finish(len(texts), through, latency)
-            if self.metrics is not None:
-                self.metrics.teacher_latency.labels(name).observe(latency)
-            self._count(name, "ok")
-            return out
+                return await self._score_once(teacher, client, texts, k)
+            except InvalidRequest as exc:
+                raise TeacherRejected(name, f"teacher {name!r}: {exc}", exc.field) from exc
+            except Overloaded as exc:
+                exhausted.add(client.address)
+                if len(exhausted) < len(teacher.clients) and attempt < self.retries:
+                    attempt += 1
+                    continue  # another replica, at once
+                raise TeacherOverloaded(
+                    name, f"{where} is overloaded: {exc}", exc.retry_after_s
+                ) from exc
+            except DeadlineExceeded as exc:
+                message = f"{where} did not answer within {client.timeout_s:g}s"
+                raise TeacherUnavailable(name, message) from exc
+            except ServiceError as exc:
+                if exc.remote_status not in RETRYABLE or attempt >= self.retries:
+                    raise TeacherUnavailable(name, f"{where}: {exc.remote_status} {exc}") from exc
+            attempt += 1
+            await asyncio.sleep(delay)
+            delay *= 2
+
+    async def _score_once(
+        self, teacher: Teacher, client: TeacherClient, texts: list[str], k: int
+    ) -> list[TeacherScores]:
+        """One Score call, accounted in the teacher's load and the metrics."""
+        start = time.perf_counter()
+        through = teacher.load.start(len(texts))
+        try:
+            out = await client.score(texts, k, truncate=True, float_dtype=self.float_dtype)
+        except ServiceError as exc:
+            teacher.load.finish(len(texts))
+            self._count(teacher.name, (exc.remote_status or type(exc).__name__).lower())
+            raise
+        except BaseException:  # cancelled: the caller is gone
+            teacher.load.finish(len(texts))
+            raise
+        latency = time.perf_counter() - start
+        teacher.load.finish(len(texts), through, latency)
+        if self.metrics is not None:
+            self.metrics.teacher_latency.labels(teacher.name).observe(latency)
+        self._count(teacher.name, "ok")
+        return out
 
     def _count(self, name: str, outcome: str) -> None:
         if self.metrics is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import math
@@ -430,26 +431,7 @@ def create_app(
         responses={401: ERRORS[401]},
     )
     async def teachers() -> list[dict[str, Any]]:
-        out = []
-        for name, t in service.pool.teachers.items():
-            info = t.info
-            out.append(
-                {
-                    "name": name,
-                    "addresses": list(t.addresses),
-                    "ready": t.ready,
-                    "problem": t.why or None,
-                    "model_id": info.model_id if info else None,
-                    "backend": info.backend if info else None,
-                    "tokenizer_fingerprint": t.view.fingerprint if t.view else None,
-                    "vocab_size": t.view.vocab_size if t.view else None,
-                    "max_k": t.max_k,
-                    "vocab_map_exact_fraction": (
-                        t.vocab_map.exact_fraction if t.vocab_map else None
-                    ),
-                }
-            )
-        return out
+        return [dataclasses.asdict(status) for status in service.teacher_statuses()]
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -4,7 +4,8 @@ Covers, written for clarity and not speed, directly from the definitions: Levens
 the DTW of the original FuseLLM code (per-cell edit distance, ties diagonal/up/left), MinED over a
 vocabulary by a per-pair loop, and the original code's per-position distribution transform
 (one-to-one rule, marker-swap matching, first duplicate kept, one-hot of the *input* token).
-Benchmarks time the fast core against these; tests check the core equals them.
+Benchmarks time the fast core against these; tests check the core equals them. Lives with the
+benchmarks, not in the shipped package: nothing in fuseserve runs it.
 
 Leaves out: anything fast. Do not use on the hot path.
 """
