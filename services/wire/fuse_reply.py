@@ -6,7 +6,7 @@ form: one codec value (``codec``) whose meta holds the reply's fields and, per b
 ``start`` and ``cache_hit``, and whose arrays ``block0``, ``block1``, ... are uint8 arrays, each
 holding one ``FusedBlock`` codec value (the same bytes as a gRPC ``FusedBlock.block``).
 
-Size of one block: a fixed part (the two JSON headers, about 0.7 KB), 8 bytes per position
+Size of one block: a fixed part (the two JSON headers, about 1 KB), 8 bytes per position
 (target id int32, chosen teacher int16, tail float16) and 6 bytes per (id, probability) slot
 (int32 + float16); with float32 probabilities 10 bytes per position and 8 per slot.
 
