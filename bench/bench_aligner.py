@@ -12,7 +12,11 @@ Measured, per cache backend, in one run:
   teacher compute (target <= 20 ms); the same for the ``spans`` preset (target <= 20 ms);
 - warm: blocks/s when the fused block is cached (target warm/cold >= 20x);
 - REST: p50/p99 latency of ``POST /v1/fuse`` (one 2048-token block, warm, top 5 candidates) at a
-  fixed open-loop request rate.
+  fixed open-loop request rate, JSON and the binary answer (``fuseserve.client``) in the same run,
+  and the bytes of each answer (target: binary p99 <= 100 ms, <= 6 bytes per listed (id,
+  probability) slot plus a fixed part and the per-position arrays);
+- ``/healthz`` p50/p99 while 7.8 MB bodies (under the 8 MB limit, over max_text_chars) are being
+  rejected (target p99 <= 100 ms).
 
 Usage: python bench/bench_aligner.py [--blocks 12] [--rate 20] [--seconds 10] [--no-redis]
 Exit status 1 when a target is missed.
@@ -22,10 +26,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -34,7 +40,9 @@ import httpx
 from fuseserve import launch, shipped
 from fuseserve.aligner.service.app import start_aligner
 from fuseserve.aligner.service.settings import load_settings, parse_teacher_flag
+from fuseserve.client import MEDIA_TYPE, AsyncRestClient, FuseParams
 from fuseserve.teacher.tiny import save_tiny_llama
+from fuseserve.wire.fuse_reply import decode_reply
 
 BLOCK = 2048
 
@@ -70,15 +78,18 @@ async def cpu_timed_fuse(service, texts, **kw) -> tuple[float, float]:
     return wall, time.process_time() - cpu
 
 
-async def rest_latency(port: int, text: str, rate: float, seconds: float) -> list[float]:
-    """Open loop: one request every 1/rate s, regardless of answers; returns latencies (s)."""
+async def rest_latency(
+    port: int, text: str, rate: float, seconds: float, binary: bool
+) -> list[float]:
+    """Open loop: one request every 1/rate s, regardless of answers; returns latencies (s).
+    Each answer is decoded to arrays by the client (JSON or binary)."""
     latencies: list[float] = []
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+    params = FuseParams(top=5)
+    async with AsyncRestClient(f"http://127.0.0.1:{port}", binary=binary) as client:
 
         async def one() -> None:
             start = time.perf_counter()
-            r = await client.post("/v1/fuse", json={"text": text, "top": 5})
-            r.raise_for_status()
+            await client.fuse(text, params)
             latencies.append(time.perf_counter() - start)
 
         tasks = []
@@ -90,6 +101,53 @@ async def rest_latency(port: int, text: str, rate: float, seconds: float) -> lis
             tasks.append(asyncio.create_task(one()))
         await asyncio.gather(*tasks)
     return latencies
+
+
+async def answer_sizes(port: int, text: str) -> dict:
+    """Bytes of one block's answer, JSON and binary (top 5, f16), and the binary's parts."""
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        body = {"text": text, "top": 5}
+        json_bytes = len((await client.post("/v1/fuse", json=body)).content)
+        binary = (await client.post("/v1/fuse", json=body, headers={"accept": MEDIA_TYPE})).content
+    block = decode_reply(binary).blocks[0].block
+    n, width = block.ids.shape
+    listed = int((block.ids >= 0).sum())
+    fixed = len(binary) - 8 * n - 6 * n * width
+    return {"json": json_bytes, "binary": len(binary), "n": n, "slots": n * width,
+            "listed": listed, "fixed": fixed}  # fmt: skip
+
+
+def healthz_while_rejecting(port: int, seconds: float) -> list[float]:
+    """/healthz latencies (s) while another thread keeps posting 7.8 MB texts (each a 422)."""
+    huge = json.dumps({"text": "word " * (7_800_000 // 5)}).encode()
+    stop = threading.Event()
+    rejected = []
+
+    def post() -> None:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            while not stop.is_set():
+                headers = {"content-type": "application/json"}
+                rejected.append(client.post("/v1/fuse", content=huge, headers=headers).status_code)
+
+    sender = threading.Thread(target=post)
+    sender.start()
+    latencies = []
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            start = time.perf_counter()
+            client.get("/healthz").raise_for_status()
+            latencies.append(time.perf_counter() - start)
+            time.sleep(0.01)
+    stop.set()
+    sender.join()
+    assert rejected and set(rejected) == {422}, rejected
+    return latencies
+
+
+def percentiles(latencies: list[float]) -> tuple[float, float]:
+    ms = sorted(x * 1000 for x in latencies)
+    return statistics.median(ms), ms[min(len(ms) - 1, int(0.99 * len(ms)))]
 
 
 async def run_backend(label, teachers, vocab_dir, blocks, args, redis_url=None) -> dict:
@@ -119,12 +177,20 @@ async def run_backend(label, teachers, vocab_dir, blocks, args, redis_url=None) 
         spans_only, spans_cpu = await cpu_timed_fuse(service, blocks, preset="spans")
         warm = await timed_fuse(service, blocks)
         fuse_hist = running.metrics.fuse_seconds
-        lat = await rest_latency(running.rest_port, blocks[0], args.rate, args.seconds)
+        port = running.rest_port
+        lat = await rest_latency(port, blocks[0], args.rate, args.seconds, binary=False)
+        lat_bin = await rest_latency(port, blocks[0], args.rate, args.seconds, binary=True)
+        sizes = await answer_sizes(port, blocks[0])
+        health = await asyncio.to_thread(healthz_while_rejecting, port, args.seconds)
     finally:
         await running.stop(1.0)
     n = len(blocks)
     lat_ms = sorted(x * 1000 for x in lat)
     return {
+        "binary": percentiles(lat_bin),
+        "healthz": percentiles(health),
+        "healthz_n": len(health),
+        "sizes": sizes,
         "label": label,
         "cold_bps": n / cold,
         "aligner_ms": 1000 * aligner_only / n,
@@ -206,7 +272,39 @@ def main() -> int:
         "targets: aligner-only <= 20 ms/block (default and spans), warm/cold >= 20x: "
         + ("met" if ok else "MISSED")
     )
-    return 0 if ok else 1
+    return 0 if print_rest(results, args.rate) and ok else 1
+
+
+def print_rest(results: list[dict], rate: float) -> bool:
+    """The REST formats table (JSON vs binary, same run); True when the targets are met."""
+    print(f"\n| cache | REST JSON p50 / p99 ms | REST binary p50 / p99 ms | at {rate:g} req/s |")
+    print("|---|---|---|---|")
+    for r in results:
+        b50, b99 = r["binary"]
+        print(f"| {r['label']} | {r['p50']:.1f} / {r['p99']:.1f} | {b50:.1f} / {b99:.1f} | |")
+    z = results[0]["sizes"]
+    print(
+        f"bytes per block (top 5, {z['n']} positions, {z['listed']} listed of {z['slots']} "
+        f"slots): JSON {z['json']:,}, binary {z['binary']:,} ({z['json'] / z['binary']:.1f}x "
+        f"smaller) = fixed {z['fixed']} + 8 x {z['n']} positions + 6 x {z['slots']} slots; "
+        f"all-in {z['binary'] / z['listed']:.2f} bytes per listed entry, "
+        f"{(z['binary'] - z['fixed'] - 8 * z['n']) / z['listed']:.2f} without the fixed part "
+        "and the per-position arrays"
+    )
+    for r in results:
+        h50, h99 = r["healthz"]
+        print(
+            f"{r['label']}: /healthz p50 / p99 while 7.8 MB texts are rejected: "
+            f"{h50:.1f} / {h99:.1f} ms ({r['healthz_n']} probes)"
+        )
+    ok = all(r["binary"][1] <= 100 and r["healthz"][1] <= 100 for r in results)
+    ok &= z["binary"] - z["fixed"] - 8 * z["n"] <= 6 * z["listed"]
+    verdict = "met" if ok else "MISSED"
+    print(
+        "targets: binary p99 <= 100 ms, <= 6 bytes per listed entry (plus the fixed part and "
+        f"the per-position arrays), /healthz p99 <= 100 ms: {verdict}"
+    )
+    return ok
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """Fused targets for a worker's upcoming blocks, streamed from the aligner into a bounded queue.
 
-Covers one background gRPC ``FuseStream`` per worker: blocks are requested in the order the worker
-will train on them, at most ``depth`` ahead of the consumer (requested but not yet consumed), so a
-step does not wait when the aligner keeps up and memory stays bounded when it does not. Each answer
-is checked: the block id, the target tokenizer fingerprint, and the target ids against the
-trainer's own. A broken stream is reopened (backoff, bounded attempts) and the unanswered blocks
-are asked again. Time spent waiting in ``get`` is measured.
+Covers one background gRPC ``FuseStream`` per worker (through ``fuseserve.client.GrpcClient``):
+blocks are requested in the order the worker will train on them, at most ``depth`` ahead of the
+consumer (requested but not yet consumed), so a step does not wait when the aligner keeps up and
+memory stays bounded when it does not. Each answer is checked: the block id, the target tokenizer
+fingerprint, and the target ids against the trainer's own. A broken stream is reopened (backoff,
+bounded attempts) and the unanswered blocks are asked again. Time spent waiting in ``get`` is
+measured.
 
 Leaves out: the loss and the model; the aligner itself.
 """
@@ -23,15 +24,12 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
+from fuseserve.client import RETRYABLE, FuseParams, GrpcClient
 from fuseserve.trainer.data import Block
-from fuseserve.wire.grpc_guard import auth_metadata, client_security_from_env, sync_channel
-from fuseserve.wire.grpc_service import channel_options
 from fuseserve.wire.messages import FusedBlock
-from fuseserve.wire.v1 import aligner_pb2, aligner_pb2_grpc
+from fuseserve.wire.v1 import aligner_pb2
 
 log = logging.getLogger(__name__)
-
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 class TargetMismatch(RuntimeError):
@@ -79,11 +77,10 @@ class FusedTargetStream:
         self.order = order
         self.depth = depth
         self.target_fingerprint = target_fingerprint
-        self.k = k
-        self.teachers = list(teachers)
-        self.preset = preset
-        self.options_json = options_json
-        self.float_dtype = float_dtype
+        self.params = FuseParams(
+            k=k, preset=preset, options=options_json, teachers=tuple(teachers),
+            float_dtype=float_dtype,
+        )  # fmt: skip
         self.timeout_s = timeout_s
         self.max_reconnects = max_reconnects
         self.stats = PrefetchStats()
@@ -97,10 +94,9 @@ class FusedTargetStream:
         self._call = None
         # credentials: TLS (grpc_guard.channel_credentials); api_key: the aligner's bearer key;
         # neither given: both from FUSESERVE_CLIENT_* (how a Ray worker's pod configures them)
-        if credentials is None and api_key is None:
-            credentials, api_key = client_security_from_env()
-        self._channel = sync_channel(address, credentials, channel_options(max_message_bytes))
-        self._metadata = auth_metadata(api_key)
+        self._client = GrpcClient(
+            address, credentials, api_key, timeout_s=timeout_s, max_message_bytes=max_message_bytes
+        )
         self._thread = threading.Thread(target=self._run, name="fused-prefetch", daemon=True)
 
     # ------------------------------------------------------------------ producer side
@@ -132,18 +128,9 @@ class FusedTargetStream:
             yield self._request(index)
 
     def _request(self, index: int) -> aligner_pb2.FuseRequest:
-        return aligner_pb2.FuseRequest(
-            id=str(index),
-            texts=[self.blocks[index].text],
-            k=self.k,
-            teachers=self.teachers,
-            preset=self.preset,
-            options_json=self.options_json,
-            float_dtype=self.float_dtype,
-        )
+        return self.params.grpc_request(str(index), [self.blocks[index].text])
 
     def _run(self) -> None:
-        stub = aligner_pb2_grpc.AlignerStub(self._channel)
         attempts = 0
         while not self._closed.is_set():
             with self._lock:
@@ -151,9 +138,8 @@ class FusedTargetStream:
                 generation = self._generation
                 resend = list(self._pending)
             try:
-                self._call = stub.FuseStream(
-                    self._requests(resend, generation), metadata=self._metadata
-                )
+                # no deadline on the whole stream (it lasts the run): get() bounds each wait
+                self._call = self._client.stream(self._requests(resend, generation))
                 for reply in self._call:
                     attempts = 0
                     with self._lock:
@@ -232,5 +218,5 @@ class FusedTargetStream:
         self._closed.set()
         if self._call is not None:
             self._call.cancel()
-        self._channel.close()
+        self._client.close()
         self._thread.join(5)

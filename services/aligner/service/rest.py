@@ -1,11 +1,14 @@
-"""The aligner's REST API (FastAPI): fused-distribution queries for people and notebooks.
+"""The aligner's REST API (FastAPI): fused-distribution queries for people, notebooks and clients.
 
-Covers ``POST /v1/fuse`` (per target position: the token, its top fused candidates for the next
-token, the teacher chosen there; per teacher: CE and coverage), ``GET /v1/teachers``, ``/healthz``,
+Covers ``POST /v1/fuse`` (JSON by default, the binary reply of ``wire.fuse_reply`` when the
+``Accept`` header asks for it, 406 when it names neither), ``GET /v1/teachers``, ``/healthz``,
 ``/readyz``, ``/metrics``, the OpenAPI page (``/docs``), the optional bearer API key (constant-time
-comparison), the body-size limit (413), and one mapping of the error hierarchy to statuses.
+comparison), the body-size and body-time limits (413, 408), parsing bodies off the event loop,
+cancelling a request's work when its caller disconnects, and one mapping of the error hierarchy to
+statuses.
 
-Leaves out: the work itself (``dataplane.FusionService``); handlers only convert.
+Leaves out: the schema (``rest_schema``), rendering (``rest_render``) and the work
+(``dataplane.FusionService``); handlers only convert.
 """
 
 from __future__ import annotations
@@ -17,167 +20,34 @@ import hmac
 import json
 import math
 import time
-from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Annotated, Any, TypeVar
 
-import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fuseserve import __version__
-from fuseserve.aligner.service.dataplane import BlockResult, FusionService
+from fuseserve.aligner.service.dataplane import FusionService
 from fuseserve.aligner.service.early_shed import RefuseBeforeParsing
 from fuseserve.aligner.service.metrics import AlignerMetrics
+from fuseserve.aligner.service.rest_render import JSON, Answer, Cut, negotiate, render
+from fuseserve.aligner.service.rest_schema import (
+    ERRORS,
+    FuseBody,
+    FuseResponse,
+    add_component_schemas,
+    fuse_body_openapi,
+    parse_fuse_body,
+    validation_error,
+)
 from fuseserve.errors import InvalidRequest, Overloaded, ServiceError, Unavailable
+from fuseserve.wire.fuse_reply import MEDIA_TYPE
 
 STATUS = {InvalidRequest: 422, Overloaded: 429, Unavailable: 503}
-
-
-NonEmptyText = Annotated[str, Field(min_length=1)]
-
-
-class FuseBody(BaseModel):
-    """A fuse query: one text or a few, and optional overrides of the service defaults.
-
-    Types are strict: ``k: "3"`` or ``k: true`` is a 422, not a 3 or a 1."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    text: NonEmptyText | None = Field(None, description="one text block (or use texts)")
-    texts: list[NonEmptyText] | None = Field(
-        None, min_length=1, description="several text blocks (at least one)"
-    )
-    k: int | None = Field(None, ge=1, le=1024, description="top-k asked of each teacher")
-    preset: Literal["default", "spans", "fusellm"] | None = None
-    options: dict[str, Any] | None = Field(None, description="FusionOptions field overrides")
-    teachers: list[str] | None = Field(None, description="a subset of teachers by name")
-    top: int = Field(5, ge=1, le=100, description="fused candidates shown per position")
-
-    @model_validator(mode="after")
-    def _one_of(self) -> FuseBody:
-        if (self.text is None) == (self.texts is None):
-            raise ValueError("give exactly one of 'text' and 'texts'")
-        return self
-
-    def all_texts(self) -> list[str]:
-        return [self.text] if self.text is not None else list(self.texts or [])
-
-
-class ErrorDetail(BaseModel):
-    type: str = Field(description="InvalidRequest, Overloaded, Unavailable, Unauthorized, ...")
-    message: str = Field(description="what is wrong, starting with the field when there is one")
-    field: str | None = Field(None, description="the request field at fault (422 only)")
-
-
-class ErrorEnvelope(BaseModel):
-    """Every error response of the API (4xx and 5xx) has this shape."""
-
-    error: ErrorDetail
-
-
-ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorEnvelope, "description": "missing or wrong bearer API key"},
-    408: {"model": ErrorEnvelope, "description": "the body did not arrive within body_timeout_s"},
-    413: {"model": ErrorEnvelope, "description": "body larger than max_body_bytes"},
-    422: {
-        "model": ErrorEnvelope,
-        "description": "invalid request: bad JSON, invalid UTF-8, JSON nested too deeply, a wrong "
-        "type or value, a text over max_text_chars / max_text_bytes / max_block_tokens, or a "
-        "text that is not valid Unicode; error.field names the field (e.g. texts[2])",
-    },
-    429: {
-        "model": ErrorEnvelope,
-        "description": "overloaded: retry after the Retry-After header (seconds)",
-    },
-    503: {"model": ErrorEnvelope, "description": "a teacher is down or not ready (named)"},
-}
-
-
-class Candidate(BaseModel):
-    id: int
-    token: str
-    prob: float
-
-
-class Position(BaseModel):
-    position: int
-    id: int
-    token: str
-    text: str = Field(description="the characters this target token covers")
-    chosen: str | None = Field(description="teacher whose distribution was used (None: averaged)")
-    candidates: list[Candidate] = Field(description="fused distribution of the next token")
-    tail: float = Field(
-        0.0,
-        description="probability of the next token that is on none of the fused ids (the "
-        "teacher's mass outside its top-k; 0 where the preset renormalises)",
-    )
-
-
-class TeacherScore(BaseModel):
-    name: str
-    ce: float | None = Field(
-        description="the teacher's cross-entropy on this block (nats/token; null if undefined)"
-    )
-    coverage: float = Field(description="fraction of labelled target positions aligned")
-
-
-class Block(BaseModel):
-    index: int
-    cache_hit: bool
-    teachers: list[TeacherScore]
-    positions: list[Position]
-
-
-class FuseResponse(BaseModel):
-    target_tokenizer: str
-    k: int
-    options: dict[str, Any]
-    blocks: list[Block]
-
-
-def block_json(index: int, result: BlockResult, tokens: tuple[str, ...], top: int) -> dict:
-    """One block as the ``Block`` schema, built with whole-array operations (2048 positions)."""
-    block = result.block
-    names = block.teachers
-    order = np.argsort(-block.probs, axis=1, kind="stable")[:, :top]
-    top_ids = np.take_along_axis(block.ids, order, axis=1).tolist()
-    top_p = np.take_along_axis(block.probs, order, axis=1).tolist()
-    chosen = [names[c] if 0 <= c < len(names) else None for c in block.chosen.tolist()]
-    tails = block.tail.tolist()
-    text = result.text
-    positions = [
-        {
-            "position": i,
-            "id": tid,
-            "token": tokens[tid],
-            "text": text[start:end],
-            "chosen": chosen[i],
-            "candidates": [
-                {"id": c, "token": tokens[c], "prob": p}
-                for c, p in zip(top_ids[i], top_p[i])
-                if c >= 0
-            ],
-            "tail": tails[i],
-        }
-        for i, (tid, (start, end)) in enumerate(
-            zip(block.target_ids.tolist(), result.offsets.tolist())
-        )
-    ]
-    teachers = [
-        {"name": n, "ce": c if math.isfinite(c) else None, "coverage": v}
-        for n, c, v in zip(names, block.ce.tolist(), block.coverage.tolist())
-    ]
-    return {
-        "index": index,
-        "cache_hit": result.cache_hit,
-        "teachers": teachers,
-        "positions": positions,
-    }
-
+T = TypeVar("T")
 
 BEARER = HTTPBearer(auto_error=False, description="the aligner's --api-key")
 
@@ -203,28 +73,6 @@ def error_response(exc: ServiceError, retry_after_s: float = 1.0) -> JSONRespons
     field = exc.field if isinstance(exc, InvalidRequest) else None
     headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if status == 429 else None
     return envelope(status, type(exc).__name__, str(exc), field, headers)
-
-
-def field_path(loc) -> str:
-    """A pydantic error location as the field people write: ``texts[2]``, ``options.x``."""
-    out = ""
-    for part in loc:
-        if part == "body":
-            continue
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "body"
-
-
-def parse_error(exc: BaseException | None) -> str:
-    """Why FastAPI could not read a JSON body (it raises a bare 400 for these)."""
-    if isinstance(exc, UnicodeDecodeError):
-        return f"not valid UTF-8 (byte {exc.start}: {exc.reason})"
-    if isinstance(exc, RecursionError):
-        return "JSON nested too deeply"
-    return "could not be parsed as a JSON object"
 
 
 class BodyLimit:
@@ -315,21 +163,39 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-def create_app(
-    service: FusionService,
-    metrics: AlignerMetrics,
-    target_name: str,
-    api_key: str | None = None,
-    max_body_bytes: int = 8 * 1024 * 1024,
-    body_timeout_s: float = 30.0,
-) -> FastAPI:
-    app = FastAPI(
-        title="fuseserve aligner",
-        version=__version__,
-        description="Fused next-token distributions from several LLMs on one target vocabulary. "
-        "With an API key set, /v1/* need `Authorization: Bearer <key>`; /healthz, /readyz and "
-        "/metrics never do. Every error response is an ErrorEnvelope.",
-    )
+class ClientGone(Exception):
+    """The caller disconnected before its answer was ready."""
+
+
+async def _disconnected(receive) -> None:
+    """Return once the ASGI server reports ``http.disconnect`` (the body was read before)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def cancel_on_disconnect(receive, work: Awaitable[T]) -> T:
+    """``await work``, cancelling it (and so its teacher calls) if the caller disconnects
+    first; then ``ClientGone`` is raised."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone = watcher.done() and not task.done()
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+    if gone:
+        raise ClientGone
+    return task.result()
+
+
+def early_refusal(
+    service: FusionService, metrics: AlignerMetrics, api_key: str | None
+) -> Callable[[Mapping[bytes, bytes]], Response | None]:
+    """The 429 a request gets before its body is parsed, if the service is that overloaded."""
     expected = api_key.encode() if api_key else None
 
     def refusal(headers: Mapping[bytes, bytes]) -> Response | None:
@@ -343,9 +209,12 @@ def create_app(
         metrics.requests.labels("rest", "Overloaded").inc()
         return error_response(exc, exc.retry_after_s)
 
-    # added first, so it runs inside BodyLimit: the body is read, nothing is parsed yet
-    app.add_middleware(RefuseBeforeParsing, path="/v1/fuse", refusal=refusal)
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes, timeout_s=body_timeout_s)
+    return refusal
+
+
+def key_check(api_key: str | None) -> Callable[..., None]:
+    """A dependency wanting ``Authorization: Bearer <api_key>`` (None: no key needed)."""
+    expected = api_key.encode() if api_key else None
 
     def require_key(
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
@@ -356,6 +225,12 @@ def create_app(
         if not hmac.compare_digest(token, expected):
             raise _Unauthorized
 
+    return require_key
+
+
+def add_error_handlers(app: FastAPI, metrics: AlignerMetrics) -> None:
+    """Every error as an ``ErrorEnvelope``; caller mistakes never a 500."""
+
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError):
         metrics.requests.labels("rest", type(exc).__name__).inc()
@@ -363,25 +238,14 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        field = field_path(first.get("loc", ()))
-        message = first.get("msg", "invalid request")
-        if first.get("type") == "json_invalid":
-            at = next((p for p in first.get("loc", ()) if isinstance(p, int)), None)
-            field, message = "body", f"not valid JSON ({first.get('ctx', {}).get('error', '')}"
-            message += f" at character {at})" if at is not None else ")"
-        elif first.get("type") == "string_unicode":
-            message = "not valid Unicode (a lone surrogate?); send UTF-8 text"
         metrics.requests.labels("rest", "InvalidRequest").inc()
-        return envelope(422, "InvalidRequest", f"{field}: {message}", field)
+        return error_response(validation_error(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         if exc.status_code == 400:  # FastAPI's "error parsing the body": a caller's mistake
             metrics.requests.labels("rest", "InvalidRequest").inc()
-            message = "body: " + parse_error(exc.__cause__)
-            return envelope(422, "InvalidRequest", message, "body")
+            return envelope(422, "InvalidRequest", "body: could not be parsed", "body")
         kind = {404: "NotFound", 405: "MethodNotAllowed"}.get(exc.status_code, "HTTPError")
         return envelope(exc.status_code, kind, str(exc.detail), headers=exc.headers)
 
@@ -394,37 +258,61 @@ def create_app(
             headers={"WWW-Authenticate": "Bearer"},
         )
 
+
+FUSE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": f"JSON (the default), or with `Accept: {MEDIA_TYPE}` the binary reply "
+        "(docs/aligner.md): codec bytes of one FusedBlock per text",
+        "content": {MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+    },
+    **ERRORS,
+}
+
+
+def add_fuse_route(
+    app: FastAPI, service: FusionService, metrics: AlignerMetrics, target_name: str, require_key
+) -> None:
     @app.post(
         "/v1/fuse",
         response_model=FuseResponse,
         dependencies=[Depends(require_key)],
-        responses=ERRORS,
+        responses=FUSE_RESPONSES,
+        openapi_extra=fuse_body_openapi(),
     )
-    async def fuse(body: FuseBody) -> Response:
+    async def fuse(request: Request) -> Response:
         """Fused next-token distributions for each text, per target position."""
         start = time.perf_counter()
+        kind = negotiate(request.headers.get("accept"))
+        if kind is None:
+            metrics.requests.labels("rest", "NotAcceptable").inc()
+            message = f"Accept: names neither {JSON} nor {MEDIA_TYPE}"
+            return envelope(406, "NotAcceptable", message)
+        # parsing and validating a body of up to max_body_bytes takes tens of milliseconds:
+        # keep the event loop (health checks, other requests) free meanwhile
+        body: FuseBody = await asyncio.to_thread(parse_fuse_body, await request.body())
         query = service.query(body.all_texts(), body.k, body.preset, body.options, body.teachers)
-        results = await service.fuse(query)
+        try:
+            results = await cancel_on_disconnect(request.receive, service.fuse(query))
+        except ClientGone:
+            metrics.requests.labels("rest", "cancelled").inc()
+            return Response(status_code=499)  # nobody reads it: the caller is gone
+        answer = Answer(
+            target_name, service.target.fingerprint, query.k, query.options.model_dump(mode="json")
+        )
+        cut = Cut(body.top, body.start, body.end)
         tokens = service.target.tokens
-
-        def render() -> bytes:
-            return json.dumps(
-                {
-                    "target_tokenizer": target_name,
-                    "k": query.k,
-                    "options": query.options.model_dump(mode="json"),
-                    "blocks": [block_json(i, r, tokens, body.top) for i, r in enumerate(results)],
-                },
-                ensure_ascii=False,
-                allow_nan=False,
-            ).encode()
-
-        # large blocks take milliseconds to render: keep the event loop free meanwhile
-        payload = await asyncio.to_thread(render)
+        payload = await asyncio.to_thread(
+            render, kind, answer, results, tokens, cut, body.float_dtype
+        )
         metrics.requests.labels("rest", "ok").inc()
         metrics.request_latency.labels("rest").observe(time.perf_counter() - start)
-        return Response(payload, media_type="application/json")
+        media = MEDIA_TYPE if kind == "binary" else JSON
+        return Response(payload, media_type=media, headers={"Vary": "Accept"})
 
+
+def add_info_routes(
+    app: FastAPI, service: FusionService, metrics: AlignerMetrics, require_key
+) -> None:
     @app.get(
         "/v1/teachers",
         dependencies=[Depends(require_key)],
@@ -462,6 +350,39 @@ def create_app(
 
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+
+def create_app(
+    service: FusionService,
+    metrics: AlignerMetrics,
+    target_name: str,
+    api_key: str | None = None,
+    max_body_bytes: int = 8 * 1024 * 1024,
+    body_timeout_s: float = 30.0,
+) -> FastAPI:
+    app = FastAPI(
+        title="fuseserve aligner",
+        version=__version__,
+        description="Fused next-token distributions from several LLMs on one target vocabulary. "
+        "With an API key set, /v1/* need `Authorization: Bearer <key>`; /healthz, /readyz and "
+        "/metrics never do. Every error response is an ErrorEnvelope.",
+    )
+    # added first, so it runs inside BodyLimit: the body is read, nothing is parsed yet
+    app.add_middleware(
+        RefuseBeforeParsing, path="/v1/fuse", refusal=early_refusal(service, metrics, api_key)
+    )
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes, timeout_s=body_timeout_s)
+    require_key = key_check(api_key)
+    add_error_handlers(app, metrics)
+    add_fuse_route(app, service, metrics, target_name, require_key)
+    add_info_routes(app, service, metrics, require_key)
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:  # the fuse body is read by hand: add its schema once
+            add_component_schemas(generate(), FuseBody)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 
