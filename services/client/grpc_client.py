@@ -12,11 +12,12 @@ Leaves out: reconnecting a broken stream (its caller knows what to ask again: th
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import replace
 
 import grpc
 
 from fuseserve.client.params import FuseError, FuseParams
+from fuseserve.errors import InvalidRequest, Overloaded
+from fuseserve.wire import convert
 from fuseserve.wire.fuse_reply import FuseReply
 from fuseserve.wire.grpc_guard import (
     aio_channel,
@@ -25,7 +26,7 @@ from fuseserve.wire.grpc_guard import (
     sync_channel,
 )
 from fuseserve.wire.grpc_service import channel_options
-from fuseserve.wire.messages import FusedBlock
+from fuseserve.wire.status import error_from_rpc
 from fuseserve.wire.v1 import aligner_pb2, aligner_pb2_grpc
 
 DEFAULT = FuseParams()
@@ -34,20 +35,18 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXH
 
 
 def rpc_error(exc: grpc.RpcError) -> FuseError:
-    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-    details = exc.details() if hasattr(exc, "details") else str(exc)
-    trailing = dict(exc.trailing_metadata() or ()) if hasattr(exc, "trailing_metadata") else {}
-    retry = trailing.get("retry-after")
-    field = details.split(":", 1)[0] if code == grpc.StatusCode.INVALID_ARGUMENT else None
-    return FuseError(code.name, code.name, details, field, float(retry) if retry else None)
+    if not hasattr(exc, "code"):  # not a call's error (e.g. a channel that never opened)
+        return FuseError("UNKNOWN", "UNKNOWN", str(exc))
+    error = error_from_rpc(exc)
+    code = error.remote_status
+    field = (error.field or None) if isinstance(error, InvalidRequest) else None
+    retry = error.retry_after_s if isinstance(error, Overloaded) else None
+    return FuseError(code, code, str(error), field, retry)
 
 
 def reply_of(reply: aligner_pb2.FuseReply, params: FuseParams) -> FuseReply:
     """A gRPC ``FuseReply`` as arrays, each block cut as ``params`` says."""
-    blocks = []
-    for message in reply.blocks:
-        block = replace(FusedBlock.from_bytes(message.block), cache_hit=message.cache_hit)
-        blocks.append(params.cut(message.index, block))
+    blocks = [params.cut(m.index, convert.fused_block_from_pb(m)) for m in reply.blocks]
     fingerprint = reply.blocks[0].target_fingerprint if reply.blocks else None
     return FuseReply(tuple(blocks), target_fingerprint=fingerprint)
 

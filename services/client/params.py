@@ -18,8 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from fuseserve.wire import convert
 from fuseserve.wire.fuse_reply import FuseReply, ReplyBlock
 from fuseserve.wire.messages import FusedBlock
+from fuseserve.wire.requests import FuseCall
 from fuseserve.wire.rows import compact, row_range, select_rows
 from fuseserve.wire.v1 import aligner_pb2
 
@@ -73,18 +75,16 @@ class FuseParams:
         return {key: value for key, value in body.items() if value is not None or key == "top"}
 
     def grpc_request(self, request_id: str, texts: Sequence[str]) -> aligner_pb2.FuseRequest:
-        options = self.options if isinstance(self.options, str) else self.options_dict()
-        if isinstance(options, dict):
-            options = json.dumps(options)
-        return aligner_pb2.FuseRequest(
+        call = FuseCall(
             id=request_id,
-            texts=list(texts),
-            k=self.k or 0,
-            teachers=list(self.teachers),
-            preset=self.preset or "",
-            options_json=options or "",
+            texts=tuple(texts),
+            k=self.k,
+            preset=self.preset,
+            options=self.options_dict(),
+            teachers=tuple(self.teachers) or None,
             float_dtype=self.float_dtype,
         )
+        return convert.fuse_call_to_pb(call)
 
     def cut(self, index: int, block: FusedBlock) -> ReplyBlock:
         """A whole block (as gRPC sends it) cut as the REST server would cut it."""

@@ -26,6 +26,7 @@ import numpy as np
 
 from fuseserve.client import RETRYABLE, FuseParams, GrpcClient
 from fuseserve.trainer.data import Block
+from fuseserve.wire import convert
 from fuseserve.wire.messages import FusedBlock
 from fuseserve.wire.v1 import aligner_pb2
 
@@ -201,7 +202,7 @@ class FusedTargetStream:
                 f"aligner target tokenizer {reply.target_fingerprint} != trainer's "
                 f"{self.target_fingerprint}: point both at the same target tokenizer"
             )
-        fused = FusedBlock.from_bytes(reply.block)
+        fused = convert.fused_block_from_pb(reply)
         n = len(expected.ids)
         if len(fused.target_ids) < n or not np.array_equal(fused.target_ids[:n], expected.ids):
             raise TargetMismatch(
