@@ -67,6 +67,12 @@ def encode(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None = No
     return b"".join([_PREFIX.pack(MAGIC, VERSION, len(header)), header, *payloads])
 
 
+def header_size(data: bytes | bytearray | memoryview) -> int:
+    """Bytes before the first array payload (prefix and JSON header) of an encoded value."""
+    _, _, header_len = _PREFIX.unpack_from(data, 0)
+    return int(_PREFIX.size + header_len)
+
+
 def decode(data: bytes | bytearray | memoryview) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Inverse of ``encode``. Raises ``CodecError`` on anything malformed."""
     view = memoryview(data)

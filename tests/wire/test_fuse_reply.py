@@ -63,7 +63,7 @@ def test_compact_drops_columns_of_padding_only():
 
 
 @pytest.mark.parametrize("dtype", ["f16", "f32"])
-def test_reply_round_trips_and_its_size_is_fixed_plus_rows_plus_slots(dtype):
+def test_reply_round_trips_and_its_size_is_fixed_plus_rows_plus_listed_entries(dtype):
     b = select_rows(block(n=300, width=8), top=5)
     reply = FuseReply(
         (ReplyBlock(0, 3, True, b), ReplyBlock(1, 0, False, b)), "fp", "target", 10, {"x": 1}
@@ -78,8 +78,12 @@ def test_reply_round_trips_and_its_size_is_fixed_plus_rows_plus_slots(dtype):
     np.testing.assert_array_equal(got.ids, b.ids)
     np.testing.assert_array_equal(got.probs, b.probs.astype(dtype.replace("f", "float")))
     np.testing.assert_array_equal(got.ce, b.ce)
-    per_row, per_slot = (8, 6) if dtype == "f16" else (10, 8)
-    fixed = len(data) - 2 * (300 * per_row + 300 * 5 * per_slot)
+    # per position: target id 4, row length 1, chosen 2, tail 2 (4); per listed entry: id 4,
+    # probability 2 (4); padding (id -1) is not sent
+    per_row, per_entry = (9, 6) if dtype == "f16" else (11, 8)
+    listed = int((b.ids >= 0).sum())
+    assert listed < b.ids.size  # the block has padding, which must cost nothing
+    fixed = len(data) - 2 * (300 * per_row + listed * per_entry)
     assert 0 < fixed < 2 * 1024  # two blocks' headers plus the outer one
 
 
@@ -87,4 +91,4 @@ def test_foreign_bytes_are_a_codec_error():
     with pytest.raises(CodecError, match="not a fuse reply"):
         decode_reply(block().to_bytes())
     with pytest.raises(CodecError):
-        decode_reply(encode({}, {"kind": "fuse-reply", "schema": 1, "blocks": [{"index": 0}]}))
+        decode_reply(encode({}, {"kind": "fuse-reply", "schema": 2, "blocks": [{"index": 0}]}))
