@@ -5,7 +5,7 @@ class first, so a subclass gets its parent's status; any other ``ServiceError`` 
 trailing metadata that goes with a status (``retry-after`` in whole seconds on RESOURCE_EXHAUSTED,
 like the REST header; ``fuseserve-field`` naming the bad field on INVALID_ARGUMENT),
 ``ErrorStatus``, a server interceptor that answers every ``ServiceError`` a handler raises (unary
-or streaming, any service) with that status, and ``error_from_rpc``, which turns a gRPC error a
+or streaming, replies yielded or written with ``context.write``, any service) with that status, and ``error_from_rpc``, which turns a gRPC error a
 client received back into the error class (its message is the status details, unchanged).
 
 Leaves out: REST statuses (the aligner's ``rest``), authentication and malformed payloads
@@ -14,6 +14,7 @@ Leaves out: REST statuses (the aligner's ``rest``), authentication and malformed
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 
@@ -73,26 +74,27 @@ class ErrorStatus(grpc.aio.ServerInterceptor):
         abort = self.abort
         if handler.response_streaming:
             name = "stream_stream" if handler.request_streaming else "unary_stream"
-            inner_stream = getattr(handler, name)
+        else:
+            name = "stream_unary" if handler.request_streaming else "unary_unary"
+        inner = getattr(handler, name)
+        if inspect.isasyncgenfunction(inner):  # replies yielded (else written, or one reply)
 
             async def streaming(request, context):
                 try:
-                    async for reply in inner_stream(request, context):
+                    async for reply in inner(request, context):
                         yield reply
                 except ServiceError as exc:
                     await abort(context, exc)
 
             return handler._replace(**{name: streaming})
-        name = "stream_unary" if handler.request_streaming else "unary_unary"
-        inner = getattr(handler, name)
 
-        async def unary(request, context):
+        async def awaited(request, context):
             try:
                 return await inner(request, context)
             except ServiceError as exc:
                 await abort(context, exc)
 
-        return handler._replace(**{name: unary})
+        return handler._replace(**{name: awaited})
 
 
 def _metadata(exc: grpc.RpcError) -> dict[str, str]:

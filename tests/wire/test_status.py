@@ -10,6 +10,7 @@ import types
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fuseserve.aligner.service.grpc_api import AlignerServicer, start_grpc
 from fuseserve.aligner.service.metrics import AlignerMetrics
@@ -70,6 +71,7 @@ def servers():
         metrics=servicer.metrics,
         teacher_stub=teacher_pb2_grpc.TeacherStub(teacher_channel),
         aligner_stub=aligner_pb2_grpc.AlignerStub(aligner_channel),
+        channels={"teacher": teacher_channel, "aligner": aligner_channel},
     )
     teacher_channel.close()
     aligner_channel.close()
@@ -141,3 +143,17 @@ def test_a_shared_error_keeps_its_message_when_a_stream_names_its_request():
     named = error.prefixed("request 'a': ")
     assert str(named) == "request 'a': k: must be >= 1" and named.field == "k"
     assert str(error) == "k: must be >= 1"
+
+
+@pytest.mark.parametrize("server", ["teacher", "aligner"])
+def test_a_handler_that_writes_its_replies_passes_the_interceptor(servers, server):
+    """grpc.health.v1 Watch writes its replies with ``context.write`` (a coroutine, not an
+    async generator); through the interceptor it still streams its first status."""
+    stub = health_pb2_grpc.HealthStub(servers.channels[server])
+    watch = stub.Watch(health_pb2.HealthCheckRequest(), timeout=30)
+    first = next(iter(watch))
+    watch.cancel()
+    assert first.status in (
+        health_pb2.HealthCheckResponse.SERVING,
+        health_pb2.HealthCheckResponse.NOT_SERVING,
+    )
