@@ -1,6 +1,6 @@
 # The two commands of the README:
 #   make demo  - the main job on embedded defaults
-#   make test  - create the environment, install what the tests need, lint, run the tests
+#   make test  - create the environment, install what the tests need, lint (ruff, mypy), test
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
@@ -14,6 +14,7 @@ env: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	VENV=$(VENV) bash scripts/typecheck.sh
 
 test: $(VENV)/.installed lint
 	$(PY) -m pytest -q -p no:cacheprovider

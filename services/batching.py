@@ -44,7 +44,8 @@ def pad_rows(
         shape[0] = length
     out = torch.full((len(arrays), *shape), fill, dtype=dtype)
     for b, a in enumerate(arrays):
-        out[(b, *(slice(0, s) for s in a.shape))] = torch.as_tensor(a).to(dtype)
+        index: tuple[int | slice, ...] = (b, *(slice(0, s) for s in a.shape))
+        out[index] = torch.as_tensor(a).to(dtype)
     return out
 
 

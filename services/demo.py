@@ -266,7 +266,7 @@ def start_services(cfg: DemoConfig, small: Path, logs: Path) -> list:
     """The two teachers and the aligner as local processes, ready; the aligner comes last."""
     from fuseserve import launch, shipped
 
-    services = []
+    services: list[launch.ServiceProcess] = []
     try:
         max_len = str(max(4 * cfg.block_size, 256))
         teacher_args = ["--max-sequence-length", max_len, "--max-k", "32", "--batch-wait-ms", "5"]

@@ -41,6 +41,7 @@ class ServiceProcess:
     log_path: Path
     popen: subprocess.Popen
     port: int
+    rest_port: int | None = None  # the aligner's REST port (set by ``start_aligner``)
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -112,7 +113,7 @@ def start_aligner(
     for name, addresses in teachers.items():
         args += ["--teacher", f"{name}={','.join(addresses)}"]
     proc = spawn("aligner", args + list(extra or []), grpc_port, log_dir, env)
-    proc.rest_port = rest_port  # type: ignore[attr-defined]
+    proc.rest_port = rest_port
     return proc
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -57,11 +58,13 @@ class ContinuationTable:
     @property
     def at_start(self) -> np.ndarray:
         """[teacher_vocab] int32: the entry at offset 0 of every teacher token."""
-        return self.first[self.start[:-1]]
+        entries: np.ndarray = self.first[self.start[:-1]]
+        return entries
 
     def lookup(self, teacher_ids: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         """Target ids for teacher tokens at byte offsets (same shapes; offsets must be valid)."""
-        return self.first[self.start[teacher_ids] + offsets]
+        ids: np.ndarray = self.first[self.start[teacher_ids] + offsets]
+        return ids
 
     def to_bytes(self) -> bytes:
         return codec.encode(
@@ -87,7 +90,7 @@ class ContinuationTable:
         )
 
 
-def hf_first_tokens(tokenizer, batch_size: int = 4096) -> FirstTokens:
+def hf_first_tokens(tokenizer: Any, batch_size: int = 4096) -> FirstTokens:
     """``first_tokens`` for a Hugging Face tokenizer (duck-typed): the id of the token that starts
     exactly where the string starts, when the string follows a newline; -1 when the tokenizer
     merges the string's start with the newline."""

@@ -14,11 +14,15 @@ Leaves out: tokenising the corpus (callers pass encodings) and storing maps (``v
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fuseserve.aligner.vocabmap import StringMode, VocabMap
+
+if TYPE_CHECKING:
+    from fuseserve.aligner.tokenview import TokenizerView
 
 Encoding = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 """(teacher ids [m], teacher byte ends [m], target ids [n], target byte ends [n]) of one text."""
@@ -90,27 +94,38 @@ def corpus_fingerprint(texts: Iterable[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def hf_encodings(texts: Iterable[str], teacher_tokenizer, target_tokenizer, teacher, target):
-    """``Encoding`` of each text with two Hugging Face tokenizers (duck-typed) and their views."""
+def _hf_encode(tok: Any, view: TokenizerView, text: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, byte context ends) of ``text`` with a Hugging Face tokenizer (duck-typed)."""
     from fuseserve.aligner.tokenview import context_ends
 
+    enc = tok(text, return_offsets_mapping=True, add_special_tokens=False)
+    ids = np.asarray(enc["input_ids"], dtype=np.int64)
+    offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+    return ids, context_ends(ids, offsets, text, view)
+
+
+def hf_encodings(
+    texts: Iterable[str],
+    teacher_tokenizer: Any,
+    target_tokenizer: Any,
+    teacher: TokenizerView,
+    target: TokenizerView,
+) -> Iterator[Encoding]:
+    """``Encoding`` of each text with two Hugging Face tokenizers (duck-typed) and their views."""
     for text in texts:
-        pair = []
-        for tok, view in ((teacher_tokenizer, teacher), (target_tokenizer, target)):
-            enc = tok(text, return_offsets_mapping=True, add_special_tokens=False)
-            ids = np.asarray(enc["input_ids"], dtype=np.int64)
-            offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
-            pair += [ids, context_ends(ids, offsets, text, view)]
-        yield tuple(pair)
+        yield (
+            *_hf_encode(teacher_tokenizer, teacher, text),
+            *_hf_encode(target_tokenizer, target, text),
+        )
 
 
 def build_refined_map(
     vmap: VocabMap,
     texts: list[str],
-    teacher_tokenizer,
-    target_tokenizer,
-    teacher,
-    target,
+    teacher_tokenizer: Any,
+    target_tokenizer: Any,
+    teacher: TokenizerView,
+    target: TokenizerView,
     min_count: int = 2,
 ) -> VocabMap:
     """Count co-alignments over ``texts`` with the two tokenizers and refine ``vmap``."""

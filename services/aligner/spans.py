@@ -277,7 +277,8 @@ def _prefix_mass(
     gold_lp = np.asarray(scores.gold_logprobs, dtype=np.float64)[j]
     match = _starts_with_known(text, teacher, topk, teacher_ends[j], end - teacher_ends[j])
     others = (probs * (match & (topk != gold[:, None]))).sum(axis=1)
-    return np.minimum(others + np.exp(np.nan_to_num(gold_lp, nan=-np.inf)), 1.0)
+    mass: np.ndarray = np.minimum(others + np.exp(np.nan_to_num(gold_lp, nan=-np.inf)), 1.0)
+    return mass
 
 
 def _starts_with_known(
@@ -297,4 +298,6 @@ def _starts_with_known(
     have = matrix[np.maximum(cand, 0), :width]  # [r, c, width]
     beyond = cols[None, :] >= known[:, None]  # [r, width]
     same = ((have == wanted[:, None, :]) | beyond[:, None, :]).all(axis=-1)
-    return same & (teacher.surface_nbytes[np.maximum(cand, 0)] > known[:, None]) & (cand >= 0)
+    longer = teacher.surface_nbytes[np.maximum(cand, 0)] > known[:, None]
+    starts: np.ndarray = same & longer & (cand >= 0)
+    return starts

@@ -23,9 +23,9 @@ from fuseserve.wire.tokenizer import (
     CHAR_TO_BYTE,
     SENTENCEPIECE_MARKER,
     WORDPIECE_PREFIX,
-    Scheme,
     TokenizerIdentity,
 )
+from fuseserve.wire.tokenizer import Scheme as Scheme  # re-exported
 from fuseserve.wire.tokenizer import byte_level_string as byte_level_string  # re-exported
 from fuseserve.wire.tokenizer import detect_scheme as detect_scheme  # re-exported
 

@@ -12,6 +12,7 @@ Leaves out: reconnecting a broken stream (its caller knows what to ask again: th
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Protocol
 
 import grpc
 
@@ -34,11 +35,21 @@ DEFAULT = FuseParams()
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 
+class StreamCall(Protocol):
+    """What ``GrpcClient.stream`` returns: the replies as they come, and ``cancel()``."""
+
+    def __iter__(self) -> Iterator[aligner_pb2.FusedBlock]: ...
+
+    def __next__(self) -> aligner_pb2.FusedBlock: ...
+
+    def cancel(self) -> bool: ...
+
+
 def rpc_error(exc: grpc.RpcError) -> FuseError:
     if not hasattr(exc, "code"):  # not a call's error (e.g. a channel that never opened)
         return FuseError("UNKNOWN", "UNKNOWN", str(exc))
     error = error_from_rpc(exc)
-    code = error.remote_status
+    code = error.remote_status or "UNKNOWN"  # error_from_rpc always sets it
     field = (error.field or None) if isinstance(error, InvalidRequest) else None
     retry = error.retry_after_s if isinstance(error, Overloaded) else None
     return FuseError(code, code, str(error), field, retry)
@@ -103,7 +114,7 @@ class GrpcClient(_GrpcBase):
 
     def stream(
         self, requests: Iterable[aligner_pb2.FuseRequest], timeout_s: float | None = None
-    ) -> Iterator[aligner_pb2.FusedBlock]:
+    ) -> StreamCall:
         """``FuseStream``: replies in request order, as they come (``FusedBlock.from_bytes``
         decodes ``.block``). The returned call also has ``cancel()``. ``timeout_s`` bounds the
         whole stream (None: unbounded, for a stream as long as a training run, whose caller

@@ -205,8 +205,9 @@ class ExperimentConfig(Strict):
 
     def root(self, name: str) -> str:
         """The model at the start of ``name``'s chain of ``from``."""
-        while self.models[name].from_ is not None:
-            name = self.models[name].from_
+        parent = self.models[name].from_
+        while parent is not None:
+            name, parent = parent, self.models[parent].from_
         return name
 
     def run_settings(self, run: str) -> TrainingConfig:
@@ -240,7 +241,7 @@ class ExperimentConfig(Strict):
         return settings
 
     def row_names(self) -> list[str]:
-        rows = []
+        rows: list[str] = []
         for baseline in self.baselines:
             rows += list(self.sources) if baseline == "sources" else [baseline]
         return list(dict.fromkeys(rows + list(self.runs)))  # a source may be the base too

@@ -61,7 +61,9 @@ DOMAINS: dict[str, Callable[[], list[str]]] = {
 def cut_pieces(text: str, piece_chars: int) -> list[str]:
     """Cut a document at line breaks into pieces of about ``piece_chars`` (a longer line stays
     whole)."""
-    pieces, current, size = [], [], 0
+    pieces: list[str] = []
+    current: list[str] = []
+    size = 0
     for line in text.splitlines(keepends=True):
         if size and size + len(line) > piece_chars:
             pieces.append("".join(current))

@@ -9,9 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
-def average_state_dicts(state_dicts: Sequence[Mapping[str, object]]) -> dict[str, object]:
+def average_state_dicts(
+    state_dicts: Sequence[Mapping[str, torch.Tensor]],
+) -> dict[str, torch.Tensor]:
     """Parameter-wise mean of state dicts with the same keys and shapes (floats averaged in fp32,
     anything else must be equal and is kept)."""
     import torch
@@ -19,7 +25,7 @@ def average_state_dicts(state_dicts: Sequence[Mapping[str, object]]) -> dict[str
     if not state_dicts:
         raise ValueError("state_dicts: nothing to merge")
     keys = list(state_dicts[0])
-    out: dict[str, object] = {}
+    out: dict[str, torch.Tensor] = {}
     for i, sd in enumerate(state_dicts[1:], 1):
         if list(sd) != keys:
             missing = set(keys) ^ set(sd)

@@ -136,8 +136,13 @@ def prepare_models(cfg: ExperimentConfig, corpus: Corpus, cache: Path) -> dict[s
 
 
 def _root_tokenizer(cfg: ExperimentConfig, name: str) -> str:
-    root = cfg.models[cfg.root(name)]
-    return root.init.tokenizer if root.init is not None else root.spec  # type: ignore[return-value]
+    root_name = cfg.root(name)
+    root = cfg.models[root_name]
+    if root.init is not None:
+        return root.init.tokenizer
+    if root.spec is None:  # ModelConfig's validator gives a model without `from` spec or init
+        raise ValueError(f"models.{root_name}: neither spec nor init")
+    return root.spec
 
 
 def _make(cfg, name: str, model: ModelConfig, corpus: Corpus, folder: Path, ready, tok_spec):

@@ -10,7 +10,9 @@ import itertools
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import TypeVar
 
+from fuseserve.experiment.config import ClaimConfig
 from fuseserve.experiment.runner import Outcome
 from fuseserve.experiment.stats import (
     Summary,
@@ -22,6 +24,7 @@ from fuseserve.experiment.stats import (
 REPRODUCED = "reproduced"
 NOT_SIGNIFICANT = "same direction, not significant (within 2 std)"
 REFUTED = "NOT reproduced"
+T = TypeVar("T")
 
 
 def row_summaries(outcome: Outcome) -> dict[str, dict[str, Summary]]:
@@ -74,11 +77,12 @@ def check_claims(outcome: Outcome, table: dict[str, dict[str, Summary]]) -> list
         result: dict = {"claim": claim.text, "kind": claim.kind}
         if claim.kind == "better":
             than = [s for t in claim.than for s in (sources if t == "sources" else [t])]
-            a = table[claim.run]["mean"]
+            run = _needed(claim.run, claim, "run")
+            a = table[run]["mean"]
             pairs = []
             for other in than:
                 b = table[other]["mean"]
-                pairs.append(_verdict(claim.run, a, other, b))
+                pairs.append(_verdict(run, a, other, b))
             result["pairs"] = pairs
             result["verdict"] = _overall([p["verdict"] for p in pairs])
         elif claim.kind == "order":
@@ -90,13 +94,15 @@ def check_claims(outcome: Outcome, table: dict[str, dict[str, Summary]]) -> list
             result["pairs"] = pairs
             result["verdict"] = _overall([p["verdict"] for p in pairs])
         else:
-            ratio = efficiency(outcome, claim.run, claim.baseline)
+            run = _needed(claim.run, claim, "run")
+            baseline = _needed(claim.baseline, claim, "baseline")
+            ratio = efficiency(outcome, run, baseline)
             result["ratio"] = None if ratio is None else asdict(ratio)
             if ratio is None:
                 result["verdict"] = REFUTED
                 result["detail"] = f"{claim.run} never reached {claim.baseline}'s final BPB"
             else:
-                ok = ratio.mean <= claim.at_most
+                ok = ratio.mean <= _needed(claim.at_most, claim, "at_most")
                 result["verdict"] = REPRODUCED if ok else REFUTED
                 result["detail"] = (
                     f"{claim.run} reaches {claim.baseline}'s final BPB with {ratio} of its "
@@ -104,6 +110,13 @@ def check_claims(outcome: Outcome, table: dict[str, dict[str, Summary]]) -> list
                 )
         out.append(result)
     return out
+
+
+def _needed(value: T | None, claim: ClaimConfig, field: str) -> T:
+    """A field that the claim's kind needs, or a ValueError naming it."""
+    if value is None:
+        raise ValueError(f"claim {claim.text!r}: a {claim.kind!r} claim needs `{field}`")
+    return value
 
 
 def _verdict(a_name: str, a: Summary, b_name: str, b: Summary) -> dict:

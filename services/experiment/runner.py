@@ -26,10 +26,14 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fuseserve.experiment.config import ExperimentConfig, TrainingConfig
 from fuseserve.experiment.corpus import Corpus, build_corpus
 from fuseserve.experiment.models import PreparedModel, prepare_models
+
+if TYPE_CHECKING:
+    from fuseserve.launch import ServiceProcess
 
 RUN_VERSION = 1
 
@@ -375,14 +379,14 @@ class _Services:
     def __init__(self, runner: ExperimentRunner) -> None:
         self.runner = runner
         self.procs: list = []
-        self.aligner = None
+        self.aligner: ServiceProcess | None = None
 
     def address(self) -> str:
-        if self.aligner is None:
-            self.start()
-        return f"127.0.0.1:{self.aligner.port}"
+        aligner = self.aligner if self.aligner is not None else self.start()
+        return f"127.0.0.1:{aligner.port}"
 
-    def start(self) -> None:
+    def start(self) -> ServiceProcess:
+        """Start Redis, the teachers and the aligner, wait until they serve; return the aligner."""
         from fuseserve import launch
 
         r, cfg = self.runner, self.runner.cfg
@@ -395,7 +399,7 @@ class _Services:
             for name in cfg.sources
         }
         self.procs += teachers.values()
-        self.aligner = launch.start_aligner(
+        self.aligner = aligner = launch.start_aligner(
             {n: [f"127.0.0.1:{p.port}"] for n, p in teachers.items()},
             r.logs,
             extra=[
@@ -410,6 +414,7 @@ class _Services:
         print(f"starting {len(teachers)} teachers ({', '.join(teachers)}), the aligner and Redis")
         for proc in self.procs[1:]:
             launch.wait_grpc_serving(proc, 900)
+        return aligner
 
     def stop(self) -> None:
         for proc in reversed(self.procs):

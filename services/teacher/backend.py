@@ -48,7 +48,9 @@ class ScoringBackend(Protocol):
     info: BackendInfo
     view: TokenizerIdentity
 
-    def tokenize(self, text: str, add_bos: bool | None) -> TokenizedText: ...
+    def tokenize(
+        self, text: str, add_bos: bool | None, truncate: bool = False, field: str = "texts"
+    ) -> TokenizedText: ...
 
     def score(self, batch: list[TokenizedText], k: int) -> list[TeacherScores]:
         """Score sequences (blocking; called from a worker thread)."""

@@ -43,7 +43,7 @@ class DynamicBatcher:
         wait_s: float,
         max_queue: int,
         metrics: TeacherMetrics,
-        on_health: Callable[[bool], None] = lambda ok: None,
+        on_health: Callable[[bool], object] = lambda ok: None,
     ) -> None:
         self._score = score
         self._budget = token_budget

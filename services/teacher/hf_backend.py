@@ -97,9 +97,11 @@ class HFBackend(LocalTokenizer):
         if not extra:
             extra["revision"] = revision
         log.info("loading %s (%s, %s)", spec, device, dtype)
-        model = AutoModelForCausalLM.from_pretrained(
+        # typed as nn.Module: transformers wraps PreTrainedModel.to so mypy cannot bind it
+        model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(
             source, dtype=getattr(torch, dtype), **extra
-        ).to(device)
+        )
+        model = model.to(device)
         if tokenizer_spec is None:
             from transformers import AutoTokenizer
 

@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -193,6 +194,10 @@ def load_backend(settings: TeacherSettings) -> ScoringBackend:
         from fuseserve.teacher.tgi_backend import TGIBackend
         from fuseserve.teacher.vllm_backend import VLLMBackend
 
+        if not settings.remote_url:  # TeacherSettings validation requires it for these two
+            raise ValueError(
+                f"remote_url: the {settings.backend} backend needs the server's base URL"
+            )
         remote = (settings.remote_url, settings.model)
         tokenizer = load_tokenizer(settings.tokenizer or settings.model)
         length = settings.max_sequence_length
@@ -232,7 +237,8 @@ async def serve(settings: TeacherSettings) -> None:
         loop.add_signal_handler(sig, stop.set)
     load = loop.run_in_executor(None, load_backend, settings)
     stopping = asyncio.ensure_future(stop.wait())
-    done, _ = await asyncio.wait([load, stopping], return_when=asyncio.FIRST_COMPLETED)
+    waiting: list[asyncio.Future[Any]] = [load, stopping]
+    done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
     if load in done:
         try:
             backend = load.result()

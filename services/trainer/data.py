@@ -95,7 +95,7 @@ def pack_blocks(
         stream_parts.append(text)
         position += len(text)
     stream = "".join(stream_parts)
-    blocks = []
+    blocks: list[Block] = []
     for b in range(len(starts) // block_size):
         lo, hi = b * block_size, (b + 1) * block_size - 1
         text = stream[starts[lo] : ends[hi]]

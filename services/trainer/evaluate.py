@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -80,10 +81,11 @@ def score_texts(
             windows.append((len(encoded) - 1, a, [bos, *chunk] if bos is not None else chunk))
     for i in range(0, len(windows), batch_size):
         batch = windows[i : i + batch_size]
-        ids, mask = pad_ids([w for _, _, w in batch])
-        ids, mask = ids.to(device), mask.to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0].cpu().numpy()
+        batch_ids, mask = pad_ids([w for _, _, w in batch])
+        batch_ids, mask = batch_ids.to(device), mask.to(device)
+        logits = model(input_ids=batch_ids, attention_mask=mask).logits[:, :-1].float()
+        picked = torch.log_softmax(logits, -1).gather(-1, batch_ids[:, 1:, None])
+        logp = picked[..., 0].cpu().numpy()
         for r, (t, a, w) in enumerate(batch):
             predicted = len(w) - 1  # tokens predicted in this window
             first = a if bos is not None else a + 1
@@ -149,7 +151,7 @@ def response_bits_per_byte(
 
 def evaluate_domains(
     model_spec: str,
-    domains: Mapping[str, list[str]],
+    domains: Mapping[str, list[str] | list[list[dict[str, str]]]],
     max_length: int = 1024,
     tokenizer_spec: str | None = None,
     show_progress: bool = True,
@@ -165,10 +167,15 @@ def evaluate_domains(
     model.eval()
     out = {}
     for domain, texts in domains.items():
+        # ``chat`` says which of the two kinds of list every domain holds
         if chat:
-            out[domain] = response_bits_per_byte(model, tokenizer, texts, max_length)
+            conversations = cast("list[list[dict[str, str]]]", texts)
+            out[domain] = response_bits_per_byte(model, tokenizer, conversations, max_length)
             continue
+        documents = cast("list[str]", texts)
         label = f"BPB {model_spec.rstrip('/').split('/')[-1]} [{domain}]"
         with tqdm(desc=label, unit="window", disable=not show_progress) as bar:
-            out[domain] = bits_per_byte(model, tokenizer, texts, max_length, progress=bar.update)
+            out[domain] = bits_per_byte(
+                model, tokenizer, documents, max_length, progress=bar.update
+            )
     return out

@@ -92,11 +92,10 @@ def combined_loss(
     path (None = all at once; with a chunk a CLM-only batch takes the shared path too, so its
     memory is bounded the same way). ``denominators``: (labels, targets) counts of the whole step.
     """
-    no_targets = lam >= 1.0 or fused_ids is None or fused_probs is None
-    if no_targets and chunk is None:
-        clm = clm_loss(logits, labels, None if denominators is None else denominators[0])
-        return clm, clm, torch.zeros((), device=logits.device)
-    if no_targets:
+    if lam >= 1.0 or fused_ids is None or fused_probs is None:  # no fusion targets
+        if chunk is None:
+            clm = clm_loss(logits, labels, None if denominators is None else denominators[0])
+            return clm, clm, torch.zeros((), device=logits.device)
         lam = 1.0
         fused_ids = torch.full((*labels.shape, 0), -1, dtype=torch.long, device=logits.device)
         fused_probs = torch.zeros(fused_ids.shape, device=logits.device)
@@ -158,6 +157,8 @@ class _SharedSoftmaxLoss(torch.autograd.Function):
         ids_all = fused_ids.reshape(n, width)
         valid = ids_all >= 0
         has_target = valid.any(-1)
+        n_label: torch.Tensor | float
+        n_target: torch.Tensor | float
         if denominators is None:
             n_label, n_target = has_label.sum().clamp(min=1), has_target.sum().clamp(min=1)
         else:

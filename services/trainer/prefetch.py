@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -29,6 +30,9 @@ from fuseserve.trainer.data import Block
 from fuseserve.wire import convert
 from fuseserve.wire.messages import FusedBlock
 from fuseserve.wire.v1 import aligner_pb2
+
+if TYPE_CHECKING:
+    from fuseserve.client.grpc_client import StreamCall
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +96,7 @@ class FusedTargetStream:
         self._outstanding = 0
         self._generation = 0  # one per stream opened; see _requests
         self._closed = threading.Event()
-        self._call = None
+        self._call: StreamCall | None = None
         # credentials: TLS (grpc_guard.channel_credentials); api_key: the aligner's bearer key;
         # neither given: both from FUSESERVE_CLIENT_* (how a Ray worker's pod configures them)
         self._client = GrpcClient(

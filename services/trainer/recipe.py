@@ -29,6 +29,7 @@ import logging
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Protocol, cast
 
 import torch
 
@@ -85,6 +86,14 @@ class RayWorker:
         torch.distributed.barrier()
 
 
+class _GradientCheckpointing(Protocol):
+    """A Hugging Face model's activation-checkpointing switch."""
+
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None
+    ) -> None: ...
+
+
 def wrap_model(model: torch.nn.Module, cfg: TrainConfig, worker) -> torch.nn.Module:
     """Activation checkpointing, then DDP (the worker's ``prepare_model``) or FSDP2 sharding."""
     if cfg.activation_checkpointing:
@@ -92,7 +101,9 @@ def wrap_model(model: torch.nn.Module, cfg: TrainConfig, worker) -> torch.nn.Mod
             raise ValueError(
                 f"activation_checkpointing: {type(model).__name__} does not support it"
             )
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # cast: nn.Module's __getattr__ hides the method the check above found from the checker
+        switch = cast(_GradientCheckpointing, model)
+        switch.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.parallel == "ddp":
         return worker.prepare_model(model)
     from torch.distributed.fsdp import fully_shard
@@ -163,8 +174,10 @@ class FusionRecipe:
         from fuseserve.loading import load_causal_lm
 
         cfg = self.cfg
-        from_hf = resume_dir is not None and cfg.parallel == "ddp"
-        source = str(resume_dir / "model") if from_hf else cfg.model
+        if resume_dir is not None and cfg.parallel == "ddp":
+            source = str(resume_dir / "model")
+        else:
+            source = cfg.model
         self.model = wrap_model(load_causal_lm(source, cfg.dtype), cfg, self.worker)
         self.optimizer = make_optimizer(self.model, cfg)
         self.scheduler = get_cosine_schedule_with_warmup(
@@ -180,7 +193,7 @@ class FusionRecipe:
     def open_stream(self):
         """The started fused-target stream for this worker's remaining blocks (None: CLM only)."""
         cfg = self.cfg
-        if not cfg.fused:
+        if not cfg.fused or cfg.aligner is None:  # fused implies an aligner
             return None
         from fuseserve.trainer.prefetch import FusedTargetStream
         from fuseserve.wire.tokenizer import TokenizerIdentity

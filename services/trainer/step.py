@@ -15,7 +15,9 @@ Leaves out: the losses themselves (``loss``), where blocks and fused rows come f
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol, cast
 
 import numpy as np
 import torch
@@ -25,7 +27,26 @@ from fuseserve.trainer.config import TrainConfig
 from fuseserve.trainer.data import Block
 from fuseserve.trainer.loss import combined_loss, loss_counts
 
-MicroBatch = tuple  # the six tensors of ``batch_tensors``
+MicroBatch = tuple[
+    torch.Tensor,  # input_ids
+    torch.Tensor,  # attention_mask
+    torch.Tensor,  # labels
+    torch.Tensor | None,  # fused ids (None without fused blocks)
+    torch.Tensor | None,  # fused probs
+    torch.Tensor | None,  # fused tail
+]  # the six tensors of ``batch_tensors``
+
+
+class _NoSync(Protocol):
+    """A wrapped model with DDP's ``no_sync`` context."""
+
+    def no_sync(self) -> contextlib.AbstractContextManager[None]: ...
+
+
+class _GradientSyncSwitch(Protocol):
+    """A wrapped model with FSDP2's gradient-sync switch."""
+
+    def set_requires_gradient_sync(self, requires_gradient_sync: bool) -> None: ...
 
 
 def label_row(block: Block) -> np.ndarray:
@@ -85,20 +106,22 @@ class StepLosses:
 
 
 @contextlib.contextmanager
-def gradient_sync(model: torch.nn.Module, enabled: bool):
+def gradient_sync(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
     """Let backward synchronise gradients across workers only when ``enabled`` (the last
     micro-batch of a step): DDP ``no_sync``, FSDP2 ``set_requires_gradient_sync``."""
+    # the casts: nn.Module's __getattr__ hides what the hasattr checks find from the checker
     if enabled:
         yield
     elif hasattr(model, "no_sync"):
-        with model.no_sync():
+        with cast(_NoSync, model).no_sync():
             yield
     elif hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(False)
+        switch = cast(_GradientSyncSwitch, model)
+        switch.set_requires_gradient_sync(False)
         try:
             yield
         finally:
-            model.set_requires_gradient_sync(True)
+            switch.set_requires_gradient_sync(True)
     else:
         yield
 
@@ -135,7 +158,7 @@ def accumulate_gradients(
     sums = torch.zeros(3, dtype=torch.float64)
     tokens = 0
     for i, batch in enumerate(micro_batches):
-        ids, mask, labels, f_ids, f_p, f_tail = (None if t is None else t.to(device) for t in batch)
+        ids, mask, labels, f_ids, f_p, f_tail = _on_device(batch, device)
         with gradient_sync(model, i == len(micro_batches) - 1):
             with autocast_context(cfg, device):
                 logits = model(input_ids=ids, attention_mask=mask).logits
@@ -154,4 +177,15 @@ def accumulate_gradients(
             loss.backward()
         sums += torch.stack([loss.detach(), clm, fusion]).double().cpu()
         tokens += int(mask.sum())
-    return StepLosses(*sums.tolist(), tokens=tokens)
+    loss_sum, clm_sum, fusion_sum = sums.tolist()
+    return StepLosses(loss_sum, clm_sum, fusion_sum, tokens=tokens)
+
+
+def _on_device(batch: MicroBatch, device: torch.device) -> MicroBatch:
+    """The micro-batch's tensors moved to ``device`` (absent fused tensors stay None)."""
+    ids, mask, labels, f_ids, f_p, f_tail = batch
+
+    def move(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device)
+
+    return ids.to(device), mask.to(device), labels.to(device), move(f_ids), move(f_p), move(f_tail)

@@ -23,6 +23,11 @@ from fuseserve.wire.v1 import aligner_pb2, teacher_pb2
 
 FLOAT_DTYPES = ("f16", "f32")
 _ADD_BOS = {0: None, 1: True, 2: False}  # AddBos: AUTO, ALWAYS, NEVER
+_ADD_BOS_PB = {
+    None: teacher_pb2.ADD_BOS_AUTO,
+    True: teacher_pb2.ADD_BOS_ALWAYS,
+    False: teacher_pb2.ADD_BOS_NEVER,
+}
 
 
 def float_dtype_from_pb(value: str) -> str:
@@ -68,7 +73,7 @@ def score_query_to_pb(query: ScoreQuery) -> teacher_pb2.ScoreRequest:
         texts=list(query.texts),
         k=query.k,
         too_long=teacher_pb2.TOO_LONG_TRUNCATE if query.truncate else teacher_pb2.TOO_LONG_REJECT,
-        add_bos={None: 0, True: 1, False: 2}[query.add_bos],
+        add_bos=_ADD_BOS_PB[query.add_bos],
         float_dtype=query.float_dtype,
     )
 

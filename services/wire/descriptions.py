@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, overload
 
 from fuseserve.wire.tokenizer import Scheme, TokenizerIdentity
 
@@ -66,9 +66,15 @@ class TeacherInfo:
         parts = (self.model_id, self.revision, self.tokenizer_fingerprint, self.dtype, self.backend)
         return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
 
+    @overload
+    def tokenizer(self, name: str, tokens: list[str]) -> TokenizerIdentity: ...
+
+    @overload
+    def tokenizer(self, name: str, tokens: list[str], kind: type[Identity]) -> Identity: ...
+
     def tokenizer(
-        self, name: str, tokens: list[str], kind: type[Identity] = TokenizerIdentity
-    ) -> Identity:
+        self, name: str, tokens: list[str], kind: type[TokenizerIdentity] = TokenizerIdentity
+    ) -> TokenizerIdentity:
         """The teacher's tokenizer identity (as ``kind``, e.g. the aligner's view) from this
         Info and its vocabulary."""
         return kind(

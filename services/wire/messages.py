@@ -110,11 +110,18 @@ class FusedBlock:
         n = len(self.target_ids)
         _check(self.ids.ndim == 2 and len(self.ids) == n, "ids must be [n, width]")
         _check(self.probs.shape == self.ids.shape, "probs must match ids")
-        if self.tail is None:
-            object.__setattr__(self, "tail", np.zeros(n, dtype=np.float32))
-        _check(self.tail.shape == (n,), "tail must be [n]")
+        tail = np.zeros(n, dtype=np.float32) if self.tail is None else self.tail
+        object.__setattr__(self, "tail", tail)
+        _check(tail.shape == (n,), "tail must be [n]")
         _check(self.chosen.shape == (n,), "chosen must be [n]")
         _check(self.ce.shape == self.coverage.shape == (len(self.teachers),), "ce/coverage: [K]")
+
+    @property
+    def tail_mass(self) -> np.ndarray:
+        """``tail`` typed as the array it always is once built (``__post_init__`` fills None)."""
+        if self.tail is None:
+            raise AssertionError("FusedBlock.tail is filled in __post_init__")
+        return self.tail
 
     def to_bytes(self, float_dtype: str = "f32") -> bytes:
         return codec.encode(
@@ -122,7 +129,7 @@ class FusedBlock:
                 "target_ids": self.target_ids.astype(np.int32),
                 "ids": self.ids.astype(np.int32),
                 "probs": self.probs.astype(codec.DTYPES[float_dtype]),
-                "tail": self.tail.astype(codec.DTYPES[float_dtype]),
+                "tail": self.tail_mass.astype(codec.DTYPES[float_dtype]),
                 "chosen": self.chosen.astype(np.int16),
                 "ce": self.ce.astype(np.float32),
                 "coverage": self.coverage.astype(np.float32),

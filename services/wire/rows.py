@@ -52,7 +52,7 @@ def select_rows(
         ids=np.take_along_axis(ids, order, axis=1),
         probs=np.take_along_axis(probs, order, axis=1),
         chosen=block.chosen[lo:hi],
-        tail=block.tail[lo:hi],
+        tail=block.tail_mass[lo:hi],
     )
 
 

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
-from typing import Self
+from typing import Any, Self
 
 SENTENCEPIECE_MARKER = "▁"
 BYTE_LEVEL_MARKER = "Ġ"
@@ -107,10 +107,10 @@ class TokenizerIdentity:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_hf(cls, tokenizer: object, name: str | None = None) -> Self:
+    def from_hf(cls, tokenizer: Any, name: str | None = None) -> Self:
         """Build from a loaded Hugging Face tokenizer (fast or slow), duck-typed."""
-        size = len(tokenizer)  # type: ignore[arg-type]
-        tokens = list(tokenizer.convert_ids_to_tokens(list(range(size))))  # type: ignore[attr-defined]
+        size = len(tokenizer)
+        tokens = list(tokenizer.convert_ids_to_tokens(list(range(size))))
         tokens = [t if t is not None else f"<unused_{i}>" for i, t in enumerate(tokens)]
         specials = set(getattr(tokenizer, "all_special_ids", []) or [])
         added = getattr(tokenizer, "added_tokens_decoder", {}) or {}

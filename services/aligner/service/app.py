@@ -17,6 +17,7 @@ import signal
 import socket
 from dataclasses import dataclass, field
 
+import grpc
 import uvicorn
 
 from fuseserve.aligner.alignment import AlignMethod
@@ -50,7 +51,7 @@ class RunningAligner:
     settings: AlignerSettings
     service: FusionService
     metrics: AlignerMetrics
-    grpc_server: object
+    grpc_server: grpc.aio.Server
     grpc_port: int
     rest_port: int
     rest_server: _Uvicorn
@@ -147,6 +148,7 @@ def build_pool(
 
 def build_cache(settings: AlignerSettings, metrics: AlignerMetrics):
     """Redis when ``redis_url`` is set, else an in-process LRU; its state feeds a gauge."""
+    cache: RedisCache | LRUCache
     if settings.redis_url:
         cache = RedisCache(
             settings.redis_url,

@@ -20,7 +20,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextvars import ContextVar
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, cast
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +285,11 @@ class RedisCache:
         return started >= self._silent_since + self.timeout_s
 
     async def get(self, key: str) -> bytes | None:
-        return await self._call("get", lambda: self.client.get(self.prefix + key))
+        # the client is built without decode_responses, so GET answers bytes (or None), never str
+        name = self.prefix + key
+        return await self._call(
+            "get", lambda: cast("Awaitable[bytes | None]", self.client.get(name))
+        )
 
     async def set(self, key: str, value: bytes) -> None:
         ex = self.ttl_s or None

@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from pydantic import ValidationError
@@ -34,6 +34,7 @@ from fuseserve.aligner.service.faults import (
     TeacherFault,
     TeacherOverloaded,
     TeacherRejected,
+    TeacherUnavailable,
     UnknownTeacher,
 )
 from fuseserve.aligner.service.metrics import AlignerMetrics
@@ -43,6 +44,8 @@ from fuseserve.errors import InvalidRequest, Overloaded, ServiceError, Unavailab
 from fuseserve.wire.codec import CodecError
 from fuseserve.wire.descriptions import TeacherStatus
 from fuseserve.wire.messages import FusedBlock, TeacherScores
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -288,9 +291,10 @@ class FusionService:
         for i, future in waits.items():
             block = await asyncio.shield(future)
             results[i] = BlockResult(query.texts[i], targets[i].offsets, block, "shared")
-        for r in results:
+        done = _filled(results, "fused blocks")
+        for r in done:
             self.metrics.blocks.labels(r.source).inc()
-        return results  # type: ignore[return-value]
+        return done
 
     def _admit(self, query: FuseQuery, n: int) -> None:
         """Admit ``n`` blocks only if every teacher they need can answer them within
@@ -367,7 +371,7 @@ class FusionService:
         blocks = []
         for j, (text, target) in enumerate(zip(texts, targets)):
             inputs = [
-                TeacherInput(name, self.pool.view(name), vmap, s[j], table)
+                TeacherInput(name, self._view(name), vmap, s[j], table)
                 for name, vmap, table, s in zip(query.teachers, maps, tables, per_teacher)
             ]
             start = time.perf_counter()
@@ -407,4 +411,19 @@ class FusionService:
             await asyncio.gather(
                 *(self.cache.set(keys[i], s.to_bytes(dtype)) for i, s in zip(missing, fresh))
             )
-        return out  # type: ignore[return-value]
+        return _filled(out, f"scores of teacher {name!r}")
+
+    def _view(self, name: str) -> TokenizerView:
+        """The teacher's tokenizer view; ``TeacherUnavailable`` while it has none."""
+        view = self.pool.view(name)
+        if view is None:
+            raise TeacherUnavailable(name, self.pool.get(name).why)
+        return view
+
+
+def _filled(items: Sequence[T | None], what: str) -> list[T]:
+    """``items``, every slot of which the caller has filled (an empty slot is a bug here)."""
+    filled = [item for item in items if item is not None]
+    if len(filled) != len(items):
+        raise RuntimeError(f"{what}: {len(items) - len(filled)} of {len(items)} left unfilled")
+    return filled

@@ -416,6 +416,8 @@ class TeacherPool:
             vmap = teacher.other_maps.get(mode)
             if vmap is None:
                 view = teacher.view
+                if view is None:
+                    raise TeacherUnavailable(teacher.name, teacher.why)
                 vmap = await asyncio.to_thread(
                     self.store.get_or_build, view, self.target, mode, False
                 )

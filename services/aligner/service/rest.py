@@ -378,11 +378,13 @@ def create_app(
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:  # the fuse body is read by hand: add its schema once
-            add_component_schemas(generate(), FuseBody)
-        return app.openapi_schema
+        schema = app.openapi_schema
+        if schema is None:  # the fuse body is read by hand: add its schema once
+            schema = generate()  # FastAPI keeps it as app.openapi_schema
+            add_component_schemas(schema, FuseBody)
+        return schema
 
-    app.openapi = openapi  # type: ignore[method-assign]
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented override
     return app
 
 

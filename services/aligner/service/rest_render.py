@@ -52,9 +52,10 @@ def negotiate(accept: str | None) -> str | None:
 
 @dataclass(frozen=True)
 class Cut:
-    """What of each block the caller asked for: positions ``[start, end)``, ``top`` per row."""
+    """What of each block the caller asked for: positions ``[start, end)``, ``top`` per row
+    (None: every entry)."""
 
-    top: int
+    top: int | None
     start: int = 0
     end: int | None = None
 
@@ -67,7 +68,7 @@ def block_json(index: int, result: BlockResult, tokens: Sequence[str], cut: Cut)
     names = block.teachers
     top_ids, top_p = block.ids.tolist(), block.probs.tolist()
     chosen = [names[c] if 0 <= c < len(names) else None for c in block.chosen.tolist()]
-    tails = block.tail.tolist()
+    tails = block.tail_mass.tolist()
     text = result.text
     positions = [
         {

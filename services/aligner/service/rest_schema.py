@@ -11,6 +11,7 @@ Leaves out: HTTP itself (``rest``) and rendering answers (``rest_render``).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -164,7 +165,7 @@ def field_path(loc) -> str:
     return out or "body"
 
 
-def validation_error(errors: list[dict[str, Any]]) -> InvalidRequest:
+def validation_error(errors: Sequence[Mapping[str, Any]]) -> InvalidRequest:
     """The first pydantic error as an ``InvalidRequest`` naming its field."""
     first = errors[0] if errors else {}
     field = field_path(first.get("loc", ()))
