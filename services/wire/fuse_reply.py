@@ -86,7 +86,7 @@ def _ragged(prefix: str, block: FusedBlock, float_dtype: np.dtype) -> dict[str, 
     return {
         prefix + "target_ids": block.target_ids.astype(np.int32),
         prefix + "chosen": block.chosen.astype(np.int16),
-        prefix + "tail": block.tail.astype(float_dtype),
+        prefix + "tail": block.tail_mass.astype(float_dtype),
         prefix + "lengths": lengths.astype(np.uint8 if block.ids.shape[1] <= 255 else np.int16),
         prefix + "ids": block.ids[listed].astype(np.int32),
         prefix + "probs": block.probs[listed].astype(float_dtype),

@@ -5,8 +5,9 @@ class first, so a subclass gets its parent's status; any other ``ServiceError`` 
 trailing metadata that goes with a status (``retry-after`` in whole seconds on RESOURCE_EXHAUSTED,
 like the REST header; ``fuseserve-field`` naming the bad field on INVALID_ARGUMENT),
 ``ErrorStatus``, a server interceptor that answers every ``ServiceError`` a handler raises (unary
-or streaming, replies yielded or written with ``context.write``, any service) with that status, and ``error_from_rpc``, which turns a gRPC error a
-client received back into the error class (its message is the status details, unchanged).
+or streaming, replies yielded or written with ``context.write``, any service) with that status,
+and ``error_from_rpc``, which turns a gRPC error a client received back into the error class (its
+message is the status details, unchanged).
 
 Leaves out: REST statuses (the aligner's ``rest``), authentication and malformed payloads
 (``grpc_guard``), and what a caller does about an error (retry or not).
