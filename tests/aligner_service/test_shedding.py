@@ -131,13 +131,16 @@ def test_admission_sheds_at_once_with_retry_after(shedder, gated):
             calls = shedder.metric(
                 "fuseserve_aligner_teacher_calls_total", {"teacher": "spm", "outcome": "ok"}
             )
+            # REST: refused before parsing (this process has a block in flight it measured the
+            # rate of); gRPC: by spm's backlog, the first check of admission
             refused(shedder, "no room for this one", "request_deadline_s")  # before teacher work
-            assert shedder.metric("fuseserve_aligner_shed_total", {"teacher": "spm"}) >= 1
             stub, channel = stub_for(shedder)
             with channel, pytest.raises(grpc.RpcError) as err:
                 stub.Fuse(aligner_pb2.FuseRequest(texts=["nor for this one"]), timeout=30)
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "teacher 'spm'" in err.value.details()
             assert dict(err.value.trailing_metadata())["retry-after"].isdigit()
+            assert shedder.metric("fuseserve_aligner_shed_total", {"teacher": "spm"}) >= 1
             spm.backend.gate.set()
             assert inflight.result(60).status_code == 200
         after = shedder.metric(
@@ -178,3 +181,22 @@ def test_refusal_comes_before_the_body_is_parsed(shedder, gated):
     finally:
         for t in gated.values():
             t.backend.gate.set()
+
+
+def test_the_aligner_sheds_by_its_own_rate_too(shedder, gated):
+    """A bottleneck in this process (not the teachers) also bounds admission: with a measured
+    rate and a block in flight past the deadline, a request is refused naming the aligner."""
+    for i in range(2):
+        ok = shedder.rest.post("/v1/fuse", json={"text": f"measuring the aligner, text {i}"})
+        assert ok.status_code == 200, ok.text
+    load = shedder.service.load
+    assert load.rate > 0 and load.inflight == 0
+    load.start(1)  # a block this process has not answered yet
+    try:
+        shed = shedder.rest.post("/v1/fuse", json={"text": "no time for this one"})
+    finally:
+        load.finish(1)
+    assert shed.status_code == 429, shed.text
+    assert "the aligner has 1 blocks in flight" in shed.json()["error"]["message"]
+    assert shedder.metric("fuseserve_aligner_shed_total", {"teacher": "(aligner)"}) >= 1
+    assert shedder.rest.post("/v1/fuse", json={"text": "room again"}).status_code == 200

@@ -38,12 +38,14 @@ from fuseserve.aligner.service.faults import (
     UnknownTeacher,
 )
 from fuseserve.aligner.service.metrics import AlignerMetrics
-from fuseserve.aligner.service.pool import TeacherPool
+from fuseserve.aligner.service.pool import Load, TeacherPool
 from fuseserve.aligner.tokenview import TokenizerView
 from fuseserve.errors import InvalidRequest, Overloaded, ServiceError, Unavailable
 from fuseserve.wire.codec import CodecError
 from fuseserve.wire.descriptions import TeacherStatus
 from fuseserve.wire.messages import FusedBlock, TeacherScores
+
+SELF = "(aligner)"  # the shed metric's label when this process, not a teacher, is behind
 
 T = TypeVar("T")
 
@@ -162,6 +164,7 @@ class FusionService:
         # the event loop stays free for health checks and other requests meanwhile
         self._tokenize = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         self.inflight = 0
+        self.load = Load()  # this process's own rate: admission covers its CPU, too
         self.flights = SingleFlight()
 
     # ------------------------------------------------------------------ readiness
@@ -232,27 +235,34 @@ class FusionService:
     # ------------------------------------------------------------------ fusing
     async def fuse(self, query: FuseQuery) -> list[BlockResult]:
         """Answer every block of a validated query, in order."""
-        # shed before any work (tokenising, cache look-ups) while the teachers are behind
-        self._admit(query, len(query.texts))
-        loop = asyncio.get_running_loop()
-        targets = await loop.run_in_executor(
-            self._tokenize,
-            lambda: [self.tokenize_target(t, f"texts[{i}]") for i, t in enumerate(query.texts)],
-        )
         n = len(query.texts)
+        # shed before any work (tokenising, cache look-ups) while the teachers or this
+        # process are behind
+        self._admit(query, n)
         if self.inflight + n > self.max_inflight_blocks:
             raise Overloaded(
                 f"{self.inflight} blocks in flight (max_inflight_blocks="
                 f"{self.max_inflight_blocks}); retry later"
             )
+        ahead = self.load.start(n)
         self.inflight += n
         self.metrics.inflight.set(self.inflight)
+        start, answered = time.perf_counter(), False
         try:
+            loop = asyncio.get_running_loop()
+            targets = await loop.run_in_executor(
+                self._tokenize,
+                lambda: [self.tokenize_target(t, f"texts[{i}]") for i, t in enumerate(query.texts)],
+            )
             with self.cache.request_budget():  # a slow or hung cache costs one timeout at most
-                return await self._fuse(query, targets)
+                results = await self._fuse(query, targets)
+            answered = True
+            return results
         finally:
             self.inflight -= n
             self.metrics.inflight.set(self.inflight)
+            # only answers measure the rate (a fast failure says nothing about capacity)
+            self.load.finish(n, ahead if answered else None, time.perf_counter() - start)
 
     def _fused_key(self, query: FuseQuery, text: str) -> str:
         prints = [f"{n}={self.pool.fingerprint(n)}" for n in query.teachers]
@@ -274,8 +284,8 @@ class FusionService:
                 owned.append(i)
             else:
                 waits[i] = future
-        if owned:
-            self._admit(query, len(owned))
+        if owned:  # the teachers again, for the blocks they must compute (this process: once)
+            self._admit(query, len(owned), this_process=False)
             try:
                 computed = await self._compute(query, [targets[i] for i in owned], owned)
             except BaseException as exc:
@@ -296,34 +306,43 @@ class FusionService:
             self.metrics.blocks.labels(r.source).inc()
         return done
 
-    def _admit(self, query: FuseQuery, n: int) -> None:
-        """Admit ``n`` blocks only if every teacher they need can answer them within
-        ``request_deadline_s`` at the rate it has been answering (an idle teacher always may)."""
+    def _admit(self, query: FuseQuery, n: int, this_process: bool = True) -> None:
+        """Admit ``n`` blocks only if every teacher they need, and this process, can answer them
+        within ``request_deadline_s`` at the rate each has been answering (idle ones always may).
+        """
         waits = {name: self.pool.load(name).wait_s(n) for name in query.teachers}
         name, wait = max(waits.items(), key=lambda kv: kv[1])
         if wait > self.request_deadline_s:
-            raise self._shed(name, n, wait)
+            raise self._shed(name, self.pool.load(name), n, wait)
+        wait = self.load.wait_s(n) if this_process else 0.0
+        if wait > self.request_deadline_s:
+            raise self._shed(SELF, self.load, n, wait)
 
     def refusal_before_parsing(self) -> Overloaded | None:
         """The 429 for any request, decided before its body is parsed: every block slot is
-        taken, or no teacher could answer one more block within ``request_deadline_s`` (every
-        query needs at least one teacher). None when a request might be admitted."""
+        taken, or this process or every teacher (a query needs at least one) could not answer
+        one more block within ``request_deadline_s``. None when a request might be admitted."""
         if self.inflight >= self.max_inflight_blocks:
             return Overloaded(
                 f"{self.inflight} blocks in flight (max_inflight_blocks="
                 f"{self.max_inflight_blocks}); retry later"
             )
+        wait = self.load.wait_s(1)
+        if wait > self.request_deadline_s:
+            return self._shed(SELF, self.load, 1, wait)
         waits = {name: self.pool.load(name).wait_s(1) for name in self.pool.names}
         if not waits:
             return None
         name, wait = min(waits.items(), key=lambda kv: kv[1])
-        return self._shed(name, 1, wait) if wait > self.request_deadline_s else None
+        if wait > self.request_deadline_s:
+            return self._shed(name, self.pool.load(name), 1, wait)
+        return None
 
-    def _shed(self, name: str, n: int, wait: float) -> Overloaded:
-        load = self.pool.load(name)
+    def _shed(self, name: str, load: Load, n: int, wait: float) -> Overloaded:
         self.metrics.shed.labels(name).inc()
+        who = "the aligner" if name == SELF else f"teacher {name!r}"
         return Overloaded(
-            f"teacher {name!r} has {load.inflight} blocks in flight at "
+            f"{who} has {load.inflight} blocks in flight at "
             f"{load.rate:.2f} blocks/s: {n} more would take {wait:.1f}s, over "
             f"request_deadline_s={self.request_deadline_s:g}; retry later",
             retry_after_s=wait - self.request_deadline_s,
