@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import httpx
+from rawhttp import RawPool
 
 from fuseserve import launch, shipped
 from fuseserve.teacher.tiny import save_tiny_llama
@@ -70,25 +71,24 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-async def post(client, body, timeout=60.0) -> tuple[int, float, float]:
-    """(status or 0 for no answer, latency s, finish time)."""
+async def post(raw: RawPool, body, timeout=60.0) -> tuple[int, float, float]:
+    """(status or 0 for no answer, latency s, finish time) of one POST /v1/fuse."""
     start = time.perf_counter()
     try:
-        r = await client.post("/v1/fuse", json=body, timeout=timeout)
-        status = r.status_code
-    except httpx.HTTPError:
+        status, _ = await raw.post("/v1/fuse", body, timeout=timeout)
+    except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError):
         status = 0
     end = time.perf_counter()
     return status, end - start, end
 
 
-async def capacity(client, seconds: float) -> tuple[float, list[float]]:
+async def capacity(raw: RawPool, seconds: float) -> tuple[float, list[float]]:
     stop = time.perf_counter() + seconds
     latencies: list[float] = []
 
     async def worker():
         while time.perf_counter() < stop:
-            status, lat, _ = await post(client, {"text": text()})
+            status, lat, _ = await post(raw, {"text": text()})
             if status == 200:
                 latencies.append(lat)
 
@@ -97,24 +97,24 @@ async def capacity(client, seconds: float) -> tuple[float, list[float]]:
     return len(latencies) / (time.perf_counter() - start), latencies
 
 
-async def overload(client, rate: float, seconds: float):
+async def overload(raw: RawPool, rate: float, seconds: float):
     tasks = []
     start = time.perf_counter()
     for i in range(int(rate * seconds)):
         delay = start + i / rate - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.ensure_future(post(client, {"text": text()})))
+        tasks.append(asyncio.ensure_future(post(raw, {"text": text()})))
     end = time.perf_counter()
     results = await asyncio.gather(*tasks)
     return results, start, end
 
 
-async def misses(client, n: int = 40) -> tuple[float, float]:
+async def misses(raw: RawPool, n: int = 40) -> tuple[float, float]:
     """p50 and p99 latency of ``n`` misses sent one at a time (less noise than concurrent)."""
     lat = []
     for _ in range(n):
-        status, seconds, _ = await post(client, {"text": text()})
+        status, seconds, _ = await post(raw, {"text": text()})
         if status == 200:
             lat.append(seconds)
     return p(lat, 0.5), p(lat, 0.99)
@@ -159,12 +159,15 @@ async def main_async(args, work: Path) -> list[tuple[str, str]]:
     )  # fmt: skip
     try:
         launch.wait_grpc_serving(aligner, 300)
+        # POSTs through a minimal keep-alive client (rawhttp): httpx's own CPU per request would
+        # make the load generator, on the same cores, the bottleneck of the overload test
+        raw = RawPool("127.0.0.1", aligner.rest_port)
         limits = httpx.Limits(max_connections=400, max_keepalive_connections=400)
         async with httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{aligner.rest_port}", limits=limits
         ) as client:
-            await capacity(client, 2)  # warm-up
-            cap, cap_lat = await capacity(client, args.seconds)
+            await capacity(raw, 2)  # warm-up
+            cap, cap_lat = await capacity(raw, args.seconds)
             base = statistics.median(cap_lat)
             ms = 1e3
             rows.append(
@@ -174,7 +177,7 @@ async def main_async(args, work: Path) -> list[tuple[str, str]]:
             # ---- overload
             rss0 = rss_mib(aligner.popen.pid)
             rate = args.overload * cap
-            results, t0, t1 = await overload(client, rate, 30)
+            results, t0, t1 = await overload(raw, rate, 30)
             by = {}
             for status, _, _ in results:
                 by[status] = by.get(status, 0) + 1
@@ -182,7 +185,7 @@ async def main_async(args, work: Path) -> list[tuple[str, str]]:
             good = sum(1 for s, _, end in results if s == 200 and end <= t1 + args.deadline)
             goodput = good / (t1 - t0)
             await asyncio.sleep(5)
-            status, after, _ = await post(client, {"text": text()})
+            status, after, _ = await post(raw, {"text": text()})
             rss1 = rss_mib(aligner.popen.pid)
             load = f"overload {args.overload:g}x ({rate:.1f} req/s for 30 s): answers"
             rows += [
@@ -204,7 +207,7 @@ async def main_async(args, work: Path) -> list[tuple[str, str]]:
 
             # ---- teacher SIGKILL under 150 concurrent requests
             bpe = teachers["bpe"]
-            storm = [asyncio.ensure_future(post(client, {"text": text()})) for _ in range(150)]
+            storm = [asyncio.ensure_future(post(raw, {"text": text()})) for _ in range(150)]
             await asyncio.sleep(0.5)
             bpe.kill()
             killed = time.perf_counter()
@@ -230,7 +233,7 @@ async def main_async(args, work: Path) -> list[tuple[str, str]]:
                 await asyncio.sleep(0.1)
             after = []
             for _ in range(50):  # 2 at a time: within capacity
-                after += await asyncio.gather(*(post(client, {"text": text()}) for _ in range(2)))
+                after += await asyncio.gather(*(post(raw, {"text": text()}) for _ in range(2)))
             ok = sum(1 for s, _, _ in after if s == 200)
             after_codes: dict[int, int] = {}
             for s, _, _ in after:
@@ -246,14 +249,14 @@ async def main_async(args, work: Path) -> list[tuple[str, str]]:
             ]
 
             # ---- Redis
-            up = await misses(client)
+            up = await misses(raw)
             redis.kill()
-            dead = await misses(client)  # the first one turns the cache off
+            dead = await misses(raw)  # the first one turns the cache off
             redis = launch.start_redis(logs, port=redis.port)
             await asyncio.sleep(1.2)  # past redis_retry_s
             texts = [text() for _ in range(40)]
             for i in range(0, 40, 4):
-                await asyncio.gather(*(post(client, {"text": t}) for t in texts[i : i + 4]))
+                await asyncio.gather(*(post(raw, {"text": t}) for t in texts[i : i + 4]))
             hits = 0
             for t in texts:
                 try:
@@ -263,12 +266,12 @@ async def main_async(args, work: Path) -> list[tuple[str, str]]:
                 hits += r.status_code == 200 and r.json()["blocks"][0]["cache_hit"]
             redis.popen.send_signal(signal.SIGSTOP)
             try:
-                stopped = await misses(client)
+                stopped = await misses(raw)
             finally:
                 redis.popen.send_signal(signal.SIGCONT)
             await asyncio.sleep(1.2)
             before = aligner.log_path.read_text(errors="replace").count("serving uncached")
-            await asyncio.gather(*(post(client, {"text": text()}) for _ in range(150)))
+            await asyncio.gather(*(post(raw, {"text": text()}) for _ in range(150)))
             during = aligner.log_path.read_text(errors="replace").count("serving uncached") - before
             rows += [
                 (
@@ -298,7 +301,7 @@ async def main_async(args, work: Path) -> list[tuple[str, str]]:
                     await asyncio.sleep(0.01)
 
             poller = asyncio.ensure_future(poll())
-            codes = [(await post(client, huge))[0] for _ in range(5)]
+            codes = [(await post(raw, huge))[0] for _ in range(5)]
             done.set()
             await poller
             rows.append(

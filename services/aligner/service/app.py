@@ -91,8 +91,12 @@ def one_line(exc: BaseException) -> str:
 
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto given, so that asyncio sees a TCP socket and sets TCP_NODELAY on each connection
+    # (with proto 0 it does not, and a response's headers and body, written apart, wait on
+    # Nagle and the caller's delayed ACK: 40 ms per response)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((host, port))
         sock.listen(1024)
