@@ -87,10 +87,18 @@ class RayWorker:
 
 
 class _GradientCheckpointing(Protocol):
-    """A Hugging Face model's activation-checkpointing switch."""
+    """A Hugging Face model's activation-checkpointing switch (the older name)."""
 
     def gradient_checkpointing_enable(
         self, gradient_checkpointing_kwargs: dict[str, Any] | None = None
+    ) -> None: ...
+
+
+class _ActivationCheckpointing(Protocol):
+    """The same switch under its newer name (transformers deprecates the older one)."""
+
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict[str, Any] | None = None
     ) -> None: ...
 
 
@@ -102,8 +110,11 @@ def wrap_model(model: torch.nn.Module, cfg: TrainConfig, worker) -> torch.nn.Mod
                 f"activation_checkpointing: {type(model).__name__} does not support it"
             )
         # cast: nn.Module's __getattr__ hides the method the check above found from the checker
-        switch = cast(_GradientCheckpointing, model)
-        switch.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            cast(_ActivationCheckpointing, model).activation_checkpointing_enable(kwargs)
+        else:
+            cast(_GradientCheckpointing, model).gradient_checkpointing_enable(kwargs)
     if cfg.parallel == "ddp":
         return worker.prepare_model(model)
     from torch.distributed.fsdp import fully_shard

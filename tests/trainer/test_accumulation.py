@@ -119,8 +119,8 @@ def test_activation_checkpointing_and_bf16_autocast_keep_fp32_master_gradients(m
     plain = build_tiny_llama(mistral_tok, seed=6).train()
     reference = accumulate_gradients(plain, micro, 1.0, cfg, device)
     checkpointed = build_tiny_llama(mistral_tok, seed=6).train()
-    checkpointed.gradient_checkpointing_enable(
-        gradient_checkpointing_kwargs={"use_reentrant": False}
+    checkpointed.activation_checkpointing_enable(
+        activation_checkpointing_kwargs={"use_reentrant": False}
     )
     again = accumulate_gradients(checkpointed, micro, 1.0, cfg, device)
     assert again.loss == pytest.approx(reference.loss, rel=1e-6)
