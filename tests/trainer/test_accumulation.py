@@ -132,3 +132,15 @@ def test_activation_checkpointing_and_bf16_autocast_keep_fp32_master_gradients(m
     assert low.loss == pytest.approx(reference.loss, rel=2e-2) and low.loss != reference.loss
     for p in mixed.parameters():
         assert p.dtype == torch.float32 and p.grad.dtype == torch.float32
+
+
+def test_wrap_model_turns_activation_checkpointing_on_for_ddp(mistral_tok):
+    from types import SimpleNamespace
+
+    from fuseserve.trainer.recipe import wrap_model
+
+    model = build_tiny_llama(mistral_tok, seed=6).train()
+    assert not model.is_gradient_checkpointing
+    cfg = TrainConfig(model="m", data=["d"], activation_checkpointing=True)
+    wrapped = wrap_model(model, cfg, SimpleNamespace(prepare_model=lambda m: m))
+    assert wrapped is model and model.is_gradient_checkpointing
