@@ -140,7 +140,7 @@ def test_wrap_model_turns_activation_checkpointing_on_for_ddp(mistral_tok):
     from fuseserve.trainer.recipe import wrap_model
 
     model = build_tiny_llama(mistral_tok, seed=6).train()
-    assert not model.is_gradient_checkpointing
+    assert not model.is_activation_checkpointing
     cfg = TrainConfig(model="m", data=["d"], activation_checkpointing=True)
     wrapped = wrap_model(model, cfg, SimpleNamespace(prepare_model=lambda m: m))
-    assert wrapped is model and model.is_gradient_checkpointing
+    assert wrapped is model and model.is_activation_checkpointing
