@@ -141,6 +141,6 @@ def test_wrap_model_turns_activation_checkpointing_on_for_ddp(mistral_tok):
 
     model = build_tiny_llama(mistral_tok, seed=6).train()
     assert not model.is_activation_checkpointing
-    cfg = TrainConfig(model="m", data=["d"], activation_checkpointing=True)
+    cfg = TrainConfig(model="m", data=["d"], lam=1.0, activation_checkpointing=True)
     wrapped = wrap_model(model, cfg, SimpleNamespace(prepare_model=lambda m: m))
     assert wrapped is model and model.is_activation_checkpointing
