@@ -200,3 +200,36 @@ def test_the_aligner_sheds_by_its_own_rate_too(shedder, gated):
     assert "the aligner has 1 blocks in flight" in shed.json()["error"]["message"]
     assert shedder.metric("fuseserve_aligner_shed_total", {"teacher": "(aligner)"}) >= 1
     assert shedder.rest.post("/v1/fuse", json={"text": "room again"}).status_code == 200
+
+
+def test_a_request_for_every_teacher_is_refused_early_when_one_is_behind(shedder, gated):
+    """With spm held (bpe free), a body that cannot name a subset of teachers needs spm, so it
+    is refused before parsing (even when it is not JSON); a body that names bpe is served."""
+    for i in range(2):  # measured rates on both teachers
+        ok = shedder.rest.post("/v1/fuse", json={"text": f"warming for the subset, text {i}"})
+        assert ok.status_code == 200, ok.text
+    spm = gated["spm"]
+    spm.backend.gate.clear()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(
+                direct_score, spm, "holding spm while the aligner's own queue is empty"
+            )
+            load = shedder.service.pool.teachers["spm"].load
+            load.start(1)  # the aligner sees a block in flight at spm (its own measured rate)
+            try:
+                shed = shedder.rest.post(
+                    "/v1/fuse", content=b"{not json", headers={"content-type": "application/json"}
+                )
+                assert shed.status_code == 429, shed.text
+                assert "teacher 'spm'" in shed.json()["error"]["message"]
+                only_bpe = shedder.rest.post(
+                    "/v1/fuse", json={"text": "only for bpe", "teachers": ["bpe"]}
+                )
+                assert only_bpe.status_code == 200, only_bpe.text
+            finally:
+                load.finish(1)
+                spm.backend.gate.set()
+            held.result(60)
+    finally:
+        spm.backend.gate.set()

@@ -318,10 +318,12 @@ class FusionService:
         if wait > self.request_deadline_s:
             raise self._shed(SELF, self.load, n, wait)
 
-    def refusal_before_parsing(self) -> Overloaded | None:
-        """The 429 for any request, decided before its body is parsed: every block slot is
-        taken, or this process or every teacher (a query needs at least one) could not answer
-        one more block within ``request_deadline_s``. None when a request might be admitted."""
+    def refusal_before_parsing(self, every_teacher: bool = False) -> Overloaded | None:
+        """The 429 for a request, decided before its body is parsed: every block slot is taken,
+        or this process could not answer one more block within ``request_deadline_s``, or the
+        teachers could not (``every_teacher``: the request needs them all, so any one behind is
+        enough; else it might name a subset, so only all of them behind is). None when the
+        request might be admitted."""
         if self.inflight >= self.max_inflight_blocks:
             return Overloaded(
                 f"{self.inflight} blocks in flight (max_inflight_blocks="
@@ -333,7 +335,8 @@ class FusionService:
         waits = {name: self.pool.load(name).wait_s(1) for name in self.pool.names}
         if not waits:
             return None
-        name, wait = min(waits.items(), key=lambda kv: kv[1])
+        pick = max if every_teacher else min
+        name, wait = pick(waits.items(), key=lambda kv: kv[1])
         if wait > self.request_deadline_s:
             return self._shed(name, self.pool.load(name), 1, wait)
         return None

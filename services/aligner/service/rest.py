@@ -194,16 +194,17 @@ async def cancel_on_disconnect(receive, work: Awaitable[T]) -> T:
 
 def early_refusal(
     service: FusionService, metrics: AlignerMetrics, api_key: str | None
-) -> Callable[[Mapping[bytes, bytes]], Response | None]:
-    """The 429 a request gets before its body is parsed, if the service is that overloaded."""
+) -> Callable[[Mapping[bytes, bytes], bytes], Response | None]:
+    """The 429 a request gets before its body is parsed, if the service is that overloaded. A
+    body without the bytes ``"teachers"`` cannot name a subset, so it needs every teacher."""
     expected = api_key.encode() if api_key else None
 
-    def refusal(headers: Mapping[bytes, bytes]) -> Response | None:
+    def refusal(headers: Mapping[bytes, bytes], body: bytes) -> Response | None:
         # an unauthenticated caller gets its 401 from the route, never a hint about load
         token = headers.get(b"authorization", b"").removeprefix(b"Bearer ").strip()
         if expected is not None and not hmac.compare_digest(token, expected):
             return None
-        exc = service.refusal_before_parsing()
+        exc = service.refusal_before_parsing(every_teacher=b'"teachers"' not in body)
         if exc is None:
             return None
         metrics.requests.labels("rest", "Overloaded").inc()
