@@ -163,8 +163,7 @@ class FusionService:
         # one thread tokenises (a fast tokenizer must not be called from two threads at once);
         # the event loop stays free for health checks and other requests meanwhile
         self._tokenize = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
-        self.inflight = 0
-        self.load = Load()  # this process's own rate: admission covers its CPU, too
+        self.load = Load()  # this process's blocks in flight and rate: admission covers its CPU
         self.flights = SingleFlight()
 
     # ------------------------------------------------------------------ readiness
@@ -239,13 +238,10 @@ class FusionService:
         # shed before any work (tokenising, cache look-ups) while the teachers or this
         # process are behind
         self._admit(query, n)
-        if self.inflight + n > self.max_inflight_blocks:
-            raise Overloaded(
-                f"{self.inflight} blocks in flight (max_inflight_blocks="
-                f"{self.max_inflight_blocks}); retry later"
-            )
+        full = self._no_slots(n)
+        if full is not None:
+            raise full
         ahead = self.load.start(n)
-        self.inflight += n
         self.metrics.inflight.set(self.inflight)
         start, answered = time.perf_counter(), False
         try:
@@ -259,10 +255,23 @@ class FusionService:
             answered = True
             return results
         finally:
-            self.inflight -= n
-            self.metrics.inflight.set(self.inflight)
             # only answers measure the rate (a fast failure says nothing about capacity)
             self.load.finish(n, ahead if answered else None, time.perf_counter() - start)
+            self.metrics.inflight.set(self.inflight)
+
+    @property
+    def inflight(self) -> int:
+        """Blocks admitted and not answered yet."""
+        return self.load.inflight
+
+    def _no_slots(self, n: int) -> Overloaded | None:
+        """The refusal when ``n`` more blocks would pass ``max_inflight_blocks``."""
+        if self.inflight + n <= self.max_inflight_blocks:
+            return None
+        return Overloaded(
+            f"{self.inflight} blocks in flight (max_inflight_blocks="
+            f"{self.max_inflight_blocks}); retry later"
+        )
 
     def _fused_key(self, query: FuseQuery, text: str) -> str:
         prints = [f"{n}={self.pool.fingerprint(n)}" for n in query.teachers]
@@ -324,11 +333,9 @@ class FusionService:
         teachers could not (``every_teacher``: the request needs them all, so any one behind is
         enough; else it might name a subset, so only all of them behind is). None when the
         request might be admitted."""
-        if self.inflight >= self.max_inflight_blocks:
-            return Overloaded(
-                f"{self.inflight} blocks in flight (max_inflight_blocks="
-                f"{self.max_inflight_blocks}); retry later"
-            )
+        full = self._no_slots(1)
+        if full is not None:
+            return full
         wait = self.load.wait_s(1)
         if wait > self.request_deadline_s:
             return self._shed(SELF, self.load, 1, wait)
