@@ -57,32 +57,11 @@ def model_spec(model: str) -> str:
     return "shipped:smollm2"
 
 
-def run(
-    model: str,
-    length: int,
-    rounds: int,
-    k: int,
-    concurrency: int,
-    spec: str | None = None,
-    device: str = "auto",
-) -> dict:
-    """One model at one length: in-process vs served. ``spec``: the model to load (default:
-    ``model_spec(model)``); ``device``: the backend's ("auto": CUDA when there is one, bf16)."""
-    from fuseserve.teacher.hf_backend import HFBackend
+def served(backend, texts: list[str], length: int, rounds: int, k: int, concurrency: int):
+    """(seconds for ``rounds`` of ``texts`` through a gRPC teacher serving ``backend`` with
+    ``concurrency`` client threads, {f32/f16: Score reply bytes per token at k = 10})."""
     from fuseserve.teacher.server import start_server
     from fuseserve.teacher.settings import TeacherSettings
-
-    spec = spec or model_spec(model)
-    backend = HFBackend.load(spec, device=device, max_sequence_length=length, max_k=64)
-    texts = make_texts(backend, length, concurrency)
-    items = [backend.tokenize(t, None, truncate=True) for t in texts]
-    tokens = sum(len(i.ids) for i in items)
-
-    backend.score(items[:1], k)  # warm-up
-    start = time.perf_counter()
-    for _ in range(rounds):
-        backend.score(items, k)
-    base_s = time.perf_counter() - start
 
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
@@ -120,6 +99,34 @@ def run(
     channel.close()
     asyncio.run_coroutine_threadsafe(running.stop(1.0), loop).result()
     loop.call_soon_threadsafe(loop.stop)
+    return served_s, sizes
+
+
+def run(
+    model: str,
+    length: int,
+    rounds: int,
+    k: int,
+    concurrency: int,
+    spec: str | None = None,
+    device: str = "auto",
+) -> dict:
+    """One model at one length: in-process vs served. ``spec``: the model to load (default:
+    ``model_spec(model)``); ``device``: the backend's ("auto": CUDA when there is one, bf16)."""
+    from fuseserve.teacher.hf_backend import HFBackend
+
+    spec = spec or model_spec(model)
+    backend = HFBackend.load(spec, device=device, max_sequence_length=length, max_k=64)
+    texts = make_texts(backend, length, concurrency)
+    items = [backend.tokenize(t, None, truncate=True) for t in texts]
+    tokens = sum(len(i.ids) for i in items)
+
+    backend.score(items[:1], k)  # warm-up
+    start = time.perf_counter()
+    for _ in range(rounds):
+        backend.score(items, k)
+    base_s = time.perf_counter() - start
+    served_s, sizes = served(backend, texts, length, rounds, k, concurrency)
     return {
         "model": model,
         "length": length,

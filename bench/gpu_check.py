@@ -40,14 +40,29 @@ from pathlib import Path
 
 import torch
 
+
+@dataclass(frozen=True)
+class Sizes:
+    layers: int | None  # SmolLM2's decoder layers (None: its own 30)
+    lengths: tuple[int, ...]  # teacher: tokens per sequence
+    rounds: int  # teacher: timed rounds
+    vocabs: tuple[int, ...]  # loss: vocabulary sizes
+    loss_length: int  # loss: positions
+    dtypes: tuple[str, ...]  # loss: logits dtypes
+    steps: int  # train: optimizer steps per run
+    block: int  # train: tokens per block
+    batch: int  # train: blocks per micro-batch
+    accum: int  # train: micro-batches per step
+
+
 SIZES = {
-    "cuda": dict(
+    "cuda": Sizes(
         layers=None, lengths=(512, 2048), rounds=2, vocabs=(32000, 128256), loss_length=2048,
-        steps=8, block=1024, batch=4, accum=2, dtypes=("float32", "bfloat16"),
+        dtypes=("float32", "bfloat16"), steps=8, block=1024, batch=4, accum=2,
     ),
-    "cpu": dict(
+    "cpu": Sizes(
         layers=2, lengths=(64,), rounds=1, vocabs=(32000,), loss_length=256,
-        steps=3, block=64, batch=2, accum=2, dtypes=("float32",),
+        dtypes=("float32",), steps=3, block=64, batch=2, accum=2,
     ),
 }  # fmt: skip
 
@@ -90,7 +105,7 @@ def ensure_models(bundle: Path, work: Path, device: str) -> Models:
     bpe = bundle / "models" / "smollm2-135m"
     jobs = {
         models.tiny: lambda d: save_tiny_llama(AutoTokenizer.from_pretrained(spm), d, seed=0),
-        models.smollm2: lambda d: build_smollm2(bpe, d, SIZES[device]["layers"]),
+        models.smollm2: lambda d: build_smollm2(bpe, d, SIZES[device].layers),
         models.teachers["spm"]: lambda d: save_tiny_llama(AutoTokenizer.from_pretrained(spm), d, 1),
         models.teachers["bpe"]: lambda d: save_tiny_llama(AutoTokenizer.from_pretrained(bpe), d, 2),
     }
@@ -169,11 +184,11 @@ def stage_teacher(args) -> bool:
     print(head + "| B/token k=10 f32/f16 | peak GPU MiB |\n|---|---|---|---|---|---|---|---|")
     ok = True
     for label, folder in (("tiny", models.tiny), ("smollm2-135m", models.smollm2)):
-        for length in sizes["lengths"]:
+        for length in sizes.lengths:
             reset_peak(device)
             try:
                 r = bench_teacher.run(
-                    label, length, sizes["rounds"], 10, 8, spec=str(folder), device=args.device
+                    label, length, sizes.rounds, 10, 8, spec=str(folder), device=args.device
                 )
             except Exception:  # the next row may still run
                 traceback.print_exc()
@@ -196,12 +211,12 @@ def loss_row(kind: str, vocab: int, dtype: str, args) -> str:
     from bench_trainer import loss_inputs, loss_of
 
     device = torch.device(args.device)
-    length = SIZES[args.device]["loss_length"]
-    inputs = loss_inputs(length, vocab, 20, device, getattr(torch, dtype))
+    length = SIZES[args.device].loss_length
+    logits, labels, ids, probs = loss_inputs(length, vocab, 20, device, getattr(torch, dtype))
     reset_peak(device)
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     start = time.perf_counter()
-    loss = loss_of(kind, *inputs, chunk=1024)
+    loss = loss_of(kind, logits, labels, ids, probs, chunk=1024)
     loss.backward()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -218,14 +233,14 @@ def stage_loss(args) -> bool:
     """Every kind of loss at each vocabulary size and logits dtype (first call warms up)."""
     from bench_trainer import MEMORY_KINDS
 
-    length = SIZES[args.device]["loss_length"]
+    length = SIZES[args.device].loss_length
     print(f"loss + backward, logits [1, {length}, V], W = 20, chunks of 1,024 positions")
     print("| V | logits | kind | loss | ms | peak MiB over inputs |\n|---|---|---|---|---|---|")
     with contextlib.suppress(Exception):
         loss_row("clm", 32000, "float32", args)  # warm-up (kernels, allocator); not printed
     ok = True
-    for vocab in SIZES[args.device]["vocabs"]:
-        for dtype in SIZES[args.device]["dtypes"]:
+    for vocab in SIZES[args.device].vocabs:
+        for dtype in SIZES[args.device].dtypes:
             for kind in MEMORY_KINDS:
                 try:
                     print(loss_row(kind, vocab, dtype, args), flush=True)
@@ -347,10 +362,10 @@ def train_run(name: str, settings: dict, device: torch.device) -> dict:
 def train_settings(args, target: Path, corpus: Path) -> dict:
     sizes = SIZES[args.device]
     return dict(
-        model=str(target), data=[str(corpus)], block_size=sizes["block"],
-        batch_size=sizes["batch"], grad_accum=sizes["accum"], max_steps=sizes["steps"],
+        model=str(target), data=[str(corpus)], block_size=sizes.block,
+        batch_size=sizes.batch, grad_accum=sizes.accum, max_steps=sizes.steps,
         lr=1e-4, loss_chunk=1024, use_gpu=args.device == "cuda", parallel=args.parallel,
-        mixed_precision="bf16", checkpoint_every=sizes["steps"], log_every=sizes["steps"],
+        mixed_precision="bf16", checkpoint_every=sizes.steps, log_every=sizes.steps,
         storage_path=str(args.work / f"runs-{args.parallel}"),
     )  # fmt: skip
 
@@ -370,10 +385,11 @@ def stage_train(args) -> bool:
     settings = train_settings(args, models.smollm2, write_corpus(args.work / "corpus.txt"))
     print(
         f"SmolLM2-135M target, {args.parallel}, bf16 autocast (fp32 master weights), "
-        f"{sizes['steps']} steps of {sizes['accum']} micro-batches x {sizes['batch']} x "
-        f"{sizes['block']} tokens, {args.device}; means after 2 warm-up steps"
+        f"{sizes.steps} steps of {sizes.accum} micro-batches x {sizes.batch} x "
+        f"{sizes.block} tokens, {args.device}; means after 2 warm-up steps"
     )
-    rows, ok = [], True
+    rows: list[tuple[str, dict | None]] = []
+    ok = True
     services = fusion_services(args.work, models.teachers, models.smollm2)
     with services as aligner, process_group(args.parallel, device):
         for label, extra in (

@@ -233,9 +233,10 @@ def wheel_requirements(wheel: Path) -> list[str]:
 
     from packaging.requirements import Requirement
 
-    env = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux"}
-    env |= {"platform_system": "Linux", "platform_machine": "x86_64", "extra": ""}
+    env: dict[str, str] = {"python_version": "3.12", "python_full_version": "3.12.3"}
+    env |= {"sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64"}
     env |= {"implementation_name": "cpython", "platform_python_implementation": "CPython"}
+    env["extra"] = ""
     with zipfile.ZipFile(wheel) as zf:
         name = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
         text = zf.read(name).decode()
@@ -335,7 +336,8 @@ def with_requirements(names: set[str]) -> set[str]:
     from packaging.markers import default_environment
     from packaging.requirements import Requirement
 
-    env = {**default_environment(), "extra": ""}
+    env = {key: str(value) for key, value in default_environment().items()}
+    env["extra"] = ""
     todo, seen = list(names), set(names)
     while todo:
         try:
