@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import importlib
 import json
 import math
@@ -125,8 +126,11 @@ def peak_mib(device: torch.device) -> float | None:
 
 
 def reset_peak(device: torch.device) -> None:
+    """Free what earlier rows left (a backend, a model) and start a new peak."""
     if device.type == "cuda":
+        gc.collect()
         torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
 
@@ -342,6 +346,8 @@ def train_run(name: str, settings: dict, device: torch.device) -> dict:
     from fuseserve.trainer.recipe import FusionRecipe
 
     metrics = Path(settings["storage_path"]) / f"{name}.jsonl"
+    metrics.parent.mkdir(parents=True, exist_ok=True)
+    metrics.unlink(missing_ok=True)
     cfg = load_config(**settings, name=name, metrics_file=str(metrics))
     reset_peak(device)
     FusionRecipe(cfg, LocalWorker(cfg, device)).run()

@@ -14,6 +14,7 @@
 #   GPU_CHECK_DEVICE  cuda (default) or cpu: the same stages on the CPU at small sizes (dry run)
 #   GPU_CHECK_BUNDLE  the bundle (default gpu-bundle); GPU_CHECK_WHEELS its wheels (default
 #                     BUNDLE/wheels; "none": install nothing, PYTHON has every package)
+#   GPU_CHECK_STAGES  the stages to run (default: all, in the order below), e.g. "env loss"
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-gpu-check}}
@@ -21,6 +22,7 @@ PYTHON=${PYTHON:-python3}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 BUNDLE=${GPU_CHECK_BUNDLE:-gpu-bundle}
 WHEELS=${GPU_CHECK_WHEELS:-$BUNDLE/wheels}
+STAGES=${GPU_CHECK_STAGES:-env teacher train-fsdp loss train-ddp}
 DEADLINE=$(($(date +%s) + ${GPU_CHECK_BUDGET_S:-330}))
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -57,6 +59,7 @@ export PYTHONPATH="$WORK/site:$WORK/pkgroot${PYTHONPATH:+:$PYTHONPATH}"
 stage() {
     local name=$1 limit=$2 left start rc result
     shift 2
+    [[ " $STAGES " == *" $name "* ]] || return 0
     left=$((DEADLINE - $(date +%s)))
     ((limit > left)) && limit=$left
     if ((limit < 20)); then

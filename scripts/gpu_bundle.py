@@ -417,7 +417,7 @@ def local_wheels(bundle: Path, dest: Path) -> Path:
     return dest
 
 
-def dry_run(bundle: Path, dry: Path) -> int:
+def dry_run(bundle: Path, dry: Path, stages: str = "") -> int:
     """Static checks, the 3.12 install, then the device command on this CPU (GPU_CHECK_DEVICE
     =cpu: the same stages, small sizes) with a device-like Python; 0 when every stage passed."""
     report = check_bundle(bundle)
@@ -432,6 +432,8 @@ def dry_run(bundle: Path, dry: Path) -> int:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(PYTHON=str(python), OUT=str(out), GPU_CHECK_DEVICE="cpu")
     env.update(GPU_CHECK_WHEELS=str(wheels), GPU_CHECK_BUNDLE=str(bundle))
+    if stages:
+        env["GPU_CHECK_STAGES"] = stages
     print(f"running the device command with {python} (CPU, small sizes) ...", flush=True)
     rc = subprocess.run(["bash", "-c", DEVICE_COMMAND], cwd=ROOT, env=env).returncode
     summary = out / "summary.txt"
@@ -445,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=("prepare", "check", "dry-run"))
     parser.add_argument("--bundle", type=Path, default=BUNDLE)
     parser.add_argument("--dry-dir", type=Path, default=DRY, help="the dry run's work folder")
+    parser.add_argument("--stages", default="", help="dry-run: these stages only (default all)")
     args = parser.parse_args(argv)
     if args.command == "prepare":
         prepare(args.bundle)
@@ -453,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         report = check_bundle(args.bundle)
         print(report.text())
         return 1 if report.errors else 0
-    return dry_run(args.bundle, args.dry_dir)
+    return dry_run(args.bundle, args.dry_dir, args.stages)
 
 
 if __name__ == "__main__":
