@@ -359,6 +359,7 @@ def train_run(name: str, settings: dict, device: torch.device) -> dict:
         "ms": 1000 * statistics.mean(r["step_s"] for r in measured),
         "tok_s": statistics.mean(r["tokens_per_s"] for r in measured),
         "wait": statistics.mean(r["wait_fraction"] for r in measured),
+        "hits": rows[-1]["cache_hit_rate"],
         "loss": f"{rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}",
         "peak": max((r.get("peak_memory_mib", 0.0) for r in rows), default=0.0) or None,
         "checkpoint": bool(list((Path(settings["storage_path"]) / name).glob("checkpoint_*"))),
@@ -411,15 +412,22 @@ def stage_train(args) -> bool:
                 rows.append((label, None))
                 ok = False
             shutil.rmtree(Path(settings["storage_path"]) / name, ignore_errors=True)
-    print("\n| run | ms/step | tokens/s | waiting for targets | loss | peak GPU MiB | checkpoint |")
-    print("|---|---|---|---|---|---|---|")
+    return print_train_table(rows) and ok
+
+
+def print_train_table(rows: list[tuple[str, dict | None]]) -> bool:
+    """The runs' table; False if a run failed or wrote no checkpoint."""
+    ok = True
+    head = "| run | ms/step | tokens/s | waiting for targets | aligner cache hits | loss "
+    print(f"\n{head}| peak GPU MiB | checkpoint |\n|---|---|---|---|---|---|---|---|")
     for label, r in rows:
         if r is None:
-            print(f"| {label} | FAILED (traceback above) | | | | | |")
+            print(f"| {label} | FAILED (traceback above) | | | | | | |")
+            ok = False
             continue
         print(
-            f"| {label} | {r['ms']:,.0f} | {r['tok_s']:,.0f} | {r['wait']:.0%} | {r['loss']} | "
-            f"{mib(r['peak'])} | {'written' if r['checkpoint'] else 'MISSING'} |"
+            f"| {label} | {r['ms']:,.0f} | {r['tok_s']:,.0f} | {r['wait']:.0%} | {r['hits']:.0%} | "
+            f"{r['loss']} | {mib(r['peak'])} | {'written' if r['checkpoint'] else 'MISSING'} |"
         )
         ok &= r["checkpoint"]
     return ok

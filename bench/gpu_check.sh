@@ -54,6 +54,8 @@ ln -s "$PWD/services" "$WORK/pkgroot/fuseserve"
     fi
 } >"$OUT/env.txt" 2>&1 || echo "| install | FAILED (env.txt) | |" >>"$SUMMARY"
 export PYTHONPATH="$WORK/site:$WORK/pkgroot${PYTHONPATH:+:$PYTHONPATH}"
+# no network there: never ask the hub; no progress bars in the results
+export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TQDM_DISABLE=1 TOKENIZERS_PARALLELISM=false
 
 # stage NAME LIMIT_S ARGS...: bench/gpu_check.py ARGS in its own process, output to OUT/NAME.txt
 stage() {

@@ -120,3 +120,44 @@ def test_the_prepared_bundle_passes_the_static_checks():
         pytest.skip("gpu-bundle/ is not prepared here (make gpu-check-bundle downloads it)")
     report = gpu_bundle.check_bundle()
     assert report.errors == [], report.text()
+
+
+def device_script(tmp_path: Path, python: str, **settings: str) -> tuple[int, str]:
+    """bench/gpu_check.sh on a made-up bundle with ``python`` as every stage's interpreter;
+    (exit code, summary.txt)."""
+    bundle = tmp_path / "bundle"
+    bundle.mkdir(exist_ok=True)
+    (bundle / "manifest.json").write_text("{}")
+    env = {"PATH": "/usr/bin:/bin", "GPU_CHECK_BUNDLE": str(bundle), "GPU_CHECK_WHEELS": "none"}
+    env |= {"PYTHON": python, **settings}
+    out = tmp_path / "out"
+    script = ROOT / "bench" / "gpu_check.sh"
+    run = subprocess.run(["bash", str(script), str(out)], env=env, capture_output=True, timeout=60)
+    return run.returncode, (out / "summary.txt").read_text()
+
+
+def test_a_failing_stage_does_not_stop_the_others(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\n[ "$2" = loss ] && exit 0\necho "stage $2 broke"; exit 3\n')
+    fake.chmod(0o755)
+    rc, summary = device_script(tmp_path, str(fake))
+    assert rc != 0
+    rows = [line.split(" | ")[:2] for line in summary.splitlines()[2:]]
+    assert rows == [
+        ["| env", "FAILED (exit 3)"],
+        ["| teacher", "FAILED (exit 3)"],
+        ["| train-fsdp", "FAILED (exit 3)"],
+        ["| loss", "ok"],
+        ["| train-ddp", "FAILED (exit 3)"],
+    ]
+    assert "stage teacher broke" in (tmp_path / "out" / "teacher.txt").read_text()
+
+
+def test_stages_are_chosen_and_the_budget_bounds_the_run(tmp_path):
+    rc, summary = device_script(tmp_path, "true", GPU_CHECK_STAGES="loss env")
+    assert rc == 0 and [line.split(" | ")[0] for line in summary.splitlines()[2:]] == [
+        "| env",
+        "| loss",
+    ]
+    rc, summary = device_script(tmp_path, "true", GPU_CHECK_BUDGET_S="5")
+    assert rc != 0 and summary.count("skipped: the run's budget is spent") == 5
