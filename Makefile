@@ -46,7 +46,7 @@ compose-check:  ## build every image, run `compose up` end to end, check it, tak
 gpu-check-bundle: $(VENV)/.installed  ## download and export gpu-bundle/ (~21 MiB), sizes printed
 	$(PY) scripts/gpu_bundle.py prepare
 
-gpu-bundle/manifest.json: scripts/gpu_bundle.py | $(VENV)/.installed
+gpu-bundle/manifest.json: | $(VENV)/.installed  # once; make gpu-check-bundle to redo it
 	$(PY) scripts/gpu_bundle.py prepare
 
 gpu-check-dry: gpu-bundle/manifest.json  ## static checks of gpu-bundle/, then the device command on this CPU

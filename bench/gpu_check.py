@@ -119,6 +119,11 @@ def ensure_models(bundle: Path, work: Path, device: str) -> Models:
     return models
 
 
+def device_of(args) -> torch.device:
+    """cuda:0 or cpu (an index: ``torch.cuda.set_device`` refuses a bare "cuda")."""
+    return torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
+
+
 def peak_mib(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
@@ -183,7 +188,7 @@ def stage_teacher(args) -> bool:
 
     sizes = SIZES[args.device]
     models = ensure_models(args.bundle, args.work, args.device)
-    device = torch.device(args.device)
+    device = device_of(args)
     head = "| model | tokens/seq | device, dtype | in-process tok/s | served tok/s | ratio "
     print(head + "| B/token k=10 f32/f16 | peak GPU MiB |\n|---|---|---|---|---|---|---|---|")
     ok = True
@@ -214,7 +219,7 @@ def loss_row(kind: str, vocab: int, dtype: str, args) -> str:
     """One kind of loss and its backward: ms and peak memory above the inputs."""
     from bench_trainer import loss_inputs, loss_of
 
-    device = torch.device(args.device)
+    device = device_of(args)
     length = SIZES[args.device].loss_length
     logits, labels, ids, probs = loss_inputs(length, vocab, 20, device, getattr(torch, dtype))
     reset_peak(device)
@@ -387,7 +392,7 @@ def write_corpus(path: Path) -> Path:
 
 def stage_train(args) -> bool:
     """Fused (cold, then warm cache) and CLM-only runs of the recipe on SmolLM2-135M."""
-    sizes, device = SIZES[args.device], torch.device(args.device)
+    sizes, device = SIZES[args.device], device_of(args)
     models = ensure_models(args.bundle, args.work, args.device)
     settings = train_settings(args, models.smollm2, write_corpus(args.work / "corpus.txt"))
     print(
