@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import grpc
 import numpy as np
 
-from fuseserve.client import RETRYABLE, FuseParams, GrpcClient
+from fuseserve.client import FuseParams, GrpcClient, retryable
 from fuseserve.trainer.data import Block
 from fuseserve.wire import convert
 from fuseserve.wire.messages import FusedBlock
@@ -161,7 +161,7 @@ class FusedTargetStream:
                 if self._closed.is_set():
                     return
                 code = exc.code() if hasattr(exc, "code") else None
-                if code in RETRYABLE and attempts < self.max_reconnects:
+                if retryable(exc) and attempts < self.max_reconnects:
                     attempts += 1
                     self.stats.reconnects += 1
                     log.warning("aligner stream %s (%s); reconnecting", code, exc.details())
