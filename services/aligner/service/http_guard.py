@@ -37,7 +37,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     max_connections: int = 1000
     _header_timer: asyncio.TimerHandle | None = None
 
-    def connection_made(self, transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport) -> None:
         super().connection_made(transport)
         if len(self.connections) > self.max_connections:
             message = f"{self.max_connections} connections open (max_connections); retry later"
