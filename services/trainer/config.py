@@ -99,6 +99,12 @@ class TrainConfig(BaseSettings):
     )
     name: str = Field("fuseserve-train", description="run name (same name = resume)")
     checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints")
+    checkpoint_every_s: float = Field(
+        600.0,
+        ge=0.0,
+        description="also checkpoint when this many seconds have passed since the last one, so "
+        "a failure loses minutes, not hours (0 = by steps only)",
+    )
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(1, ge=-1, description="worker failures to recover from")
     log_every: int = Field(
