@@ -46,6 +46,13 @@ class TrainConfig(BaseSettings):
         "2 x batch_size x grad_accum, at least 8; set by hand it must hold one step)",
     )
     aligner_timeout_s: float = Field(600.0, gt=0, description="longest wait for one fused block")
+    aligner_outage_s: float = Field(
+        900.0,
+        ge=0,
+        description="an aligner (or a teacher behind it) that is unavailable or shedding load is "
+        "waited for, with backoff, for up to this many seconds before the run fails (training "
+        "pauses meanwhile; it never goes on without fused targets)",
+    )
     lam: float = Field(0.9, ge=0.0, le=1.0, description="weight of the CLM loss (λ)")
     lam_end: float | None = Field(
         None, ge=0.0, le=1.0, description="λ at the last step (linear schedule; unset = static)"

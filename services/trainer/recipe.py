@@ -228,6 +228,7 @@ class FusionRecipe:
             preset=cfg.preset,
             options_json=json.dumps(cfg.fusion_options) if cfg.fusion_options else "",
             timeout_s=cfg.aligner_timeout_s,
+            outage_window_s=cfg.aligner_outage_s,
         ).start()
 
     # ------------------------------------------------------------------------------ step
@@ -269,6 +270,7 @@ class FusionRecipe:
             "tokens_per_s": tokens / elapsed,
             "step_s": elapsed,
             "wait_fraction": waited / elapsed if elapsed else 0.0,
+            "waiting_for_targets_seconds": waited,
             "cache_hit_rate": (
                 stream.stats.cache_hits / max(stream.stats.received, 1) if stream else 0.0
             ),
