@@ -46,6 +46,13 @@ class TrainConfig(BaseSettings):
         "2 x batch_size x grad_accum, at least 8; set by hand it must hold one step)",
     )
     aligner_timeout_s: float = Field(600.0, gt=0, description="longest wait for one fused block")
+    aligner_outage_s: float = Field(
+        900.0,
+        ge=0,
+        description="an aligner (or a teacher behind it) that is unavailable or shedding load is "
+        "waited for, with backoff, for up to this many seconds before the run fails (training "
+        "pauses meanwhile; it never goes on without fused targets)",
+    )
     lam: float = Field(0.9, ge=0.0, le=1.0, description="weight of the CLM loss (λ)")
     lam_end: float | None = Field(
         None, ge=0.0, le=1.0, description="λ at the last step (linear schedule; unset = static)"
@@ -99,6 +106,12 @@ class TrainConfig(BaseSettings):
     )
     name: str = Field("fuseserve-train", description="run name (same name = resume)")
     checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints")
+    checkpoint_every_s: float = Field(
+        600.0,
+        ge=0.0,
+        description="also checkpoint when this many seconds have passed since the last one, so "
+        "a failure loses minutes, not hours (0 = by steps only)",
+    )
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(1, ge=-1, description="worker failures to recover from")
     log_every: int = Field(

@@ -4,9 +4,12 @@ Covers one background gRPC ``FuseStream`` per worker (through ``fuseserve.client
 blocks are requested in the order the worker will train on them, at most ``depth`` ahead of the
 consumer (requested but not yet consumed), so a step does not wait when the aligner keeps up and
 memory stays bounded when it does not. Each answer is checked: the block id, the target tokenizer
-fingerprint, and the target ids against the trainer's own. A broken stream is reopened (backoff,
-bounded attempts) and the unanswered blocks are asked again. Time spent waiting in ``get`` is
-measured.
+fingerprint, and the target ids against the trainer's own. A stream broken by a retryable failure
+(the aligner down or restarting, a teacher down behind it, load shedding) is an outage, not a
+failure: it is reopened with backoff (up to 10 s) until ``outage_window_s`` has passed, with a log
+line when it starts, every 30 s and when targets flow again, and the unanswered blocks are asked
+again; the consumer waits meanwhile (nothing is trained in place of the fused targets). Any other
+failure fails at once. Time spent waiting in ``get`` is measured.
 
 Leaves out: the loss and the model; the aligner itself.
 """
@@ -25,7 +28,7 @@ from typing import TYPE_CHECKING
 import grpc
 import numpy as np
 
-from fuseserve.client import RETRYABLE, FuseParams, GrpcClient
+from fuseserve.client import FuseParams, GrpcClient, retryable
 from fuseserve.trainer.data import Block
 from fuseserve.wire import convert
 from fuseserve.wire.messages import FusedBlock
@@ -53,6 +56,7 @@ class PrefetchStats:
     wait_s: float = 0.0
     cache_hits: int = 0
     reconnects: int = 0
+    outage_s: float = 0.0  # time spent reconnecting after retryable failures (ended outages)
     ready_on_get: list[bool] = field(default_factory=list)
 
 
@@ -70,7 +74,7 @@ class FusedTargetStream:
         options_json: str = "",
         float_dtype: str = "f16",
         timeout_s: float = 300.0,
-        max_reconnects: int = 5,
+        outage_window_s: float = 900.0,
         max_message_bytes: int = 64 * 1024 * 1024,
         credentials: grpc.ChannelCredentials | None = None,
         api_key: str | None = None,
@@ -87,7 +91,9 @@ class FusedTargetStream:
             float_dtype=float_dtype,
         )  # fmt: skip
         self.timeout_s = timeout_s
-        self.max_reconnects = max_reconnects
+        self.outage_window_s = outage_window_s
+        self._outage_since: float | None = None  # monotonic time the current outage began
+        self._outage_logged = 0.0
         self.stats = PrefetchStats()
         self._slots = threading.Semaphore(depth)
         self._ready: queue.Queue = queue.Queue()
@@ -147,6 +153,7 @@ class FusedTargetStream:
                 self._call = self._client.stream(self._requests(resend, generation))
                 for reply in self._call:
                     attempts = 0
+                    self._outage_over()
                     with self._lock:
                         expected = self._pending.popleft() if self._pending else None
                     if expected is None or reply.id != str(expected):
@@ -161,30 +168,56 @@ class FusedTargetStream:
                 if self._closed.is_set():
                     return
                 code = exc.code() if hasattr(exc, "code") else None
-                if code in RETRYABLE and attempts < self.max_reconnects:
+                problem = f"{code.name if code else 'UNKNOWN'} {exc.details()}"
+                if retryable(exc) and self._outage_goes_on(problem):
                     attempts += 1
                     self.stats.reconnects += 1
-                    log.warning("aligner stream %s (%s); reconnecting", code, exc.details())
-                    time.sleep(min(0.2 * 2**attempts, 5.0))
+                    self._closed.wait(min(0.5 * 2 ** (attempts - 1), 10.0))
                     continue
-                self._ready.put(AlignerFailed(f"aligner at {self.address}: {code} {exc.details()}"))
+                self._ready.put(AlignerFailed(f"aligner at {self.address}: {problem}"))
                 return
             except Exception as exc:  # deliver any failure to the consumer instead of hanging
                 self._ready.put(exc)
                 return
+
+    def _outage_goes_on(self, problem: str) -> bool:
+        """A retryable failure: start or continue the outage; False once it has lasted
+        ``outage_window_s`` (the run then fails with the last problem)."""
+        now = time.monotonic()
+        if self._outage_since is None:
+            self._outage_since = self._outage_logged = now
+            log.warning(
+                "waiting for fused targets: aligner at %s: %s (waiting up to %.0fs)",
+                self.address, problem, self.outage_window_s,
+            )  # fmt: skip
+        elif now - self._outage_logged >= 30.0:
+            self._outage_logged = now
+            log.warning(
+                "still waiting for fused targets after %.0fs: %s", now - self._outage_since, problem
+            )
+        if now - self._outage_since < self.outage_window_s:
+            return True
+        log.error("no fused targets for %.0fs (outage_window_s): giving up", self.outage_window_s)
+        return False
+
+    def _outage_over(self) -> None:
+        if self._outage_since is not None:
+            lasted = time.monotonic() - self._outage_since
+            self.stats.outage_s += lasted
+            self._outage_since = None
+            log.warning("fused targets flow again after %.1fs", lasted)
+
+    @property
+    def waiting_out_outage(self) -> bool:
+        """Whether the stream is reconnecting after a retryable failure right now."""
+        return self._outage_since is not None
 
     # ------------------------------------------------------------------ consumer side
     def get(self, expected: Block) -> FusedBlock:
         """The fused block for ``expected`` (the next block in order), waiting if needed."""
         start = time.perf_counter()
         ready = not self._ready.empty()
-        try:
-            item = self._ready.get(timeout=self.timeout_s)
-        except queue.Empty:
-            raise AlignerFailed(
-                f"no fused target for block {expected.index} from {self.address} "
-                f"within {self.timeout_s:.0f}s"
-            ) from None
+        item = self._next_item(expected)
         waited = time.perf_counter() - start
         self.stats.ready_on_get.append(ready)
         if not ready:
@@ -213,6 +246,23 @@ class FusedTargetStream:
                 f"block {index}: the aligner's target ids differ from the trainer's"
             )
         return fused
+
+    def _next_item(self, expected: Block):
+        """The next answer (or failure) of the producer: within ``timeout_s``, a bound that
+        restarts while the producer waits out an outage (it gives up on its own)."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                return self._ready.get(timeout=min(1.0, self.timeout_s))
+            except queue.Empty:
+                now = time.monotonic()
+                if self.waiting_out_outage:
+                    deadline = now + self.timeout_s
+                elif now >= deadline:
+                    raise AlignerFailed(
+                        f"no fused target for block {expected.index} from {self.address} "
+                        f"within {self.timeout_s:.0f}s"
+                    ) from None
 
     def pending(self) -> int:
         """Blocks requested or ready but not consumed yet (never more than ``depth``)."""

@@ -45,6 +45,7 @@ from fuseserve.trainer.checkpoint import (
 from fuseserve.trainer.config import TrainConfig
 from fuseserve.trainer.data import build_blocks, data_fingerprint, worker_schedule
 from fuseserve.trainer.heldout import HeldOut
+from fuseserve.trainer.metrics_log import append_row, trim_after
 from fuseserve.trainer.step import accumulate_gradients, batch_tensors, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,11 @@ class FusionRecipe:
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else 0
         self.metrics_file = Path(cfg.metrics_file) if cfg.metrics_file and self.rank == 0 else None
+        if self.metrics_file is not None:
+            dropped = trim_after(self.metrics_file, self.start_step)
+            if dropped:
+                log.info("metrics file: %d rows after step %d dropped", dropped, self.start_step)
+        self.last_checkpoint = time.monotonic()
         # a sharded model answers only when every rank runs it: all ranks evaluate under fsdp
         evaluates = self.rank == 0 or cfg.parallel == "fsdp"
         self.heldout = HeldOut.load(cfg) if evaluates else None
@@ -222,6 +228,7 @@ class FusionRecipe:
             preset=cfg.preset,
             options_json=json.dumps(cfg.fusion_options) if cfg.fusion_options else "",
             timeout_s=cfg.aligner_timeout_s,
+            outage_window_s=cfg.aligner_outage_s,
         ).start()
 
     # ------------------------------------------------------------------------------ step
@@ -263,6 +270,7 @@ class FusionRecipe:
             "tokens_per_s": tokens / elapsed,
             "step_s": elapsed,
             "wait_fraction": waited / elapsed if elapsed else 0.0,
+            "waiting_for_targets_seconds": waited,
             "cache_hit_rate": (
                 stream.stats.cache_hits / max(stream.stats.received, 1) if stream else 0.0
             ),
@@ -296,6 +304,20 @@ class FusionRecipe:
         self.worker.barrier()  # every rank's upload has returned
         if self.rank == 0:
             mark_complete(cfg, dir_name, metrics["step"])
+        self.last_checkpoint = time.monotonic()
+
+    def checkpoint_due_by_time(self) -> bool:
+        """Whether ``checkpoint_every_s`` has passed since the last checkpoint (or the start):
+        rank 0's clock decides for every rank, so all of them save together."""
+        every = self.cfg.checkpoint_every_s
+        if not every:
+            return False
+        due = time.monotonic() - self.last_checkpoint >= every
+        if self.world > 1 and torch.distributed.is_initialized():
+            flag = torch.tensor([int(due)], device=self.worker.device)
+            torch.distributed.broadcast(flag, src=0)
+            due = bool(flag.item())
+        return due
 
     def load_checkpoint(self, folder: Path) -> None:
         """Optimizer (fsdp: model shards too), scheduler and this rank's RNG from ``folder``."""
@@ -329,12 +351,11 @@ class FusionRecipe:
     def finish_step(self, metrics: dict) -> None:
         """Metrics file, held-out BPB when due, checkpoint or report, log line."""
         cfg, done = self.cfg, metrics["step"]
-        if self.metrics_file is not None:
-            with self.metrics_file.open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
+        append_row(self.metrics_file, metrics)
         if HeldOut.due(done, cfg):
             self.evaluate(done, metrics["blocks_seen"])
         save = done % cfg.checkpoint_every == 0 or done == cfg.max_steps
+        save = self.checkpoint_due_by_time() or save
         if save:
             self.save_checkpoint(metrics)
         elif done % cfg.log_every == 0:

@@ -161,7 +161,7 @@ def test_mismatched_tokens_or_tokenizer_fail_loudly(stand_in, blocks):
 
 def test_dead_aligner_is_a_clear_error(blocks):
     stream = FusedTargetStream(
-        "127.0.0.1:9", blocks, iter([0]), depth=1, max_reconnects=1, timeout_s=30
+        "127.0.0.1:9", blocks, iter([0]), depth=1, outage_window_s=1, timeout_s=30
     )
     stream.start()
     try:
@@ -190,3 +190,41 @@ def test_every_request_carries_the_runs_fusion_choices(stand_in, blocks):
         assert (list(r.teachers), r.preset, r.options_json, r.k) == (
             ["a", "b"], "spans", '{"tail": false}', 7,
         )  # fmt: skip
+
+
+def test_an_aligner_that_is_down_longer_than_get_waits_is_waited_for(mistral_tok, blocks):
+    """Nothing listens for 4 s (longer than ``timeout_s``), then an aligner starts on that port:
+    the stream waits the outage out, says so, and delivers; nothing fails."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    stream = FusedTargetStream(
+        f"127.0.0.1:{port}", blocks, iter([0, 1]), depth=2, target_fingerprint=FP, timeout_s=2
+    )
+    servicer = StandIn(mistral_tok)
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    aligner_pb2_grpc.add_AlignerServicer_to_server(servicer, server)
+    stream.start()
+    try:
+        wait_until(lambda: stream.waiting_out_outage, 10, "the outage noticed")
+        got: dict = {}
+        consumer = threading.Thread(target=lambda: got.update(first=stream.get(blocks[0])))
+        consumer.start()
+        consumer.join(4.0)  # twice timeout_s: get() has not given up
+        assert consumer.is_alive() and stream.waiting_out_outage
+        assert server.add_insecure_port(f"127.0.0.1:{port}") == port
+        server.start()
+        for _ in range(2):
+            servicer.release.release()
+        consumer.join(30)
+        assert not consumer.is_alive() and "first" in got
+        stream.get(blocks[1])
+        assert not stream.waiting_out_outage and stream.stats.outage_s >= 4.0
+        assert stream.stats.reconnects >= 1
+    finally:
+        stream.close()
+        for _ in range(64):
+            servicer.release.release()
+        server.stop(0)

@@ -25,6 +25,7 @@ from fuseserve.aligner.continuation import hf_first_tokens
 from fuseserve.aligner.service.cache import LRUCache, RedisCache
 from fuseserve.aligner.service.dataplane import FusionService
 from fuseserve.aligner.service.grpc_api import AlignerServicer, start_grpc
+from fuseserve.aligner.service.http_guard import guarded_http
 from fuseserve.aligner.service.metrics import AlignerMetrics
 from fuseserve.aligner.service.pool import TeacherPool
 from fuseserve.aligner.service.rest import create_app
@@ -229,8 +230,11 @@ async def start_servers(
         settings.max_body_bytes,
         settings.body_timeout_s,
     )
+    http = guarded_http(settings.header_timeout_s, settings.max_connections)
     rest = _Uvicorn(
-        uvicorn.Config(app, log_level=settings.log_level.lower(), access_log=False, lifespan="off")
+        uvicorn.Config(
+            app, http=http, log_level=settings.log_level.lower(), access_log=False, lifespan="off"
+        )
     )
     running = RunningAligner(
         settings, service, metrics, grpc_server, grpc_port, sock.getsockname()[1], rest, health

@@ -70,7 +70,11 @@ class AlignerServicer(aligner_pb2_grpc.AlignerServicer):
 
     async def Fuse(self, request, context):
         start = time.perf_counter()
-        blocks = await self._answer(request)
+        try:
+            blocks = await self._answer(request)
+        except asyncio.CancelledError:  # the caller cancelled, or its deadline passed
+            self.metrics.requests.labels("grpc", "cancelled").inc()
+            raise
         self.metrics.requests.labels("grpc", "ok").inc()
         self.metrics.request_latency.labels("grpc").observe(time.perf_counter() - start)
         return aligner_pb2.FuseReply(blocks=blocks)
@@ -88,25 +92,35 @@ class AlignerServicer(aligner_pb2_grpc.AlignerServicer):
 
         reader = asyncio.ensure_future(read())
         try:
-            while True:
-                item = await pending.get()
-                if item is None:
-                    break
-                request_id, task = item
-                try:
-                    blocks = await task
-                except ServiceError as exc:
-                    raise exc.prefixed(f"request {request_id!r}: ") from exc
-                self.metrics.requests.labels("grpc", "ok").inc()
-                for block in blocks:
-                    yield block
-            await reader  # surfaces a failed read (e.g. the caller cancelled)
+            async for block in self._stream_replies(pending, reader):
+                yield block
+        except asyncio.CancelledError:  # the caller cancelled the stream, or its deadline passed
+            self.metrics.requests.labels("grpc", "cancelled").inc()
+            raise
         finally:
             reader.cancel()
             while not pending.empty():
                 item = pending.get_nowait()
                 if item is not None:
                     item[1].cancel()
+
+    async def _stream_replies(
+        self, pending: asyncio.Queue, reader: asyncio.Future
+    ) -> AsyncIterator[aligner_pb2.FusedBlock]:
+        """Each admitted request's blocks, in request order, until the caller stops sending."""
+        while True:
+            item = await pending.get()
+            if item is None:
+                break
+            request_id, task = item
+            try:
+                blocks = await task
+            except ServiceError as exc:
+                raise exc.prefixed(f"request {request_id!r}: ") from exc
+            self.metrics.requests.labels("grpc", "ok").inc()
+            for block in blocks:
+                yield block
+        await reader  # surfaces a failed read (e.g. the caller cancelled)
 
 
 async def start_grpc(
@@ -122,7 +136,7 @@ async def start_grpc(
     requests = servicer.metrics.requests
     errors = ErrorStatus(lambda exc: requests.labels("grpc", type(exc).__name__).inc())
     server = new_server(max_message_bytes, [TokenAuth(api_key), errors] if api_key else [errors])
-    add_guarded(aligner_pb2_grpc.add_AlignerServicer_to_server, servicer, server)
+    add_guarded(aligner_pb2_grpc.add_AlignerServicer_to_server, servicer, server, max_message_bytes)
     health = await add_health_and_reflection(server, SERVICE)
     try:
         bound = add_port(server, f"{host}:{port}", credentials)

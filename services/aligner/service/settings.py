@@ -78,6 +78,17 @@ class AlignerSettings(BaseSettings, ServerSecurity):
     body_timeout_s: float = Field(
         30.0, gt=0, description="a REST body must arrive within this many seconds (408)"
     )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="a REST request's headers must arrive within this many seconds of the "
+        "connection opening or the request's first byte (408, connection closed)",
+    )
+    max_connections: int = Field(
+        1000,
+        ge=1,
+        description="REST connections open at once; one more is answered 503 and closed",
+    )
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
     teacher_timeout_s: float = Field(120.0, gt=0, description="deadline per teacher call")
     teacher_retries: int = Field(2, ge=0, description="retries on UNAVAILABLE (with backoff)")
