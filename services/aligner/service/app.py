@@ -189,6 +189,7 @@ def build_service(
         max_text_chars=settings.max_text_chars,
         max_text_bytes=settings.max_text_bytes,
         request_deadline_s=settings.request_deadline_s,
+        interactive_deadline_s=settings.interactive_deadline_s,
     )
 
 

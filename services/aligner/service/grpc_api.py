@@ -45,9 +45,11 @@ class AlignerServicer(aligner_pb2_grpc.AlignerServicer):
         self.target_name = target_name
         self.max_stream_inflight = max_stream_inflight
 
-    async def _answer(self, request) -> list[aligner_pb2.FusedBlock]:
+    async def _answer(self, request, streamed: bool = False) -> list[aligner_pb2.FusedBlock]:
         call = convert.fuse_call_from_pb(request)
-        query = self.service.query(call.texts, call.k, call.preset, call.options, call.teachers)
+        query = self.service.query(
+            call.texts, call.k, call.preset, call.options, call.teachers, streamed
+        )
         results = await self.service.fuse(query)
         fp = self.service.target.fingerprint
         return [
@@ -85,7 +87,7 @@ class AlignerServicer(aligner_pb2_grpc.AlignerServicer):
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    task = asyncio.ensure_future(self._answer(request))
+                    task = asyncio.ensure_future(self._answer(request, streamed=True))
                     await pending.put((request.id, task))
             finally:
                 await pending.put(None)

@@ -70,8 +70,14 @@ class AlignerSettings(BaseSettings, ServerSecurity):
     request_deadline_s: float = Field(
         30.0,
         gt=0,
-        description="admit a request only if its teachers can answer it within this, at their "
-        "measured rate (else 429 with Retry-After)",
+        description="admit a FuseStream request (a trainer's) only if its teachers and the "
+        "aligner can answer it within this, at their measured rates (else RESOURCE_EXHAUSTED)",
+    )
+    interactive_deadline_s: float = Field(
+        5.0,
+        gt=0,
+        description="the same for REST and unary gRPC requests (else 429 with Retry-After): the "
+        "most work an overload leaves behind, so normal latency returns within about this long",
     )
     max_stream_inflight: int = Field(8, ge=1, description="blocks in flight per FuseStream")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="REST body limit (413)")
