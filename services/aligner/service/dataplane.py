@@ -224,8 +224,10 @@ class FusionService:
         max_k = min(t.max_k for t in chosen)
         if not 1 <= k <= max_k:
             raise InvalidRequest("k", f"must be in [1, {max_k}] (the teachers' limit), got {k}")
-        horizon = self.horizon(streamed)
-        return FuseQuery(tuple(texts), k, resolved, names, *horizon)
+        horizon_s, setting = self.horizon(streamed)
+        return FuseQuery(
+            tuple(texts), k, resolved, names, horizon_s=horizon_s, horizon_setting=setting
+        )
 
     def horizon(self, streamed: bool) -> tuple[float, str]:
         """(seconds of backlog a request may wait behind, the setting that says so)."""
