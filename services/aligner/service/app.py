@@ -26,6 +26,7 @@ from fuseserve.aligner.service.cache import LRUCache, RedisCache
 from fuseserve.aligner.service.dataplane import FusionService
 from fuseserve.aligner.service.grpc_api import AlignerServicer, start_grpc
 from fuseserve.aligner.service.metrics import AlignerMetrics
+from fuseserve.aligner.service.openai_api import add_openai_routes
 from fuseserve.aligner.service.pool import TeacherPool
 from fuseserve.aligner.service.rest import create_app
 from fuseserve.aligner.service.settings import AlignerSettings
@@ -229,6 +230,8 @@ async def start_servers(
         settings.max_body_bytes,
         settings.body_timeout_s,
     )
+    model = f"fuseserve/{settings.target_tokenizer}"
+    add_openai_routes(app, service, metrics, model, api_key)  # the vLLM-compatible teacher
     rest = _Uvicorn(
         uvicorn.Config(app, log_level=settings.log_level.lower(), access_log=False, lifespan="off")
     )

@@ -141,10 +141,11 @@ def check_text(text: object, field: str, max_chars: int, max_bytes: int) -> None
 
 
 def check_token_ids(
-    rows: object, vocab_size: int, max_texts: int, max_tokens: int
+    rows: object, vocab_size: int, max_texts: int, max_tokens: int, min_tokens: int = 2
 ) -> tuple[np.ndarray, ...]:
-    """Target id sequences as [n_i] int64 arrays: 1..``max_texts`` lists of 2..``max_tokens``
-    ints in ``[0, vocab_size)``; else ``InvalidRequest`` naming ``token_ids[i][j]``."""
+    """Target id sequences as [n_i] int64 arrays: 1..``max_texts`` lists of
+    ``min_tokens``..``max_tokens`` ints in ``[0, vocab_size)``; else ``InvalidRequest`` naming
+    ``token_ids[i][j]``."""
     if not isinstance(rows, Sequence) or isinstance(rows, str | bytes) or not rows:
         raise InvalidRequest("token_ids", "must hold at least one list of token ids")
     if len(rows) > max_texts:
@@ -154,9 +155,10 @@ def check_token_ids(
         field = f"token_ids[{i}]"
         if not isinstance(row, Sequence | np.ndarray) or isinstance(row, str | bytes):
             raise InvalidRequest(field, "must be a list of token ids")
-        if not 2 <= len(row) <= max_tokens:
+        if not min_tokens <= len(row) <= max_tokens:
             raise InvalidRequest(
-                field, f"{len(row)} ids: needs 2 to max_block_tokens={max_tokens} target ids"
+                field,
+                f"{len(row)} ids: needs {min_tokens} to max_block_tokens={max_tokens} target ids",
             )
         for j, value in enumerate(row):
             if isinstance(value, bool) or not isinstance(value, int | np.integer):
@@ -306,6 +308,14 @@ class FusionService:
             return recovered.text, _Target(ids, offsets)
         key = ids.astype("<i4").tobytes()
         return recovered.text, _Target(ids, recovered.offsets, key)
+
+    async def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """The target tokenizer's ids of ``texts`` (its special tokens added as it does by
+        default), in the tokenizer's thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._tokenize, lambda: [list(self.tokenizer(t)["input_ids"]) for t in texts]
+        )
 
     def _targets(self, query: FuseQuery) -> tuple[tuple[str, ...], list[_Target]]:
         """Every block's text and target tokens (runs in the tokenizer's thread)."""
