@@ -51,6 +51,8 @@ def test_answer_is_vllms_schema_with_the_fused_rows(aligner, seqs, model, mistra
     before = aligner.metric(
         "fuseserve_aligner_requests_total", {"transport": "openai", "outcome": "ok"}
     )
+    counter = "fuseserve_aligner_openai_positions_total"
+    counted = sum(aligner.metric(counter, {"actual": a}) for a in ("listed", "tail", "zero"))
     answer = complete(
         aligner, model=model, prompt=seqs, max_tokens=1, temperature=1.0, prompt_logprobs=3
     )
@@ -83,6 +85,8 @@ def test_answer_is_vllms_schema_with_the_fused_rows(aligner, seqs, model, mistra
         "fuseserve_aligner_requests_total", {"transport": "openai", "outcome": "ok"}
     )
     assert after == before + 1
+    now = sum(aligner.metric(counter, {"actual": a}) for a in ("listed", "tail", "zero"))
+    assert now - counted == sum(len(s) - 1 for s in seqs)
 
 
 def test_temperature_is_applied_to_the_fused_rows(aligner, seqs, mistral):

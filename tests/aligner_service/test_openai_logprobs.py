@@ -69,6 +69,7 @@ def test_top_k_and_the_actual_token(example, ids):
     # ranked after the three listed entries
     assert answer.actual_logprobs[1] == pytest.approx(math.log(0.1 / (V - 3)), rel=1e-6)
     assert answer.actual_ranks[1] == 4
+    assert answer.sources() == {"listed": 1, "tail": 1, "zero": 0}
     # ties keep their stored order (as a stable sort): "▁ran" then "▁on"
     assert answer.top_ids[1].tolist() == [ids["▁ran"], ids["▁on"]]
 
@@ -102,6 +103,7 @@ def test_no_tail_gives_minus_infinity_written_as_vllm_does(ids, mistral):
     b = block([ids["▁The"], ids["▁sat"]], [[(ids["▁cat"], 1.0)], []], [0.0, 0.0])
     answer = prompt_logprobs(b, 0, 1.0, V)
     assert answer.actual_logprobs[0] == -math.inf
+    assert answer.sources() == {"listed": 0, "tail": 0, "zero": 1}
     doc = json.loads(render_json(answer, mistral))
     assert doc[1] == {str(ids["▁sat"]): {"logprob": -9999.0, "rank": 2, "decoded_token": " sat"}}
 

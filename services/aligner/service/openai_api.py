@@ -20,7 +20,8 @@ named must be the one ``/v1/models`` lists (else 404). Errors have OpenAI's shap
 ``{"error": {"message", "type", "param", "code"}}``: 400 for the caller's mistakes (``param``
 names the field: ``prompt[2][7]``), 401 without the bearer key (when the service has one), 429
 with ``Retry-After`` when shedding load, 503 naming a teacher that is down. Counted in
-``fuseserve_aligner_requests_total{transport="openai"}``.
+``fuseserve_aligner_requests_total{transport="openai"}``, and each position answered in
+``fuseserve_aligner_openai_positions_total{actual}`` (listed / tail / zero).
 
 Leaves out: the fusing (``dataplane.FusionService``), the numbers (``openai_logprobs``) and the
 rest of the REST API (``rest``).
@@ -34,6 +35,7 @@ import json
 import math
 import time
 import uuid
+from collections import Counter
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -192,9 +194,14 @@ async def fuse_sequences(
 
 
 def choice_json(
-    index: int, result: BlockResult | None, body: CompletionBody, service: FusionService
+    index: int,
+    result: BlockResult | None,
+    body: CompletionBody,
+    service: FusionService,
+    sources: Counter[str],
 ) -> str:
-    """One choice of the answer, as JSON text."""
+    """One choice of the answer, as JSON text; ``sources`` counts where each position's actual
+    token probability came from."""
     logprobs = "null"
     if body.logprobs is not None:
         logprobs = '{"text_offset":[],"token_logprobs":[],"tokens":[],"top_logprobs":[]}'
@@ -206,6 +213,7 @@ def choice_json(
             view = service.target
             top = body.prompt_logprobs
             answer = prompt_logprobs(result.block, top, temperature, view.vocab_size)
+            sources.update(answer.sources())
             prompt = render_json(answer, view)
     return (
         f'{{"index":{index},"text":"","logprobs":{logprobs},"finish_reason":"length",'
@@ -219,9 +227,10 @@ def completion_json(
     results: list[BlockResult | None],
     service: FusionService,
     model: str,
+    sources: Counter[str],
 ) -> bytes:
     """The whole answer (vLLM's ``CompletionResponse``) as bytes; CPU-bound."""
-    choices = ",".join(choice_json(i, r, body, service) for i, r in enumerate(results))
+    choices = ",".join(choice_json(i, r, body, service, sources) for i, r in enumerate(results))
     tokens = sum(len(r) for r in rows)
     usage = f'{{"prompt_tokens":{tokens},"total_tokens":{tokens},"completion_tokens":0}}'
     head = (
@@ -301,9 +310,12 @@ class OpenAIRoutes:
             if body.prompt_logprobs is not None:
                 k = max(body.prompt_logprobs, self.service.default_k)
                 results = await fuse_sequences(self.service, rows, k, request)
+            sources: Counter[str] = Counter()
             payload = await asyncio.to_thread(
-                completion_json, body, rows, results, self.service, self.model
+                completion_json, body, rows, results, self.service, self.model, sources
             )
+            for source, count in sources.items():
+                self.metrics.openai_positions.labels(source).inc(count)
         except OpenAIError as exc:
             return self.error(exc)
         except ClientGone:

@@ -47,6 +47,14 @@ class PromptLogprobs:
     actual_ranks: np.ndarray
     top_ids: np.ndarray
     top_logprobs: np.ndarray
+    actual_listed: np.ndarray  # [m] bool: the row lists the actual token
+
+    def sources(self) -> dict[str, int]:
+        """Positions by where the actual token's probability came from: ``listed`` (the row),
+        ``tail`` (its share of the row's tail), ``zero`` (neither: written as -9999.0)."""
+        zero = ~np.isfinite(self.actual_logprobs)
+        listed = int(self.actual_listed.sum())
+        return {"listed": listed, "tail": int((~zero).sum()) - listed, "zero": int(zero.sum())}
 
 
 def tempered(probs: np.ndarray, tail: np.ndarray, temperature: float):
@@ -90,6 +98,7 @@ def prompt_logprobs(
             actual_ranks=rank.astype(np.int64),
             top_ids=top_ids,
             top_logprobs=np.log(np.where(top_q >= 0, top_q, 0.0)),
+            actual_listed=in_row,
         )
 
 
