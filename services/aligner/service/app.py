@@ -27,6 +27,7 @@ from fuseserve.aligner.service.dataplane import FusionService
 from fuseserve.aligner.service.grpc_api import AlignerServicer, start_grpc
 from fuseserve.aligner.service.http_guard import guarded_http
 from fuseserve.aligner.service.metrics import AlignerMetrics
+from fuseserve.aligner.service.openai_api import add_openai_routes
 from fuseserve.aligner.service.pool import TeacherPool
 from fuseserve.aligner.service.rest import create_app
 from fuseserve.aligner.service.settings import AlignerSettings
@@ -231,6 +232,8 @@ async def start_servers(
         settings.max_body_bytes,
         settings.body_timeout_s,
     )
+    model = f"fuseserve/{settings.target_tokenizer}"
+    add_openai_routes(app, service, metrics, model, api_key)  # the vLLM-compatible teacher
     http = guarded_http(settings.header_timeout_s, settings.max_connections)
     rest = _Uvicorn(
         uvicorn.Config(

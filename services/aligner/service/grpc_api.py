@@ -48,8 +48,9 @@ class AlignerServicer(aligner_pb2_grpc.AlignerServicer):
     async def _answer(self, request, streamed: bool = False) -> list[aligner_pb2.FusedBlock]:
         call = convert.fuse_call_from_pb(request)
         query = self.service.query(
-            call.texts, call.k, call.preset, call.options, call.teachers, streamed
-        )
+            call.texts, call.k, call.preset, call.options, call.teachers, call.token_ids,
+            streamed=streamed,
+        )  # fmt: skip
         results = await self.service.fuse(query)
         fp = self.service.target.fingerprint
         return [
