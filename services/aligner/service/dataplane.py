@@ -20,12 +20,14 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, TypeVar
 
 import numpy as np
 from pydantic import ValidationError
 
 from fuseserve.aligner.alignment import AlignMethod
+from fuseserve.aligner.idstext import adds_prefix_space, text_of_ids
 from fuseserve.aligner.options import PRESETS, FusionOptions, VocabAlign
 from fuseserve.aligner.pipeline import TeacherInput, fuse_block
 from fuseserve.aligner.service.cache import Cache, SingleFlight, fused_key, scores_key
@@ -58,6 +60,14 @@ class FuseQuery:
     k: int
     options: FusionOptions
     teachers: tuple[str, ...]
+    # target ids given instead of texts ([n_i] int64 each); ``texts`` is filled from them when
+    # the query is answered
+    token_ids: tuple[np.ndarray, ...] | None = None
+
+    @property
+    def size(self) -> int:
+        """Blocks asked for."""
+        return len(self.token_ids) if self.token_ids is not None else len(self.texts)
 
 
 @dataclass(frozen=True)
@@ -78,6 +88,8 @@ class BlockResult:
 class _Target:
     ids: np.ndarray  # [n]
     offsets: np.ndarray  # [n, 2]
+    # ids given that are not the tokenizer's own for their text: part of the fused cache key
+    key_ids: bytes | None = None
 
 
 def request_error(fault: TeacherFault) -> ServiceError:
@@ -126,6 +138,36 @@ def check_text(text: object, field: str, max_chars: int, max_bytes: int) -> None
         ) from None
     if size > max_bytes:
         raise InvalidRequest(field, f"{size} UTF-8 bytes exceed max_text_bytes={max_bytes}")
+
+
+def check_token_ids(
+    rows: object, vocab_size: int, max_texts: int, max_tokens: int
+) -> tuple[np.ndarray, ...]:
+    """Target id sequences as [n_i] int64 arrays: 1..``max_texts`` lists of 2..``max_tokens``
+    ints in ``[0, vocab_size)``; else ``InvalidRequest`` naming ``token_ids[i][j]``."""
+    if not isinstance(rows, Sequence) or isinstance(rows, str | bytes) or not rows:
+        raise InvalidRequest("token_ids", "must hold at least one list of token ids")
+    if len(rows) > max_texts:
+        raise InvalidRequest("token_ids", f"{len(rows)} sequences exceed max_texts={max_texts}")
+    out = []
+    for i, row in enumerate(rows):
+        field = f"token_ids[{i}]"
+        if not isinstance(row, Sequence | np.ndarray) or isinstance(row, str | bytes):
+            raise InvalidRequest(field, "must be a list of token ids")
+        if not 2 <= len(row) <= max_tokens:
+            raise InvalidRequest(
+                field, f"{len(row)} ids: needs 2 to max_block_tokens={max_tokens} target ids"
+            )
+        for j, value in enumerate(row):
+            if isinstance(value, bool) or not isinstance(value, int | np.integer):
+                raise InvalidRequest(f"{field}[{j}]", f"must be an integer token id, got {value!r}")
+            if not 0 <= value < vocab_size:
+                raise InvalidRequest(
+                    f"{field}[{j}]",
+                    f"id {value} is outside the target vocabulary [0, {vocab_size})",
+                )
+        out.append(np.asarray(row, dtype=np.int64))
+    return tuple(out)
 
 
 class FusionService:
@@ -184,18 +226,24 @@ class FusionService:
     # ------------------------------------------------------------------ validation
     def query(
         self,
-        texts: Sequence[str],
+        texts: Sequence[str] | None,
         k: int | None = None,
         preset: str | None = None,
         options: dict[str, Any] | None = None,
         teachers: Sequence[str] | None = None,
+        token_ids: Sequence[Sequence[int]] | None = None,
     ) -> FuseQuery:
-        if isinstance(texts, str) or not texts:
-            raise InvalidRequest("texts", "must hold at least one text")
-        if len(texts) > self.max_texts:
-            raise InvalidRequest("texts", f"{len(texts)} texts exceed max_texts={self.max_texts}")
-        for i, text in enumerate(texts):
-            check_text(text, f"texts[{i}]", self.max_text_chars, self.max_text_bytes)
+        """A validated query of ``texts``, or of target ``token_ids`` (exactly one of them)."""
+        ids: tuple[np.ndarray, ...] | None = None
+        if token_ids is not None:
+            if texts:
+                raise InvalidRequest("token_ids", "give exactly one of texts and token_ids")
+            ids = check_token_ids(
+                token_ids, self.target.vocab_size, self.max_texts, self.max_block_tokens
+            )
+            texts = ()
+        else:
+            self._check_texts(texts)
         preset = preset or self.preset
         if preset not in PRESETS:
             raise InvalidRequest("preset", f"unknown preset {preset!r}; choose {sorted(PRESETS)}")
@@ -215,7 +263,15 @@ class FusionService:
         max_k = min(t.max_k for t in chosen)
         if not 1 <= k <= max_k:
             raise InvalidRequest("k", f"must be in [1, {max_k}] (the teachers' limit), got {k}")
-        return FuseQuery(tuple(texts), k, resolved, names)
+        return FuseQuery(tuple(texts or ()), k, resolved, names, ids)
+
+    def _check_texts(self, texts: Sequence[str] | None) -> None:
+        if texts is None or isinstance(texts, str) or not texts:
+            raise InvalidRequest("texts", "must hold at least one text")
+        if len(texts) > self.max_texts:
+            raise InvalidRequest("texts", f"{len(texts)} texts exceed max_texts={self.max_texts}")
+        for i, text in enumerate(texts):
+            check_text(text, f"texts[{i}]", self.max_text_chars, self.max_text_bytes)
 
     def tokenize_target(self, text: str, field: str) -> _Target:
         enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
@@ -231,10 +287,38 @@ class FusionService:
             np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2),
         )
 
+    @cached_property
+    def prefix_space(self) -> bool:
+        """Whether the target tokenizer adds SentencePiece's dummy-prefix space."""
+        return adds_prefix_space(self.tokenizer, self.target)
+
+    def ids_target(self, ids: np.ndarray, field: str) -> tuple[str, _Target]:
+        """The text target ``ids`` stand for, with their offsets. Ids that are the tokenizer's
+        own for that text get exactly the text path's target (and cache key); other ids key
+        the fused cache on themselves too."""
+        recovered = text_of_ids(ids, self.target, self.prefix_space)
+        if not recovered.text:
+            raise InvalidRequest(field, "stands for no text (special tokens only)")
+        check_text(recovered.text, field, self.max_text_chars, self.max_text_bytes)
+        enc = self.tokenizer(recovered.text, return_offsets_mapping=True, add_special_tokens=False)
+        if np.array_equal(np.asarray(enc["input_ids"], dtype=np.int64), ids):
+            offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+            return recovered.text, _Target(ids, offsets)
+        key = ids.astype("<i4").tobytes()
+        return recovered.text, _Target(ids, recovered.offsets, key)
+
+    def _targets(self, query: FuseQuery) -> tuple[tuple[str, ...], list[_Target]]:
+        """Every block's text and target tokens (runs in the tokenizer's thread)."""
+        if query.token_ids is None:
+            targets = [self.tokenize_target(t, f"texts[{i}]") for i, t in enumerate(query.texts)]
+            return query.texts, targets
+        pairs = [self.ids_target(ids, f"token_ids[{i}]") for i, ids in enumerate(query.token_ids)]
+        return tuple(text for text, _ in pairs), [target for _, target in pairs]
+
     # ------------------------------------------------------------------ fusing
     async def fuse(self, query: FuseQuery) -> list[BlockResult]:
         """Answer every block of a validated query, in order."""
-        n = len(query.texts)
+        n = query.size
         # shed before any work (tokenising, cache look-ups) while the teachers or this
         # process are behind
         self._admit(query, n)
@@ -246,10 +330,8 @@ class FusionService:
         start, answered = time.perf_counter(), False
         try:
             loop = asyncio.get_running_loop()
-            targets = await loop.run_in_executor(
-                self._tokenize,
-                lambda: [self.tokenize_target(t, f"texts[{i}]") for i, t in enumerate(query.texts)],
-            )
+            texts, targets = await loop.run_in_executor(self._tokenize, self._targets, query)
+            query = dataclasses.replace(query, texts=texts)
             with self.cache.request_budget():  # a slow or hung cache costs one timeout at most
                 results = await self._fuse(query, targets)
             answered = True
@@ -273,12 +355,13 @@ class FusionService:
             f"{self.max_inflight_blocks}); retry later"
         )
 
-    def _fused_key(self, query: FuseQuery, text: str) -> str:
+    def _fused_key(self, query: FuseQuery, text: str, ids: bytes | None = None) -> str:
         prints = [f"{n}={self.pool.fingerprint(n)}" for n in query.teachers]
-        return fused_key(self.target.fingerprint, prints, query.k, query.options.cache_key(), text)
+        options = query.options.cache_key()
+        return fused_key(self.target.fingerprint, prints, query.k, options, text, ids)
 
     async def _fuse(self, query: FuseQuery, targets: list[_Target]) -> list[BlockResult]:
-        keys = [self._fused_key(query, text) for text in query.texts]
+        keys = [self._fused_key(query, t, g.key_ids) for t, g in zip(query.texts, targets)]
         cached = await asyncio.gather(*(self.cache.get(key) for key in keys))
         results: list[BlockResult | None] = [None] * len(keys)
         waits: dict[int, asyncio.Future] = {}

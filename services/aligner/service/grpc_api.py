@@ -47,7 +47,9 @@ class AlignerServicer(aligner_pb2_grpc.AlignerServicer):
 
     async def _answer(self, request) -> list[aligner_pb2.FusedBlock]:
         call = convert.fuse_call_from_pb(request)
-        query = self.service.query(call.texts, call.k, call.preset, call.options, call.teachers)
+        query = self.service.query(
+            call.texts, call.k, call.preset, call.options, call.teachers, call.token_ids
+        )
         results = await self.service.fuse(query)
         fp = self.service.target.fingerprint
         return [

@@ -291,7 +291,9 @@ def add_fuse_route(
         # parsing and validating a body of up to max_body_bytes takes tens of milliseconds:
         # keep the event loop (health checks, other requests) free meanwhile
         body: FuseBody = await asyncio.to_thread(parse_fuse_body, await request.body())
-        query = service.query(body.all_texts(), body.k, body.preset, body.options, body.teachers)
+        query = service.query(
+            body.all_texts(), body.k, body.preset, body.options, body.teachers, body.token_ids
+        )
         try:
             results = await cancel_on_disconnect(request.receive, service.fuse(query))
         except ClientGone:
