@@ -92,7 +92,7 @@ def judge_nll(address: str, sequences, prompt_lens, teachers: Sequence[str], pre
     with GrpcClient(address, timeout_s=600) as client:
         for b in range(0, len(sequences), REQUEST_BATCH):
             part = [s.tolist() for s in sequences[b : b + REQUEST_BATCH]]
-            reply = client.fuse(None, params, token_ids=part)  # type: ignore[arg-type,call-arg]
+            reply = client.fuse(None, params, token_ids=part)
             for block, seq, p in zip(reply.blocks, part, prompt_lens[b : b + REQUEST_BATCH]):
                 total += sampled_nll(block.block, p, len(seq))
     return total

@@ -178,7 +178,7 @@ class FusedTargetStream:
         key = request_key(item)
         if isinstance(item, int):
             return self.params.grpc_request(key, [self.blocks[item].text])
-        return self.params.grpc_request(key, [], token_ids=[item.ids.tolist()])  # type: ignore[call-arg]  # until the ids input is merged
+        return self.params.grpc_request(key, [], token_ids=[item.ids.tolist()])
 
     def _run(self) -> None:
         attempts = 0
