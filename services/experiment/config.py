@@ -306,16 +306,9 @@ class ExperimentConfig(Strict):
                     update={"steps": 3, "batch_size": 2, "block_size": 32}
                 )
             models[name] = m.model_copy(update=update)
+        small = {"steps": 4, "block_size": 32, "batch_size": 2, "eval_every": 2, "k": 4}
         training = self.training.model_copy(
-            update={
-                "steps": 4,
-                "block_size": 32,
-                "batch_size": 2,
-                "eval_every": 2,
-                "k": 4,
-                "prompt_tokens": 0,
-                "max_new_tokens": 8,
-            }
+            update={**small, "prompt_tokens": 0, "max_new_tokens": 8}
         )
         judge = None
         if self.judge is not None:

@@ -209,10 +209,27 @@ def format_judged(judged: dict[str, dict[str, Summary]]) -> str:
     return "\n".join(lines)
 
 
+def judged_section(outcome: Outcome) -> list[str]:
+    """The report's lines on the judged completions (none without a ``judge`` section)."""
+    judged = format_judged(judged_summaries(outcome))
+    if not judged:
+        return []
+    return [
+        "## The teachers judge each model's own completions",
+        "",
+        "Bits per UTF-8 byte of each model's sampled completions of held-out prompts, as the "
+        "aligner's chain-rule probabilities give them (one column per teacher, and fused); "
+        "distinct-2 of the completions (collapse guard) and their mean length in tokens.",
+        "",
+        judged,
+        "",
+    ]
+
+
 def write_report(outcome: Outcome) -> dict:
     """Write results.json, results.md and the PNGs into the work folder; return the summary."""
     cfg = outcome.config
-    table = row_summaries(outcome)
+    table, judged = row_summaries(outcome), judged_summaries(outcome)
     claims = check_claims(outcome, table)
     work = outcome.work_dir
     plots = {
@@ -241,10 +258,7 @@ def write_report(outcome: Outcome) -> dict:
             }
             for r in outcome.runs
         ],
-        "judged": {
-            row: {k: asdict(v) for k, v in cells.items()}
-            for row, cells in judged_summaries(outcome).items()
-        },
+        "judged": {r: {k: asdict(v) for k, v in c.items()} for r, c in judged.items()},
         "claims": claims,
         "plots": plots,
         "config": cfg.model_dump(mode="json", by_alias=True),
@@ -264,18 +278,7 @@ def write_report(outcome: Outcome) -> dict:
     ]
     if outcome.best_source:
         md += [f"Best single source (validation split): {outcome.best_source}.", ""]
-    judged = format_judged(judged_summaries(outcome))
-    if judged:
-        md += [
-            "## The teachers judge each model's own completions",
-            "",
-            "Bits per UTF-8 byte of each model's sampled completions of held-out prompts, as the "
-            "aligner's chain-rule probabilities give them (one column per teacher, and fused); "
-            "distinct-2 of the completions (collapse guard) and their mean length in tokens.",
-            "",
-            judged,
-            "",
-        ]
+    md += judged_section(outcome)
     if claims:
         md += ["## The paper's claims, checked", "", format_claims(claims), ""]
     md += [

@@ -326,29 +326,7 @@ class ExperimentRunner:
             "--eval-every", str(settings.eval_every),
             "--eval-max-length", str(settings.eval_max_length),
         ]  # fmt: skip
-        if settings.fused:
-            args += [
-                "--aligner",
-                aligner or "",
-                "--lam",
-                str(settings.lam),
-                "--k",
-                str(settings.k),
-                "--teachers",
-                ",".join(teachers),
-                "--preset",
-                settings.preset,
-                "--fusion-loss",
-                settings.fusion_loss,
-            ]
-            if settings.lam_end is not None:
-                args += ["--lam-end", str(settings.lam_end)]
-            if settings.on_policy > 0:
-                args += onpolicy_args(settings)
-            if settings.options:
-                args += ["--fusion-options", json.dumps(settings.options)]
-        else:
-            args += ["--lam", "1.0"]
+        args += fusion_args(settings, teachers, aligner)
         label = f"{run} (seed {seed})"
         follow_training(args, metrics, settings.steps, self.logs / f"train-{run}-{seed}.log", label)
         (folder / "run.json").write_text(
@@ -373,6 +351,35 @@ class ExperimentRunner:
         return RunRecord(
             run, seed, key, str(folder / "model"), curve[-1]["eval_bpb"], curve, wait, teachers
         )
+
+
+def fusion_args(settings: TrainingConfig, teachers: list[str], aligner: str | None) -> list[str]:
+    """The ``fuseserve train`` flags of a run's fusion and on-policy settings."""
+    args: list[str] = []
+    if settings.fused:
+        args += [
+            "--aligner",
+            aligner or "",
+            "--lam",
+            str(settings.lam),
+            "--k",
+            str(settings.k),
+            "--teachers",
+            ",".join(teachers),
+            "--preset",
+            settings.preset,
+            "--fusion-loss",
+            settings.fusion_loss,
+        ]
+        if settings.lam_end is not None:
+            args += ["--lam-end", str(settings.lam_end)]
+        if settings.on_policy > 0:
+            args += onpolicy_args(settings)
+        if settings.options:
+            args += ["--fusion-options", json.dumps(settings.options)]
+    else:
+        args += ["--lam", "1.0"]
+    return args
 
 
 def onpolicy_args(settings: TrainingConfig) -> list[str]:
