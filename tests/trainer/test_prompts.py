@@ -69,3 +69,38 @@ def test_left_padding_and_the_eos_cut():
     assert cut_at_eos(np.array([4, 8, 2, 3, 2]), [2]).tolist() == [4, 8]
     assert cut_at_eos(np.array([4, 8]), [2]).tolist() == [4, 8]
     assert sampling_seed(0, 3, 1, 0) == sampling_seed(0, 3, 1, 0) != sampling_seed(0, 3, 0, 0)
+
+
+def test_sampling_is_seeded_leaves_the_rng_alone_and_goes_through_ddp(tiny_dirs, mistral_tok):
+    """The same seed samples the same through the model and through its DDP wrapper; the
+    global RNG is where it was; completions stop before EOS and have 1..max_new_tokens ids."""
+    import os
+    from types import SimpleNamespace
+
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from fuseserve.launch import free_port
+    from fuseserve.trainer.generation import eos_ids_of, sample_completions
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["spm"])
+    settings = SimpleNamespace(
+        sampling_temperature=1.0, top_p=0.9, max_new_tokens=7, mixed_precision="no"
+    )
+    prompts = [np.array([415, 1369, 349]), np.array([28705])]
+    eos, cpu = eos_ids_of(model, mistral_tok), torch.device("cpu")
+    state = torch.get_rng_state()
+    plain = sample_completions(model, prompts, settings, cpu, 0, eos, seed=11)
+    assert torch.equal(torch.get_rng_state(), state)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        through_ddp = sample_completions(wrapped, prompts, settings, cpu, 0, eos, seed=11)
+    finally:
+        dist.destroy_process_group()
+    assert [c.tolist() for c in through_ddp] == [c.tolist() for c in plain]
+    other = sample_completions(model, prompts, settings, cpu, 0, eos, seed=12)
+    assert [c.tolist() for c in other] != [c.tolist() for c in plain]
+    assert all(1 <= len(c) <= 7 and not set(c.tolist()) & set(eos) for c in plain)
