@@ -106,10 +106,37 @@ class TrainingConfig(Strict):
     teachers: tuple[str, ...] | Literal["all", "best"] = "all"
     eval_every: int = Field(20, ge=0, description="steps between held-out evaluations")
     eval_max_length: int = Field(512, ge=8)
+    on_policy: float = Field(0.0, ge=0, le=1, description="share of on-policy steps")
+    onpolicy_loss: Literal["jsd", "sampled_rkl"] = "jsd"
+    jsd_beta: float = Field(1.0, ge=0, le=1)
+    prompt_tokens: int = Field(0, ge=0, description="on-policy prompt: block prefix length")
+    max_new_tokens: int = Field(64, ge=1)
+    sampling_temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
 
     @property
     def fused(self) -> bool:
-        return min(self.lam, 1.0 if self.lam_end is None else self.lam_end) < 1.0
+        """The run needs the aligner: fusion on off-policy steps, or on-policy steps."""
+        lam = min(self.lam, 1.0 if self.lam_end is None else self.lam_end)
+        return lam < 1.0 or self.on_policy > 0
+
+
+class JudgeConfig(Strict):
+    """The teachers judge each trained model's own completions of held-out prompts.
+
+    Prompts: ``prompts_per_domain`` windows of ``prompt_tokens`` target tokens from each domain's
+    test split; each model samples one completion per prompt (the same seed for every model);
+    the aligner (``preset``) gives the chain-rule probability of every completion token, asked
+    with one teacher at a time and with all of them (fused). Reported: those teacher-judged bits
+    per UTF-8 byte of the completions, and distinct-2 of the completions (a collapse guard)."""
+
+    prompts_per_domain: int = Field(8, ge=1)
+    prompt_tokens: int = Field(32, ge=1)
+    max_new_tokens: int = Field(48, ge=1)
+    sampling_temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    preset: str = "spans"
+    seed: int = 1234
 
 
 class ClaimConfig(Strict):
@@ -117,10 +144,12 @@ class ClaimConfig(Strict):
 
     ``better``: row ``run`` has a lower mean BPB than each row in ``than`` by more than 2 std.
     ``order``: mean BPB increases along ``rows``. ``efficiency``: ``run`` reaches ``baseline``'s
-    final BPB with at most ``at_most`` of its tokens.
+    final BPB with at most ``at_most`` of its tokens. ``judged``: ``run`` has a lower mean
+    fused-teacher-judged BPB of its own completions than each row in ``than`` by more than 2 std,
+    and a mean held-out BPB at most ``at_most`` (a fraction, e.g. 0.01) above each of theirs.
     """
 
-    kind: Literal["better", "order", "efficiency"]
+    kind: Literal["better", "order", "efficiency", "judged"]
     text: str = Field(description="the claim in words, as the report prints it")
     run: str | None = None
     than: tuple[str, ...] = ()
@@ -153,6 +182,9 @@ class ExperimentConfig(Strict):
         "merge",
     )
     claims: tuple[ClaimConfig, ...] = ()
+    judge: JudgeConfig | None = Field(
+        None, description="judge every run's own completions by the teachers (on-policy)"
+    )
 
     @model_validator(mode="after")
     def _references(self) -> ExperimentConfig:
@@ -191,6 +223,8 @@ class ExperimentConfig(Strict):
                 )
         rows = set(self.row_names())
         for i, claim in enumerate(self.claims):
+            if claim.kind == "judged" and self.judge is None:
+                raise ValueError(f"claims.{i}.kind: a judged claim needs the `judge` section")
             for field in ("run", "baseline"):
                 value = getattr(claim, field)
                 if value is not None and value not in rows:
@@ -272,11 +306,18 @@ class ExperimentConfig(Strict):
                     update={"steps": 3, "batch_size": 2, "block_size": 32}
                 )
             models[name] = m.model_copy(update=update)
+        small = {"steps": 4, "block_size": 32, "batch_size": 2, "eval_every": 2, "k": 4}
         training = self.training.model_copy(
-            update={"steps": 4, "block_size": 32, "batch_size": 2, "eval_every": 2, "k": 4}
+            update={**small, "prompt_tokens": 0, "max_new_tokens": 8}
         )
+        judge = None
+        if self.judge is not None:
+            judge = self.judge.model_copy(
+                update={"prompts_per_domain": 2, "prompt_tokens": 8, "max_new_tokens": 8}
+            )
+        sized = ("steps", "block_size", "prompt_tokens", "max_new_tokens")
         runs = {
-            name: {k: v for k, v in (o or {}).items() if k not in ("steps", "block_size")}
+            name: {k: v for k, v in (o or {}).items() if k not in sized}
             for name, o in self.runs.items()
         }
         return self.model_copy(
@@ -287,6 +328,7 @@ class ExperimentConfig(Strict):
                 "models": models,
                 "training": training,
                 "runs": runs,
+                "judge": judge,
             }
         )
 

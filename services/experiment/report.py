@@ -44,6 +44,40 @@ def row_summaries(outcome: Outcome) -> dict[str, dict[str, Summary]]:
     return table
 
 
+def judged_summaries(outcome: Outcome) -> dict[str, dict[str, Summary]]:
+    """row -> {each judge's BPB ("fused" and every source), "distinct2", "completion_len"} ->
+    Summary over seeds (the base: one value); empty without a ``judge`` section."""
+    table: dict[str, dict[str, Summary]] = {}
+    rows: list[tuple[str, list[dict]]] = []
+    if outcome.judged_base is not None:
+        rows.append(("base", [outcome.judged_base]))
+    for run in outcome.config.runs:
+        rows.append((run, [r.judged for r in outcome.runs if r.run == run and r.judged]))
+    for row, verdicts in rows:
+        if not verdicts:
+            continue
+        cells = {j: summarize([v["bpb"][j] for v in verdicts]) for j in verdicts[0]["bpb"]}
+        cells["distinct2"] = summarize([v["distinct2"] for v in verdicts])
+        cells["completion_len"] = summarize([v["completion_len"] for v in verdicts])
+        table[row] = cells
+    return table
+
+
+def judged_claim(claim: ClaimConfig, table, judged) -> dict:
+    """A ``judged`` claim: lower fused-judged BPB by > 2 std, held-out BPB within ``at_most``."""
+    run = _needed(claim.run, claim, "run")
+    limit = _needed(claim.at_most, claim, "at_most")
+    pairs = []
+    for other in claim.than:
+        pair = _verdict(run, judged[run]["fused"], other, judged[other]["fused"])
+        held, held_other = table[run]["mean"].mean, table[other]["mean"].mean
+        pair["heldout_change"] = held / held_other - 1
+        if pair["verdict"] == REPRODUCED and pair["heldout_change"] > limit:
+            pair["verdict"] = REFUTED
+        pairs.append(pair)
+    return {"pairs": pairs, "verdict": _overall([p["verdict"] for p in pairs])}
+
+
 def mean_curve(record) -> tuple[list[float], list[float]]:
     """(tokens seen, mean held-out BPB over domains) at each evaluation of a run."""
     tokens = [float(p["tokens_seen"]) for p in record.curve]
@@ -72,10 +106,13 @@ def efficiency(outcome: Outcome, run: str, baseline: str) -> Summary | None:
 
 def check_claims(outcome: Outcome, table: dict[str, dict[str, Summary]]) -> list[dict]:
     sources = list(outcome.config.sources)
+    judged = judged_summaries(outcome)
     out = []
     for claim in outcome.config.claims:
         result: dict = {"claim": claim.text, "kind": claim.kind}
-        if claim.kind == "better":
+        if claim.kind == "judged":
+            result.update(judged_claim(claim, table, judged))
+        elif claim.kind == "better":
             than = [s for t in claim.than for s in (sources if t == "sources" else [t])]
             run = _needed(claim.run, claim, "run")
             a = table[run]["mean"]
@@ -151,18 +188,48 @@ def format_claims(claims: list[dict]) -> str:
     for c in claims:
         lines.append(f"- **{c['verdict']}**: {c['claim']}")
         for p in c.get("pairs", []):
+            held = p.get("heldout_change")
+            extra = "" if held is None else f" (held-out BPB {100 * held:+.2f}%)"
             lines.append(
-                f"  - {p['lower']} < {p['higher']} by {p['diff']:+.4f} BPB: {p['verdict']}"
+                f"  - {p['lower']} < {p['higher']} by {p['diff']:+.4f} BPB{extra}: {p['verdict']}"
             )
         if "detail" in c:
             lines.append(f"  - {c['detail']}")
     return "\n".join(lines)
 
 
+def format_judged(judged: dict[str, dict[str, Summary]]) -> str:
+    """The judged table: teacher-judged BPB of each row's own completions, distinct-2, length."""
+    if not judged:
+        return ""
+    columns = list(next(iter(judged.values())))
+    lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for row, cells in judged.items():
+        lines.append(f"| {row} | " + " | ".join(str(cells[c]) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def judged_section(outcome: Outcome) -> list[str]:
+    """The report's lines on the judged completions (none without a ``judge`` section)."""
+    judged = format_judged(judged_summaries(outcome))
+    if not judged:
+        return []
+    return [
+        "## The teachers judge each model's own completions",
+        "",
+        "Bits per UTF-8 byte of each model's sampled completions of held-out prompts, as the "
+        "aligner's chain-rule probabilities give them (one column per teacher, and fused); "
+        "distinct-2 of the completions (collapse guard) and their mean length in tokens.",
+        "",
+        judged,
+        "",
+    ]
+
+
 def write_report(outcome: Outcome) -> dict:
     """Write results.json, results.md and the PNGs into the work folder; return the summary."""
     cfg = outcome.config
-    table = row_summaries(outcome)
+    table, judged = row_summaries(outcome), judged_summaries(outcome)
     claims = check_claims(outcome, table)
     work = outcome.work_dir
     plots = {
@@ -187,9 +254,11 @@ def write_report(outcome: Outcome) -> dict:
                 "curve": r.curve,
                 "teachers": r.teachers,
                 "wait_fraction": r.wait_fraction,
+                "judged": r.judged,
             }
             for r in outcome.runs
         ],
+        "judged": {r: {k: asdict(v) for k, v in c.items()} for r, c in judged.items()},
         "claims": claims,
         "plots": plots,
         "config": cfg.model_dump(mode="json", by_alias=True),
@@ -209,6 +278,7 @@ def write_report(outcome: Outcome) -> dict:
     ]
     if outcome.best_source:
         md += [f"Best single source (validation split): {outcome.best_source}.", ""]
+    md += judged_section(outcome)
     if claims:
         md += ["## The paper's claims, checked", "", format_claims(claims), ""]
     md += [

@@ -10,6 +10,7 @@ Leaves out: the alignment/fusion options (the aligner owns them).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,7 +18,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fuseserve.config_file import load_settings_file
-from fuseserve.trainer.loss_kind import FusionLoss
+from fuseserve.trainer.loss_kind import FusionLoss, OnPolicyLoss
 
 
 class TrainConfig(BaseSettings):
@@ -97,6 +98,37 @@ class TrainConfig(BaseSettings):
         description="data is chat jsonl (messages, or prompt/response): rendered with the "
         "target's chat template, loss only on assistant tokens",
     )
+    on_policy: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="share of steps whose completions the student samples (GKD's lambda; "
+        "spread evenly over the steps; 0 = off-policy only)",
+    )
+    onpolicy_loss: OnPolicyLoss = Field(
+        OnPolicyLoss.JSD,
+        description="loss of on-policy steps: jsd (generalized JSD(jsd_beta) over the fused "
+        "support) or sampled_rkl (sampled-token reverse KL, policy-gradient KD)",
+    )
+    jsd_beta: float = Field(
+        1.0, ge=0.0, le=1.0, description="beta of the jsd loss: 0 forward KL, 1 reverse KL"
+    )
+    prompts: str | None = Field(
+        None,
+        description="on-policy prompts: jsonl with a 'prompt' or chat 'messages' field per line "
+        "(unset = prefixes of the training blocks)",
+    )
+    prompt_tokens: int = Field(
+        0,
+        ge=0,
+        description="on-policy prompt length in tokens: the prefix cut from each block, or the "
+        "last tokens kept of a long prompt (0 = block_size // 2)",
+    )
+    max_new_tokens: int = Field(64, ge=1, description="most tokens an on-policy completion has")
+    sampling_temperature: float = Field(
+        1.0, gt=0.0, description="temperature of on-policy sampling"
+    )
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus (top-p) of on-policy sampling")
     num_workers: int = Field(1, ge=1, description="Ray Train workers")
     use_gpu: bool = Field(False, description="one GPU per worker")
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -143,6 +175,15 @@ class TrainConfig(BaseSettings):
                 f"prefetch_depth: {self.prefetch_depth} cannot hold one step's "
                 f"{self.blocks_per_step} blocks (batch_size x grad_accum); use 0 (auto) or more"
             )
+        if self.on_policy > 0 and not self.aligner:
+            raise ValueError("on_policy: needs an aligner (the teachers judge the samples)")
+        if self.on_policy > 0 and self.prompt_length() >= self.block_size and not self.prompts:
+            raise ValueError(
+                f"prompt_tokens: {self.prompt_length()} leaves no block text after the prompt "
+                f"(block_size {self.block_size})"
+            )
+        if self.prompts and not Path(self.prompts).is_file():
+            raise ValueError(f"prompts: no such file {self.prompts!r}")
         for spec in self.eval_data:
             domain, sep, paths = spec.partition("=")
             if not sep or not domain or not paths:
@@ -165,6 +206,19 @@ class TrainConfig(BaseSettings):
         """Fused blocks in flight per worker: as set, or two steps' worth (at least 8)."""
         return self.prefetch_depth or max(8, 2 * self.blocks_per_step)
 
+    def prompt_length(self) -> int:
+        """Tokens of an on-policy prompt: ``prompt_tokens``, or half a block."""
+        return self.prompt_tokens or self.block_size // 2
+
+    def onpolicy_before(self, step: int) -> int:
+        """On-policy steps among the 0-based steps before ``step``: floor(step × on_policy), so
+        they are spread evenly and their share after n steps is as close to F as it can be."""
+        return math.floor(step * self.on_policy + 1e-9)
+
+    def is_onpolicy(self, step: int) -> bool:
+        """Whether the 0-based ``step`` samples its completions."""
+        return self.onpolicy_before(step + 1) > self.onpolicy_before(step)
+
     def warmup_steps(self) -> int:
         """Warm-up steps: ``warmup_ratio`` of ``max_steps``, at least 1 when the ratio is > 0."""
         if self.warmup_ratio <= 0:
@@ -180,6 +234,12 @@ class TrainConfig(BaseSettings):
 
     @property
     def fused(self) -> bool:
+        """The run asks the aligner for something (fused blocks or judged samples)."""
+        return self.fuses_offpolicy or (self.aligner is not None and self.on_policy > 0)
+
+    @property
+    def fuses_offpolicy(self) -> bool:
+        """Off-policy steps train on fused blocks (some λ < 1 and an aligner)."""
         end = 1.0 if self.lam_end is None else self.lam_end
         return self.aligner is not None and (self.lam < 1.0 or end < 1.0)
 

@@ -11,6 +11,11 @@ line when it starts, every 30 s and when targets flow again, and the unanswered 
 again; the consumer waits meanwhile (nothing is trained in place of the fused targets). Any other
 failure fails at once. Time spent waiting in ``get`` is measured.
 
+The order holds block indices (a training block, asked for by its text) and ``FED`` markers:
+the place of a block that exists only once the trainer has made it (an on-policy sample). The
+stream asks for nothing past a marker until ``feed`` has handed it a block; a fed block is asked
+for by its target ids (``token_ids``), so the aligner scores exactly the sampled tokens.
+
 Leaves out: the loss and the model; the aligner itself.
 """
 
@@ -40,6 +45,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+FED = "fed"  # in an order: the next block comes from ``FusedTargetStream.feed``
+
+
+def request_key(item: int | Block) -> str:
+    """The request id of an order item: a block index, or ``fed-N`` for a fed block."""
+    return str(item) if isinstance(item, int) else f"fed-{item.index}"
+
+
 class TargetMismatch(RuntimeError):
     """The aligner answered for other tokens or another target tokenizer."""
 
@@ -65,7 +78,7 @@ class FusedTargetStream:
         self,
         address: str,
         blocks: Sequence[Block],
-        order: Iterator[int],
+        order: Iterator[int | str],
         depth: int = 8,
         target_fingerprint: str | None = None,
         k: int = 0,
@@ -97,7 +110,10 @@ class FusedTargetStream:
         self.stats = PrefetchStats()
         self._slots = threading.Semaphore(depth)
         self._ready: queue.Queue = queue.Queue()
-        self._pending: collections.deque[int] = collections.deque()  # sent, not answered
+        self._pending: collections.deque[int | Block] = collections.deque()  # sent, unanswered
+        self._fed: queue.Queue[Block] = queue.Queue()  # fed blocks not asked for yet
+        self._fed_event = threading.Event()
+        self._peeked: int | str | None = None  # an order item taken but not asked for yet
         self._lock = threading.Lock()
         self._outstanding = 0
         self._generation = 0  # one per stream opened; see _requests
@@ -115,14 +131,20 @@ class FusedTargetStream:
         self._thread.start()
         return self
 
-    def _requests(self, resend: list[int], generation: int):
+    def feed(self, blocks: Sequence[Block]) -> None:
+        """Blocks for the next ``FED`` places of the order, in order (asked for by their ids)."""
+        for block in blocks:
+            self._fed.put(block)
+        self._fed_event.set()
+
+    def _requests(self, resend: list[int | Block], generation: int):
         """Requests of one stream: the unanswered ones again, then new ones as slots free up.
 
         A stream that broke may leave its generator running in gRPC's sending thread; the
         ``generation`` check (under the lock that also snapshots ``resend``) stops it from taking
         an index that the next stream would then never send."""
-        for index in resend:
-            yield self._request(index)
+        for sent in resend:
+            yield self._request(sent)
         while not self._closed.is_set() and self._generation == generation:
             if not self._slots.acquire(timeout=0.5):
                 continue
@@ -131,15 +153,38 @@ class FusedTargetStream:
                     self._slots.release()
                     return
                 try:
-                    index = next(self.order)
+                    item = self._take()
                 except StopIteration:
                     return
-                self._pending.append(index)
-                self._outstanding += 1
-            yield self._request(index)
+                if item is not None:
+                    self._pending.append(item)
+                    self._outstanding += 1
+            if item is None:  # the order waits for a fed block
+                self._slots.release()
+                self._fed_event.wait(0.05)
+                self._fed_event.clear()
+                continue
+            yield self._request(item)
 
-    def _request(self, index: int) -> aligner_pb2.FuseRequest:
-        return self.params.grpc_request(str(index), [self.blocks[index].text])
+    def _take(self) -> int | Block | None:
+        """The next order item to ask for (None: its fed block has not come yet); under the lock."""
+        if self._peeked is None:
+            self._peeked = next(self.order)
+        if self._peeked == FED:
+            try:
+                item: int | Block = self._fed.get_nowait()
+            except queue.Empty:
+                return None
+        else:
+            item = int(self._peeked)
+        self._peeked = None
+        return item
+
+    def _request(self, item: int | Block) -> aligner_pb2.FuseRequest:
+        key = request_key(item)
+        if isinstance(item, int):
+            return self.params.grpc_request(key, [self.blocks[item].text])
+        return self.params.grpc_request(key, [], token_ids=[item.ids.tolist()])
 
     def _run(self) -> None:
         attempts = 0
@@ -156,10 +201,9 @@ class FusedTargetStream:
                     self._outage_over()
                     with self._lock:
                         expected = self._pending.popleft() if self._pending else None
-                    if expected is None or reply.id != str(expected):
-                        raise AlignerFailed(
-                            f"aligner answered block {reply.id}, expected {expected}"
-                        )
+                    key = None if expected is None else request_key(expected)
+                    if reply.id != key:
+                        raise AlignerFailed(f"aligner answered block {reply.id}, expected {key}")
                     self.stats.received += 1
                     self.stats.cache_hits += int(reply.cache_hit)
                     self._ready.put((expected, reply))
@@ -213,8 +257,9 @@ class FusedTargetStream:
         return self._outage_since is not None
 
     # ------------------------------------------------------------------ consumer side
-    def get(self, expected: Block) -> FusedBlock:
-        """The fused block for ``expected`` (the next block in order), waiting if needed."""
+    def get(self, expected: Block, fed: bool = False) -> FusedBlock:
+        """The fused block for ``expected`` (the next block in order: a training block, or with
+        ``fed`` the block handed to ``feed``), waiting if needed."""
         start = time.perf_counter()
         ready = not self._ready.empty()
         item = self._next_item(expected)
@@ -228,11 +273,12 @@ class FusedTargetStream:
         self._slots.release()
         with self._lock:
             self._outstanding -= 1
-        index, reply = item
+        sent, reply = item
         self.stats.consumed += 1
-        if index != expected.index:
+        index = request_key(expected if fed else expected.index)
+        if request_key(sent) != index:
             raise AlignerFailed(
-                f"prefetch order broken: got block {index}, expected {expected.index}"
+                f"prefetch order broken: got block {request_key(sent)}, expected {index}"
             )
         if self.target_fingerprint and reply.target_fingerprint != self.target_fingerprint:
             raise TargetMismatch(

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from fuseserve.launch import wait_until
-from fuseserve.trainer.data import pack_blocks
-from fuseserve.trainer.prefetch import AlignerFailed, FusedTargetStream, TargetMismatch
+from fuseserve.trainer.data import Block, pack_blocks
+from fuseserve.trainer.prefetch import FED, AlignerFailed, FusedTargetStream, TargetMismatch
 from fuseserve.wire.messages import FusedBlock
 from fuseserve.wire.v1 import aligner_pb2, aligner_pb2_grpc
 
@@ -56,9 +56,12 @@ class StandIn(aligner_pb2_grpc.AlignerServicer):
                 context.abort(grpc.StatusCode.UNAVAILABLE, "stand-in restarting")
             if not self.release.acquire(timeout=30):
                 context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "test never released")
-            ids = np.asarray(
-                self.tokenizer(request.texts[0], add_special_tokens=False)["input_ids"]
-            )
+            if request.texts:
+                ids = np.asarray(
+                    self.tokenizer(request.texts[0], add_special_tokens=False)["input_ids"]
+                )
+            else:  # asked by target ids: answered for exactly those
+                ids = np.asarray(request.token_ids[0].ids)
             if self.corrupt:
                 ids = ids[::-1].copy()
             n = len(ids)
@@ -228,3 +231,27 @@ def test_an_aligner_that_is_down_longer_than_get_waits_is_waited_for(mistral_tok
         for _ in range(64):
             servicer.release.release()
         server.stop(0)
+
+def test_fed_places_wait_for_their_blocks_which_go_as_ids(stand_in, blocks):
+    """The order 0, FED, FED, 1: block 1 is not asked for before both samples are fed, and the
+    samples are asked for by their ids (no text)."""
+    servicer, address = stand_in
+    for _ in range(64):
+        servicer.release.release()
+    stream = FusedTargetStream(address, blocks, iter([0, FED, FED, 1]), depth=4)
+    stream.start()
+    try:
+        stream.get(blocks[0])
+        wait_until(lambda: servicer.received == ["0"], 20, "the first request")
+        samples = [Block(n, "", np.array([5, 6, 7 + n])) for n in range(2)]
+        stream.feed(samples[:1])
+        assert stream.get(samples[0], fed=True).target_ids.tolist() == [5, 6, 7]
+        assert servicer.received == ["0", "fed-0"]  # block 1 waits behind the second place
+        stream.feed(samples[1:])
+        assert stream.get(samples[1], fed=True).target_ids.tolist() == [5, 6, 8]
+        stream.get(blocks[1])
+        assert servicer.received == ["0", "fed-0", "fed-1", "1"]
+        fed = [r for r in servicer.requests if r.id.startswith("fed")]
+        assert all(not r.texts and len(r.token_ids) == 1 for r in fed)
+    finally:
+        stream.close()
