@@ -11,7 +11,6 @@ Leaves out: the shards' contents (``shards``) and gathering the values (``export
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any

@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
 from fuseserve.store.manifest import StoreMismatch, check_matches, read_manifest, run_identity
 from fuseserve.store.shards import ShardFile, file_sha256
 from fuseserve.trainer.data import Block

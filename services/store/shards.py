@@ -73,7 +73,7 @@ def listed_lengths(block: FusedBlock, n: int) -> np.ndarray:
     listed = block.ids[:n] >= 0
     lengths = listed.sum(axis=1)
     if not np.array_equal(listed, np.arange(block.ids.shape[1])[None, :] < lengths[:, None]):
-        raise ValueError("fused block: padding inside a row; the store keeps rows padded at the end")
+        raise ValueError("fused block: padding inside a row; a store keeps rows padded at the end")
     return lengths
 
 
@@ -93,6 +93,8 @@ def shard_table(blocks: Sequence[Block], fused: Sequence[FusedBlock]) -> pa.Tabl
     probs = np.concatenate([f.probs[:n][m] for f, n, m in zip(fused, sizes, listed)])
     per_block = np.asarray(sizes)
     teachers = np.asarray([len(f.ce) for f in fused])
+    tails = [f.tail_mass[:n] for f, n in zip(fused, sizes)]
+    chosen = [f.chosen[:n] for f, n in zip(fused, sizes)]
     columns = {
         "block": pa.array([b.index for b in blocks], type=pa.int32()),
         "input_ids": _lists(np.concatenate([b.ids for b in blocks]), per_block, pa.int32()),
@@ -103,10 +105,8 @@ def shard_table(blocks: Sequence[Block], fused: Sequence[FusedBlock]) -> pa.Tabl
         "width": pa.array([f.ids.shape[1] for f in fused], type=pa.int16()),
         "fused_ids": _nested(ids, row_lengths, per_block, pa.int32()),
         "fused_probs": _nested(probs.astype(np.float16), row_lengths, per_block, pa.float16()),
-        "fused_tail": _lists(_cat([f.tail_mass[:n] for f, n in zip(fused, sizes)], np.float16),
-                             per_block, pa.float16()),  # fmt: skip
-        "chosen": _lists(_cat([f.chosen[:n] for f, n in zip(fused, sizes)], np.int16),
-                         per_block, pa.int16()),  # fmt: skip
+        "fused_tail": _lists(_cat(tails, np.float16), per_block, pa.float16()),
+        "chosen": _lists(_cat(chosen, np.int16), per_block, pa.int16()),
         "ce": _lists(_cat([f.ce for f in fused], np.float32), teachers, pa.float32()),
         "coverage": _lists(_cat([f.coverage for f in fused], np.float32), teachers, pa.float32()),
     }

@@ -133,8 +133,10 @@ class TrainConfig(BaseSettings):
                 "written by fuseserve export); set lam=1 for CLM only"
             )
         if self.fused_from and self.aligner:
-            raise ValueError("fused_from: a run reads fused targets from a store or an aligner, "
-                             "not both; unset aligner")
+            raise ValueError(
+                "fused_from: a run reads fused targets from a store or an aligner, "
+                "not both; unset aligner"
+            )
         if self.fused and self.prefetch_depth and self.prefetch_depth < self.blocks_per_step:
             raise ValueError(
                 f"prefetch_depth: {self.prefetch_depth} cannot hold one step's "
