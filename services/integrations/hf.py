@@ -125,7 +125,7 @@ class FusedTargetsCollator:
         stream = FusedTargetStream(address, blocks, iter(list(order)), **kw).start()
         return cls(stream, pad_id, sequential=True)
 
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor | None]:
         blocks = [example_block(e) for e in examples]
         if self.source is None:
             fused = [example_fused(e) for e in examples]
@@ -198,7 +198,7 @@ class FusionTrainer(Trainer):
             chunk=self.loss_chunk,
         )
         if model.training:
-            parts = {"loss": float(loss), "clm_loss": float(clm), "fusion_loss": float(fusion)}
+            parts = {"loss": loss.item(), "clm_loss": clm.item(), "fusion_loss": fusion.item()}
             self.fusion_history.append({"step": self.state.global_step + 1, **parts})
             self._unlogged.append(parts)
         return (loss, outputs) if return_outputs else loss

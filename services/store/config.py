@@ -12,7 +12,7 @@ Leaves out: the export itself (``export``) and the store's format (``shards``, `
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, create_model, model_validator
 from pydantic.fields import FieldInfo
@@ -48,13 +48,25 @@ def _shared_field(name: str) -> tuple[Any, FieldInfo]:
     return field.annotation, field
 
 
-_Shared: Any = create_model(  # TrainConfig's definitions of the SHARED fields
-    "_Shared", __base__=BaseSettings, **{name: _shared_field(name) for name in SHARED}
-)
+_FIELDS: dict[str, Any] = {name: _shared_field(name) for name in SHARED}
+_Shared: Any = create_model("_Shared", __base__=BaseSettings, **_FIELDS)  # TrainConfig's fields
 
 
 class ExportConfig(_Shared):
     model_config = SettingsConfigDict(env_prefix="FUSESERVE_EXPORT_", extra="forbid")
+
+    if TYPE_CHECKING:  # the SHARED fields as the type checker sees them (defined by TrainConfig)
+        tokenizer: str | None
+        data: list[str]
+        data_field: str
+        block_size: int
+        chat: bool
+        aligner: str | None
+        teachers: list[str]
+        preset: str
+        fusion_options: dict[str, Any]
+        k: int
+        aligner_timeout_s: float
 
     model: str | None = Field(
         None, description="target model whose tokenizer cuts the blocks (when no --tokenizer)"

@@ -15,8 +15,8 @@ from fuseserve.integrations.hf import (
     training_order,
 )
 from fuseserve.trainer.config import TrainConfig
-from tests.store_fixtures import store_run
 from tests.store.test_store import blocks_of, run_recipe
+from tests.store_fixtures import store_run
 
 
 def hf_arguments(cfg: TrainConfig, out, **overrides):
@@ -54,7 +54,7 @@ def test_fusion_trainer_matches_the_recipe_for_20_steps(fused_store, tiny_dirs, 
 
     settings = store_run(tiny_dirs, fused_store, tmp_path / "recipe")
     rows, _ = run_recipe(settings)
-    cfg, tokenizer, blocks = blocks_of(settings)
+    cfg, _, blocks = blocks_of(settings)
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_pretrained(cfg.model)
     order = training_order(len(blocks), cfg.seed, cfg.blocks_per_step, cfg.max_steps)

@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import os
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,7 +57,9 @@ def test_store_blocks_are_the_online_streams_bit_for_bit(fused_store, tiny_dirs,
 
     _, _, blocks = blocks_of(store_run(tiny_dirs, fused_store, tmp_path))
     store = FusedStore(fused_store.folder)
-    online = FusedTargetStream(fused_store.aligner, blocks, iter(range(len(blocks))), preset="spans")
+    online = FusedTargetStream(
+        fused_store.aligner, blocks, iter(range(len(blocks))), preset="spans"
+    )
     online.start()
     try:
         for block in blocks:
@@ -114,9 +117,9 @@ def test_a_run_that_does_not_match_the_store_is_refused_naming_the_field(
         recipe.setup()
     # and the data: other text, same block size
     other = tmp_path / "other.txt"
-    other.write_text(open(fused_store.corpus).read()[::-1])
+    other.write_text(Path(fused_store.corpus).read_text()[::-1])
     cfg, tok, blocks = blocks_of(store_run(tiny_dirs, fused_store, tmp_path, data=[str(other)]))
-    with pytest.raises(StoreMismatch, match="layout.(num_blocks|data_fingerprint)"):
+    with pytest.raises(StoreMismatch, match=r"layout\.(num_blocks|data_fingerprint)"):
         FusedStore(fused_store.folder).check_run(
             cfg, TokenizerIdentity.from_hf(tok).fingerprint, blocks
         )
