@@ -153,6 +153,36 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    import json
+    import logging
+
+    from fuseserve.store.config import ExportConfig
+
+    try:
+        options = json.loads(args.fusion_options) if args.fusion_options else None
+    except ValueError as exc:
+        raise SettingsError(f"fusion_options: not a JSON object: {exc}") from exc
+    cfg = settings_from_args(
+        ExportConfig,
+        args,
+        data=[v for v in args.data.split(",") if v] if args.data else None,
+        teachers=[v for v in args.teachers.split(",") if v] if args.teachers else None,
+        fusion_options=options,
+    )
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
+    from fuseserve.store.export import run_export
+    from fuseserve.store.manifest import StoreMismatch
+
+    try:
+        report = run_export(cfg)
+    except (StoreMismatch, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     import json
 
@@ -375,6 +405,31 @@ def _add_train(sub) -> None:
     train.set_defaults(func=_train)
 
 
+def _add_export(sub) -> None:
+    """``fuseserve export``: the training run's block and fusion flags, plus the store's own."""
+    from fuseserve.store.config import ExportConfig
+
+    export = sub.add_parser(
+        "export",
+        help="write the fused targets of a corpus to a store (parquet shards + manifest)",
+        description=(
+            "Ask the aligner for the fused targets of every block of --data (the blocks "
+            "`fuseserve train` builds from the same --data, --tokenizer, --block-size and --chat) "
+            "with the run's --teachers, --preset, --fusion-options and --k, and write them to "
+            "--out as parquet shards (one row per block: input_ids, fused_ids, fused_probs "
+            "(float16), fused_tail, ...) with manifest.json (teachers and revisions, tokenizer "
+            "fingerprints, fusion choices, block layout, per-shard sha256). Started again on the "
+            "same --out it keeps the finished shards (checksums verified) and does the rest. "
+            "Train from it with `fuseserve train --fused-from DIR` (no aligner), "
+            "fuseserve.integrations.hf, or datasets.load_dataset('parquet', ...). Settings: "
+            "--config (YAML), FUSESERVE_EXPORT_<FIELD> variables, these flags."
+        ),
+    )
+    export.add_argument("--config", help="YAML file of settings (same names as the flags)")
+    add_settings_flags(export, ExportConfig)
+    export.set_defaults(func=_export)
+
+
 def _add_eval(sub) -> None:
     """``fuseserve eval``: models, held-out domains, window length."""
     ev = sub.add_parser(
@@ -480,6 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_teacher(sub)
     _add_aligner(sub)
     _add_train(sub)
+    _add_export(sub)
     _add_eval(sub)
     _add_probe(sub)
     _add_experiment(sub)

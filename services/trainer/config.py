@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fuseserve.config_file import load_settings_file
@@ -162,13 +162,25 @@ class TrainConfig(BaseSettings):
     )
     eval_max_length: int = Field(512, ge=8, description="tokens per evaluation window")
     export_dir: str | None = Field(None, description="copy the final HF model here")
+    fused_from: str | None = Field(
+        None,
+        description="train on the fused targets of a store written by `fuseserve export` "
+        "(no teacher or aligner running; the store must match this run's tokenizer, fusion "
+        "choices and blocks)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         end = 1.0 if self.lam_end is None else self.lam_end
-        if min(self.lam, end) < 1.0 and not self.aligner:
+        if min(self.lam, end) < 1.0 and not self.aligner and not self.fused_from:
             raise ValueError(
-                "aligner: needed when lam or lam_end < 1 (fusion loss); set lam=1 for CLM only"
+                "aligner: needed when lam or lam_end < 1 (fusion loss), or fused_from (a store "
+                "written by fuseserve export); set lam=1 for CLM only"
+            )
+        if self.fused_from and self.aligner:
+            raise ValueError(
+                "fused_from: a run reads fused targets from a store or an aligner, "
+                "not both; unset aligner"
             )
         if self.fused and self.prefetch_depth and self.prefetch_depth < self.blocks_per_step:
             raise ValueError(
@@ -241,7 +253,14 @@ class TrainConfig(BaseSettings):
     def fuses_offpolicy(self) -> bool:
         """Off-policy steps train on fused blocks (some λ < 1 and an aligner)."""
         end = 1.0 if self.lam_end is None else self.lam_end
-        return self.aligner is not None and (self.lam < 1.0 or end < 1.0)
+        source = self.aligner is not None or self.fused_from is not None
+        return source and (self.lam < 1.0 or end < 1.0)
+
+    @field_validator("fused_from")
+    @classmethod
+    def _absolute_store(cls, value: str | None) -> str | None:
+        """A store path as an absolute path (Ray workers run in other directories)."""
+        return None if value is None else str(Path(value).expanduser().absolute())
 
 
 def load_config(config: str | None = None, **overrides: Any) -> TrainConfig:

@@ -233,7 +233,9 @@ class FusionRecipe:
     def open_stream(self):
         """The started fused-target stream for this worker's remaining blocks (None: CLM only)."""
         cfg = self.cfg
-        if not cfg.fused or cfg.aligner is None:  # fused implies an aligner
+        if cfg.fused and cfg.fused_from:
+            return self.open_store()
+        if not cfg.fused or cfg.aligner is None:  # fused implies an aligner or a store
             return None
         from fuseserve.trainer.prefetch import FusedTargetStream
         from fuseserve.wire.tokenizer import TokenizerIdentity
@@ -252,6 +254,17 @@ class FusionRecipe:
             timeout_s=cfg.aligner_timeout_s,
             outage_window_s=cfg.aligner_outage_s,
         ).start()
+
+    def open_store(self):
+        """The fused store of ``fused_from`` (no aligner), refused unless it holds this run's
+        blocks, target tokenizer and fusion choices (``fuseserve.store``)."""
+        from fuseserve.store.reader import FusedStore
+        from fuseserve.wire.tokenizer import TokenizerIdentity
+
+        store = FusedStore(self.cfg.fused_from or "")
+        fingerprint = TokenizerIdentity.from_hf(self.tokenizer).fingerprint
+        store.check_run(self.cfg, fingerprint, self.blocks)
+        return store
 
     # ------------------------------------------------------------------------------ step
     def micro_batches(self, idxs) -> list:
