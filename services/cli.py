@@ -146,11 +146,31 @@ def _train(args: argparse.Namespace) -> int:
         fusion_options=options,
     )
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    _check_train_data(cfg)
     from fuseserve.trainer.job import run_training
 
     result = run_training(cfg)
     print(json.dumps({"metrics": result.metrics, "model_dir": result.model_dir}, default=str))
     return 0
+
+
+def _check_train_data(cfg) -> None:
+    """Read ``data`` and ``eval_data`` once before Ray starts, so a missing path or an empty
+    data set is one line naming the field, not a traceback from a worker."""
+    from fuseserve.trainer.data import read_conversations, read_documents
+    from fuseserve.trainer.heldout import HeldOut
+
+    try:
+        if cfg.chat:
+            read_conversations(cfg.data)
+        else:
+            read_documents(cfg.data, cfg.data_field)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SettingsError(f"data: {exc}") from None
+    try:
+        HeldOut.load(cfg)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SettingsError(f"{exc}" if "eval_data" in str(exc) else f"eval_data: {exc}") from None
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -169,7 +189,8 @@ def _eval(args: argparse.Namespace) -> int:
             read = read_conversations if args.chat else read_documents
             domains[name] = read(paths.split(","))
         except (FileNotFoundError, ValueError) as exc:
-            print(f"error: data{' (--chat)' if args.chat else ''}: {exc}", file=sys.stderr)
+            kind = " (--chat)" if args.chat else ""
+            print(f"error: data{kind}: domain {name!r}: {exc}", file=sys.stderr)
             return 2
     rows = {}
     for model in args.model:
@@ -249,6 +270,9 @@ def _experiment(args: argparse.Namespace) -> int:
             rows = set(cfg.row_names()) | {"sources"}
             kept = tuple(c for c in cfg.claims if set(c.rows_named()) <= rows)
             cfg = cfg.model_copy(update={"claims": kept})
+        from fuseserve.experiment.corpus import deal_corpus
+
+        deal_corpus(cfg.corpus)  # too little text for the splits asked: one line, before anything
     except (ConfigError, ValueError) as exc:
         print(f"error: {args.config}: {exc}", file=sys.stderr)
         return 2

@@ -118,15 +118,23 @@ class Corpus:
         return {d: self.texts(split, d) for d in self.domains}
 
 
-def build_corpus(cfg: CorpusConfig, root: Path, seed: int = 0) -> Corpus:
-    """Write every split of every domain under ``root`` (rewritten each time: it takes seconds)."""
-    h = hashlib.sha256()
+def deal_corpus(cfg: CorpusConfig, seed: int = 0) -> dict[str, dict[str, list[str]]]:
+    """domain -> split -> texts, without writing anything. Raises ValueError naming the field
+    (``corpus.<split>_chars``) and the domain when a domain has too little text."""
+    out = {}
     for domain in cfg.domains:
         pieces = [p for doc in DOMAINS[domain]() for p in cut_pieces(doc, cfg.piece_chars)]
         try:
-            splits = deal(pieces, {s: cfg.chars(s) for s in SPLITS}, seed)
+            out[domain] = deal(pieces, {s: cfg.chars(s) for s in SPLITS}, seed)
         except ValueError as exc:
             raise ValueError(f"corpus.{exc} [domain {domain}]") from None
+    return out
+
+
+def build_corpus(cfg: CorpusConfig, root: Path, seed: int = 0) -> Corpus:
+    """Write every split of every domain under ``root`` (rewritten each time: it takes seconds)."""
+    h = hashlib.sha256()
+    for domain, splits in deal_corpus(cfg, seed).items():
         for split, texts in splits.items():
             folder = root / split
             folder.mkdir(parents=True, exist_ok=True)

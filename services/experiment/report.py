@@ -24,6 +24,7 @@ from fuseserve.experiment.stats import (
 REPRODUCED = "reproduced"
 NOT_SIGNIFICANT = "same direction, not significant (within 2 std)"
 REFUTED = "NOT reproduced"
+MIN_SEEDS = 3  # below this a trained run's spread says nothing: the 2-std rule is not applied
 T = TypeVar("T")
 
 
@@ -71,45 +72,59 @@ def efficiency(outcome: Outcome, run: str, baseline: str) -> Summary | None:
 
 
 def check_claims(outcome: Outcome, table: dict[str, dict[str, Summary]]) -> list[dict]:
+    """Every claim of the file with its verdict. A comparison that involves a trained run with
+    fewer than ``MIN_SEEDS`` seeds is "untested (n seeds)": with one seed the std is 0 and any
+    difference would pass the 2-std rule. Baselines (one model each, no seed) are not held to
+    it."""
     sources = list(outcome.config.sources)
+    runs = set(outcome.config.runs)
+
+    def verdict(a: str, b: str) -> dict:
+        seeds = [table[r]["mean"].n for r in (a, b) if r in runs]
+        return _verdict(a, table[a]["mean"], b, table[b]["mean"], min(seeds, default=None))
+
     out = []
     for claim in outcome.config.claims:
         result: dict = {"claim": claim.text, "kind": claim.kind}
-        if claim.kind == "better":
-            than = [s for t in claim.than for s in (sources if t == "sources" else [t])]
-            run = _needed(claim.run, claim, "run")
-            a = table[run]["mean"]
-            pairs = []
-            for other in than:
-                b = table[other]["mean"]
-                pairs.append(_verdict(run, a, other, b))
-            result["pairs"] = pairs
-            result["verdict"] = _overall([p["verdict"] for p in pairs])
-        elif claim.kind == "order":
-            rows = [s for t in claim.rows for s in (sources if t == "sources" else [t])]
-            pairs = [
-                _verdict(a, table[a]["mean"], b, table[b]["mean"])
-                for a, b in itertools.pairwise(rows)
-            ]
+        if claim.kind in ("better", "order"):
+            if claim.kind == "better":
+                run = _needed(claim.run, claim, "run")
+                than = [s for t in claim.than for s in (sources if t == "sources" else [t])]
+                pairs = [verdict(run, other) for other in than]
+            else:
+                rows = [s for t in claim.rows for s in (sources if t == "sources" else [t])]
+                pairs = [verdict(a, b) for a, b in itertools.pairwise(rows)]
             result["pairs"] = pairs
             result["verdict"] = _overall([p["verdict"] for p in pairs])
         else:
-            run = _needed(claim.run, claim, "run")
-            baseline = _needed(claim.baseline, claim, "baseline")
-            ratio = efficiency(outcome, run, baseline)
-            result["ratio"] = None if ratio is None else asdict(ratio)
-            if ratio is None:
-                result["verdict"] = REFUTED
-                result["detail"] = f"{claim.run} never reached {claim.baseline}'s final BPB"
-            else:
-                ok = ratio.mean <= _needed(claim.at_most, claim, "at_most")
-                result["verdict"] = REPRODUCED if ok else REFUTED
-                result["detail"] = (
-                    f"{claim.run} reaches {claim.baseline}'s final BPB with {ratio} of its "
-                    f"tokens (claim: ≤ {claim.at_most})"
-                )
+            result.update(_efficiency_claim(outcome, claim))
         out.append(result)
     return out
+
+
+def _efficiency_claim(outcome: Outcome, claim: ClaimConfig) -> dict:
+    run = _needed(claim.run, claim, "run")
+    baseline = _needed(claim.baseline, claim, "baseline")
+    ratio = efficiency(outcome, run, baseline)
+    result: dict = {"ratio": None if ratio is None else asdict(ratio)}
+    seeds = sum(1 for r in outcome.runs if r.run == run)
+    if ratio is None:
+        result["verdict"] = REFUTED if seeds >= MIN_SEEDS else untested(seeds)
+        result["detail"] = f"{run} never reached {baseline}'s final BPB"
+        return result
+    ok = ratio.mean <= _needed(claim.at_most, claim, "at_most")
+    result["verdict"] = (
+        (REPRODUCED if ok else REFUTED) if ratio.n >= MIN_SEEDS else untested(ratio.n)
+    )
+    result["detail"] = (
+        f"{run} reaches {baseline}'s final BPB with {ratio} of its tokens "
+        f"(claim: ≤ {claim.at_most})"
+    )
+    return result
+
+
+def untested(seeds: int) -> str:
+    return f"untested ({seeds} seed{'s' if seeds != 1 else ''})"
 
 
 def _needed(value: T | None, claim: ClaimConfig, field: str) -> T:
@@ -119,8 +134,12 @@ def _needed(value: T | None, claim: ClaimConfig, field: str) -> T:
     return value
 
 
-def _verdict(a_name: str, a: Summary, b_name: str, b: Summary) -> dict:
-    if significantly_lower(a, b):
+def _verdict(a_name: str, a: Summary, b_name: str, b: Summary, seeds: int | None = None) -> dict:
+    """``a`` below ``b`` by more than 2 std; ``seeds``: the fewest seeds of a trained run in the
+    pair (None: both are baselines)."""
+    if seeds is not None and seeds < MIN_SEEDS:
+        verdict = untested(seeds)
+    elif significantly_lower(a, b):
         verdict = REPRODUCED
     elif a.mean < b.mean:
         verdict = NOT_SIGNIFICANT
@@ -134,7 +153,8 @@ def _overall(verdicts: list[str]) -> str:
         return REPRODUCED
     if any(v == REFUTED for v in verdicts):
         return REFUTED
-    return NOT_SIGNIFICANT
+    pending = [v for v in verdicts if v.startswith("untested")]
+    return pending[0] if pending else NOT_SIGNIFICANT
 
 
 def format_table(table: dict[str, dict[str, Summary]], domains) -> str:

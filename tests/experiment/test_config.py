@@ -78,3 +78,22 @@ def test_the_cli_exits_2_before_training(tmp_path):
     assert done.returncode == 2
     assert "runs.x.preset" in done.stderr and "magic" in done.stderr
     assert not cache.exists()  # nothing was prepared
+
+
+def test_a_corpus_too_small_for_the_splits_is_one_line_before_training(tmp_path):
+    data = table7()
+    data["corpus"]["fusion_chars"] = 50_000_000
+    cache = tmp_path / "cache"
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "fuseserve.cli", "experiment"),
+            *(str(write(tmp_path, data)), "--cache-dir", str(cache)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert "corpus.fusion_chars" in line and "[domain " in line
+    assert not cache.exists()
