@@ -283,7 +283,7 @@ def _experiment(args: argparse.Namespace) -> int:
     outcome = ExperimentRunner(cfg, work, args.cache_dir).run()
     summary = write_report(outcome)
     print("\nHeld-out bits per UTF-8 byte (lower is better), mean ± std over seeds:\n")
-    print(format_table(row_summaries(outcome), cfg.corpus.domains))
+    print(format_table(row_summaries(outcome), cfg.corpus.domains, cfg.corpus.ood))
     if summary["claims"]:
         print("\nThe paper's claims, checked:\n" + format_claims(summary["claims"]))
     print(f"\n{outcome.minutes:.1f} min; report: {outcome.work_dir / 'results.md'}")

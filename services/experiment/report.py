@@ -28,21 +28,64 @@ MIN_SEEDS = 3  # below this a trained run's spread says nothing: the 2-std rule 
 T = TypeVar("T")
 
 
+def heldout_columns(cfg) -> dict[str, tuple[str, ...]]:
+    """Mean column -> the domains it averages: "mean" (in distribution, the test split) and,
+    when the file asks for it, "ood mean" (text from outside the corpus)."""
+    columns = {"mean": tuple(cfg.corpus.domains)}
+    if cfg.corpus.ood:
+        columns["ood mean"] = tuple(f"ood-{k}" for k in cfg.corpus.ood)
+    return columns
+
+
 def row_summaries(outcome: Outcome) -> dict[str, dict[str, Summary]]:
-    """row -> {domain..., "mean"} -> Summary over seeds (baselines: one value each)."""
-    domains = outcome.config.corpus.domains
-    table: dict[str, dict[str, Summary]] = {}
-    for row, bpb in outcome.baselines.items():
-        table[row] = {d: summarize([bpb[d]]) for d in domains}
-        table[row]["mean"] = summarize([sum(bpb[d] for d in domains) / len(domains)])
+    """row -> {domain..., "mean"[, ood domain..., "ood mean"]} -> Summary over seeds (baselines:
+    one value each)."""
+    columns = heldout_columns(outcome.config)
+    rows: dict[str, list[dict[str, float]]] = {r: [b] for r, b in outcome.baselines.items()}
     for run in outcome.config.runs:
-        records = [r for r in outcome.runs if r.run == run]
-        if not records:
-            continue
-        table[run] = {d: summarize([r.final[d] for r in records]) for d in domains}
-        means = [sum(r.final[d] for d in domains) / len(domains) for r in records]
-        table[run]["mean"] = summarize(means)
+        records = [r.final for r in outcome.runs if r.run == run]
+        if records:
+            rows[run] = records
+    table: dict[str, dict[str, Summary]] = {}
+    for row, finals in rows.items():
+        cells: dict[str, Summary] = {}
+        for mean, domains in columns.items():
+            for d in domains:
+                cells[d] = summarize([f[d] for f in finals])
+            cells[mean] = summarize([sum(f[d] for d in domains) / len(domains) for f in finals])
+        table[row] = cells
     return table
+
+
+def gap_closed(outcome: Outcome, table: dict[str, dict[str, Summary]]) -> dict[str, dict]:
+    """Per run and mean column: the share of the gap between the target before training
+    (``base``) and the best source on that column that the run closes, (base − run) / (base −
+    best); empty when the file has no base or sources rows."""
+    sources = [s for s in outcome.config.sources if s in table]
+    if "base" not in table or not sources:
+        return {}
+    out: dict[str, dict] = {}
+    for mean in heldout_columns(outcome.config):
+        best = min(sources, key=lambda s: table[s][mean].mean)
+        base, gap = table["base"][mean].mean, table["base"][mean].mean - table[best][mean].mean
+        for run in outcome.config.runs:
+            if run in table and gap > 0:
+                share = (base - table[run][mean].mean) / gap
+                out.setdefault(run, {})[mean] = {"best": best, "share": share}
+    return out
+
+
+def format_gap(gaps: dict[str, dict]) -> str:
+    if not gaps:
+        return ""
+    means = list(next(iter(gaps.values())))
+    lines = ["| run | " + " | ".join(f"gap closed ({m}, best: {{}})" for m in means) + " |"]
+    lines[0] = lines[0].format(*(next(iter(gaps.values()))[m]["best"] for m in means))
+    lines.append("|---|" + "---|" * len(means))
+    for run, cells in gaps.items():
+        shares = " | ".join(f"{cells[m]['share']:.1%}" if m in cells else "" for m in means)
+        lines.append(f"| {run} | {shares} |")
+    return "\n".join(lines)
 
 
 def mean_curve(record) -> tuple[list[float], list[float]]:
@@ -79,13 +122,15 @@ def check_claims(outcome: Outcome, table: dict[str, dict[str, Summary]]) -> list
     sources = list(outcome.config.sources)
     runs = set(outcome.config.runs)
 
-    def verdict(a: str, b: str) -> dict:
-        seeds = [table[r]["mean"].n for r in (a, b) if r in runs]
-        return _verdict(a, table[a]["mean"], b, table[b]["mean"], min(seeds, default=None))
-
     out = []
     for claim in outcome.config.claims:
-        result: dict = {"claim": claim.text, "kind": claim.kind}
+        mean = "ood mean" if claim.heldout == "ood" else "mean"
+
+        def verdict(a: str, b: str, mean: str = mean) -> dict:
+            seeds = [table[r][mean].n for r in (a, b) if r in runs]
+            return _verdict(a, table[a][mean], b, table[b][mean], min(seeds, default=None))
+
+        result: dict = {"claim": claim.text, "kind": claim.kind, "heldout": claim.heldout}
         if claim.kind in ("better", "order"):
             if claim.kind == "better":
                 run = _needed(claim.run, claim, "run")
@@ -157,12 +202,20 @@ def _overall(verdicts: list[str]) -> str:
     return pending[0] if pending else NOT_SIGNIFICANT
 
 
-def format_table(table: dict[str, dict[str, Summary]], domains) -> str:
-    lines = ["| model | " + " | ".join(domains) + " | mean | n |"]
-    lines.append("|---|" + "---|" * (len(domains) + 2))
+def format_table(table: dict[str, dict[str, Summary]], domains, ood: tuple[str, ...] = ()) -> str:
+    """In-distribution domains and their mean, then (``ood``: the OOD kinds) the
+    out-of-distribution domains and theirs, side by side."""
+    groups = [(tuple(domains), "mean")]
+    if ood:
+        groups.append((tuple(f"ood-{k}" for k in ood), "ood mean"))
+    names = [n for ds, mean in groups for n in (*ds, mean)]
+    lines = ["| model | " + " | ".join(names) + " | n |"]
+    lines.append("|---|" + "---|" * (len(names) + 1))
     for row, cells in table.items():
-        values = " | ".join(str(cells[d]) for d in domains)
-        lines.append(f"| {row} | {values} | **{cells['mean']}** | {cells['mean'].n} |")
+        values = []
+        for ds, mean in groups:
+            values += [str(cells[d]) for d in ds] + [f"**{cells[mean]}**"]
+        lines.append(f"| {row} | " + " | ".join(values) + f" | {cells['mean'].n} |")
     return "\n".join(lines)
 
 
@@ -184,6 +237,7 @@ def write_report(outcome: Outcome) -> dict:
     cfg = outcome.config
     table = row_summaries(outcome)
     claims = check_claims(outcome, table)
+    gaps = gap_closed(outcome, table)
     work = outcome.work_dir
     plots = {
         "curves": str(work / "bpb-vs-tokens.png"),
@@ -211,6 +265,7 @@ def write_report(outcome: Outcome) -> dict:
             for r in outcome.runs
         ],
         "claims": claims,
+        "gap_closed": gaps,
         "plots": plots,
         "config": cfg.model_dump(mode="json", by_alias=True),
     }
@@ -224,9 +279,17 @@ def write_report(outcome: Outcome) -> dict:
         f"{list(cfg.seeds)}; baselines are single models (n = 1). "
         f"Total {outcome.minutes:.1f} min.",
         "",
-        format_table(table, cfg.corpus.domains),
+        format_table(table, cfg.corpus.domains, cfg.corpus.ood),
         "",
     ]
+    if gaps:
+        md += [
+            "Share of the gap between the target before training (base) and the best source "
+            "that each run closes, (base − run) / (base − best source):",
+            "",
+            format_gap(gaps),
+            "",
+        ]
     if outcome.best_source:
         md += [f"Best single source (validation split): {outcome.best_source}.", ""]
     if claims:
