@@ -19,6 +19,7 @@ from fuseserve.experiment.stats import (
     significantly_lower,
     summarize,
     token_efficiency,
+    tokens_to_reach,
 )
 
 REPRODUCED = "reproduced"
@@ -73,6 +74,52 @@ def gap_closed(outcome: Outcome, table: dict[str, dict[str, Summary]]) -> dict[s
                 share = (base - table[run][mean].mean) / gap
                 out.setdefault(run, {})[mean] = {"best": best, "share": share}
     return out
+
+
+def crossings(outcome: Outcome) -> dict[str, dict[str, dict]]:
+    """Figure 2 against the untrained baselines: per run and per level (the ensemble, the merge
+    and the best source on the test mean, when the file has them), the training tokens at which
+    the run's mean held-out curve first reaches that level, per seed (None: never)."""
+    levels: dict[str, float] = {}
+    for row in ("ensemble", "merge"):
+        if row in outcome.baselines:
+            levels[row] = _mean(outcome.baselines[row], outcome.config.corpus.domains)
+    sources = [s for s in outcome.config.sources if s in outcome.baselines]
+    if sources:
+        means = {s: _mean(outcome.baselines[s], outcome.config.corpus.domains) for s in sources}
+        best = min(means, key=means.__getitem__)
+        levels[f"best source ({best})"] = means[best]
+    out: dict[str, dict[str, dict]] = {}
+    for run in outcome.config.runs:
+        records = sorted((r for r in outcome.runs if r.run == run), key=lambda r: r.seed)
+        for name, level in levels.items():
+            reached = [tokens_to_reach(*mean_curve(r), level) for r in records]
+            out.setdefault(run, {})[name] = {"level": level, "tokens": reached}
+    return out
+
+
+def _mean(bpb: dict[str, float], domains) -> float:
+    return sum(bpb[d] for d in domains) / len(domains)
+
+
+def format_crossings(cross: dict[str, dict[str, dict]]) -> str:
+    if not cross or not next(iter(cross.values())):
+        return ""
+    names = list(next(iter(cross.values())))
+    head = " | ".join(f"reaches {n} ({cross[next(iter(cross))][n]['level']:.4f})" for n in names)
+    lines = [f"| run | {head} |", "|---|" + "---|" * len(names)]
+    for run, cells in cross.items():
+        values = []
+        for n in names:
+            tokens = cells[n]["tokens"]
+            got = [t for t in tokens if t is not None]
+            text = f"{sum(got) / len(got):,.0f} tokens" if got else "never"
+            values.append(
+                text
+                + (f" ({len(got)} of {len(tokens)} seeds)" if 0 < len(got) < len(tokens) else "")
+            )
+        lines.append(f"| {run} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
 
 
 def format_gap(gaps: dict[str, dict]) -> str:
@@ -238,6 +285,8 @@ def write_report(outcome: Outcome) -> dict:
     table = row_summaries(outcome)
     claims = check_claims(outcome, table)
     gaps = gap_closed(outcome, table)
+    cross = crossings(outcome)
+    cross_table = format_crossings(cross)
     work = outcome.work_dir
     plots = {
         "curves": str(work / "bpb-vs-tokens.png"),
@@ -266,6 +315,7 @@ def write_report(outcome: Outcome) -> dict:
         ],
         "claims": claims,
         "gap_closed": gaps,
+        "crossings": cross,
         "plots": plots,
         "config": cfg.model_dump(mode="json", by_alias=True),
     }
@@ -292,6 +342,14 @@ def write_report(outcome: Outcome) -> dict:
         ]
     if outcome.best_source:
         md += [f"Best single source (validation split): {outcome.best_source}.", ""]
+    if cross_table:
+        md += [
+            "Figure 2 against the untrained baselines: training tokens at which each run's mean "
+            "held-out BPB (test split) first reaches the level, mean over the seeds that do:",
+            "",
+            cross_table,
+            "",
+        ]
     if claims:
         md += ["## The paper's claims, checked", "", format_claims(claims), ""]
     md += [
@@ -323,6 +381,11 @@ def plot_curves(outcome: Outcome, path: Path) -> None:
         mean, std = values.mean(0), values.std(0)
         (line,) = ax.plot(tokens, mean, marker="o", markersize=3, label=run)
         ax.fill_between(tokens, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+        if "ensemble" in outcome.baselines:  # where the run crosses the ensemble
+            level = _mean(outcome.baselines["ensemble"], outcome.config.corpus.domains)
+            crossed = tokens_to_reach(tokens.tolist(), mean.tolist(), level)
+            if crossed is not None:
+                ax.plot([crossed], [level], marker="x", markersize=10, color=line.get_color())
     for row, bpb in outcome.baselines.items():
         if row in ("base", "ensemble", "merge"):
             value = sum(bpb.values()) / len(bpb)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from fuseserve.experiment.config import load_experiment
 from fuseserve.experiment.report import check_claims, row_summaries
 from fuseserve.experiment.runner import Outcome, RunRecord
@@ -116,3 +118,31 @@ def test_share_of_the_gap_to_the_best_source():
     assert abs(gaps["fused-spans"]["mean"]["share"] - 0.21 / 1.4) < 1e-9
     # outside: base +0.2, smollm2 -1.5 (gap 1.7); fused at +0.01 on average closes 0.19 / 1.7
     assert abs(gaps["fused-spans"]["ood mean"]["share"] - 0.19 / 1.7) < 1e-9
+
+
+def test_figure_2_crossings_of_the_ensemble():
+    from fuseserve.experiment.report import crossings, format_crossings
+
+    o = outcome([0, 1, 2], [2.10] * 3, [2.20] * 3)  # base 2.4, merge 2.2, ensemble 2.3
+
+    def curve(values):
+        return [
+            {"step": i, "tokens_seen": 100 * i, "eval_bpb": {d: v for d in o.config.corpus.domains}}
+            for i, v in enumerate(values)
+        ]
+
+    for r in o.runs:
+        # fused: 2.4 -> 2.2 -> 2.1 crosses the ensemble (2.3) half-way to 100 tokens; CLM only
+        # 2.4 -> 2.35 -> 2.25 (seed 0 only: 2.4 -> 2.35 -> 2.32 never gets there)
+        if r.run == "fused-spans":
+            r.curve = curve([2.4, 2.2, 2.1])
+        else:
+            r.curve = curve([2.4, 2.35, 2.32 if r.seed == 0 else 2.25])
+    cross = crossings(o)
+    assert cross["fused-spans"]["ensemble"]["tokens"] == pytest.approx([50.0] * 3)
+    assert cross["clm-only"]["ensemble"]["tokens"][0] is None
+    assert cross["clm-only"]["ensemble"]["tokens"][1:] == pytest.approx([150.0] * 2)
+    assert cross["fused-spans"]["merge"]["tokens"] == pytest.approx([100.0] * 3)
+    text = format_crossings(cross)
+    assert "| fused-spans | 50 tokens | 100 tokens |" in text
+    assert "| clm-only | 150 tokens (2 of 3 seeds) | never |" in text
