@@ -170,7 +170,7 @@ def _check_train_data(cfg) -> None:
     try:
         HeldOut.load(cfg)
     except (FileNotFoundError, ValueError) as exc:
-        raise SettingsError(f"{exc}" if "eval_data" in str(exc) else f"eval_data: {exc}") from None
+        raise SettingsError(str(exc)) from None
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -62,7 +62,7 @@ def read_documents(paths: Sequence[str | Path], field: str = "text") -> list[str
     for spec in paths:
         path = Path(spec)
         if not path.exists():
-            raise FileNotFoundError(f"data: no such file or directory {str(spec)!r}")
+            raise FileNotFoundError(f"no such file or directory {str(spec)!r}")
         if path.is_dir() and (path / "dataset_info.json").exists():
             from datasets import load_from_disk
 
@@ -74,7 +74,7 @@ def read_documents(paths: Sequence[str | Path], field: str = "text") -> list[str
     kept = [d for d in docs if d.strip()]
     if not kept:
         names = ", ".join(str(p) for p in paths) or "(no paths)"
-        raise ValueError(f"data: no text in {names} (empty files or none read)")
+        raise ValueError(f"no text in {names} (empty files or none read)")
     return kept
 
 
@@ -166,7 +166,7 @@ def read_conversations(paths: Sequence[str | Path]) -> list[list[dict[str, str]]
     for spec in paths:
         path = Path(spec)
         if not path.exists():
-            raise FileNotFoundError(f"data: no such file or directory {spec!r}")
+            raise FileNotFoundError(f"no such file or directory {spec!r}")
         files = sorted(path.rglob("*.jsonl")) if path.is_dir() else [path]
         for file in files:
             with file.open(encoding="utf-8") as f:
@@ -198,7 +198,7 @@ def read_conversations(paths: Sequence[str | Path]) -> list[list[dict[str, str]]
                         conversations.append(msgs)
     if not conversations:
         names = ", ".join(str(p) for p in paths) or "(no paths)"
-        raise ValueError(f"data: no conversation with an assistant turn in {names}")
+        raise ValueError(f"no conversation with an assistant turn in {names}")
     return conversations
 
 

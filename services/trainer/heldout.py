@@ -38,7 +38,7 @@ class HeldOut:
         for domain, paths in cfg.eval_domains().items():
             try:
                 texts[domain] = read_documents(paths)
-            except ValueError as exc:
+            except (FileNotFoundError, ValueError) as exc:
                 raise ValueError(f"eval_data: domain {domain!r}: {exc}") from None
         return cls(texts, cfg.eval_max_length, cfg.block_size)
 

@@ -97,7 +97,20 @@ def test_eval_cli_refuses_an_empty_domain_in_one_line(tmp_path, capsys):
     code = main(["eval", "--model", "shipped:smollm2", "--data", f"c={tmp_path / 'empty'}"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0
-    assert err.startswith("error: data: domain 'c': data: no text in")
+    assert err.startswith("error: data: domain 'c': no text in")
+
+
+def test_train_cli_refuses_empty_data_before_ray_starts(tmp_path, capsys):
+    from fuseserve.cli import main
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a.txt").write_text("some text")
+    base = ["train", "--model", "shipped:smollm2", "--lam", "1.0", "--max-steps", "1"]
+    assert main([*base, "--data", str(tmp_path / "empty")]) == 2
+    assert capsys.readouterr().err.startswith("error: data: no text in")
+    eval_data = f"c={tmp_path / 'empty'}"
+    assert main([*base, "--data", str(tmp_path / "a.txt"), "--eval-data", eval_data]) == 2
+    assert capsys.readouterr().err.startswith("error: eval_data: domain 'c': no text in")
 
 
 def test_no_bytes_scored_is_nan_not_zero():
