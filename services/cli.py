@@ -146,6 +146,7 @@ def _train(args: argparse.Namespace) -> int:
         fusion_options=options,
     )
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    _check_train_data(cfg)
     from fuseserve.trainer.job import run_training
 
     result = run_training(cfg)
@@ -183,6 +184,25 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_train_data(cfg) -> None:
+    """Read ``data`` and ``eval_data`` once before Ray starts, so a missing path or an empty
+    data set is one line naming the field, not a traceback from a worker."""
+    from fuseserve.trainer.data import read_conversations, read_documents
+    from fuseserve.trainer.heldout import HeldOut
+
+    try:
+        if cfg.chat:
+            read_conversations(cfg.data)
+        else:
+            read_documents(cfg.data, cfg.data_field)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SettingsError(f"data: {exc}") from None
+    try:
+        HeldOut.load(cfg)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SettingsError(str(exc)) from None
+
+
 def _eval(args: argparse.Namespace) -> int:
     import json
 
@@ -199,7 +219,8 @@ def _eval(args: argparse.Namespace) -> int:
             read = read_conversations if args.chat else read_documents
             domains[name] = read(paths.split(","))
         except (FileNotFoundError, ValueError) as exc:
-            print(f"error: data{' (--chat)' if args.chat else ''}: {exc}", file=sys.stderr)
+            kind = " (--chat)" if args.chat else ""
+            print(f"error: data{kind}: domain {name!r}: {exc}", file=sys.stderr)
             return 2
     rows = {}
     for model in args.model:
@@ -279,6 +300,9 @@ def _experiment(args: argparse.Namespace) -> int:
             rows = set(cfg.row_names()) | {"sources"}
             kept = tuple(c for c in cfg.claims if set(c.rows_named()) <= rows)
             cfg = cfg.model_copy(update={"claims": kept})
+        from fuseserve.experiment.corpus import deal_corpus
+
+        deal_corpus(cfg.corpus)  # too little text for the splits asked: one line, before anything
     except (ConfigError, ValueError) as exc:
         print(f"error: {args.config}: {exc}", file=sys.stderr)
         return 2
@@ -289,7 +313,7 @@ def _experiment(args: argparse.Namespace) -> int:
     outcome = ExperimentRunner(cfg, work, args.cache_dir).run()
     summary = write_report(outcome)
     print("\nHeld-out bits per UTF-8 byte (lower is better), mean ± std over seeds:\n")
-    print(format_table(row_summaries(outcome), cfg.corpus.domains))
+    print(format_table(row_summaries(outcome), cfg.corpus.domains, cfg.corpus.ood))
     if summary["claims"]:
         print("\nThe paper's claims, checked:\n" + format_claims(summary["claims"]))
     print(f"\n{outcome.minutes:.1f} min; report: {outcome.work_dir / 'results.md'}")

@@ -32,6 +32,14 @@ class CorpusConfig(Strict):
     valid_chars: int = Field(8_000, ge=0, description="choosing the best single source")
     test_chars: int = Field(20_000, gt=0, description="held-out evaluation (the tables)")
     piece_chars: int = Field(3_000, ge=200, description="documents are cut into such pieces")
+    split_by: Literal["document", "piece"] = Field(
+        "document",
+        description="document: every document in one split; piece: pieces dealt one by one",
+    )
+    ood: tuple[Literal["prose", "code", "c"], ...] = Field(
+        (), description="out-of-distribution held-out domains (ood-<kind>), text from elsewhere"
+    )
+    ood_chars: int = Field(20_000, gt=0, description="characters per out-of-distribution domain")
 
     @model_validator(mode="after")
     def _known(self) -> CorpusConfig:
@@ -147,9 +155,12 @@ class ClaimConfig(Strict):
     final BPB with at most ``at_most`` of its tokens. ``judged``: ``run`` has a lower mean
     fused-teacher-judged BPB of its own completions than each row in ``than`` by more than 2 std,
     and a mean held-out BPB at most ``at_most`` (a fraction, e.g. 0.01) above each of theirs.
+    ``heldout``: which mean ``better``, ``order`` and ``judged`` compare: ``test`` (in
+    distribution) or ``ood`` (the corpus's ``ood`` domains).
     """
 
     kind: Literal["better", "order", "efficiency", "judged"]
+    heldout: Literal["test", "ood"] = "test"
     text: str = Field(description="the claim in words, as the report prints it")
     run: str | None = None
     than: tuple[str, ...] = ()
@@ -225,6 +236,8 @@ class ExperimentConfig(Strict):
         for i, claim in enumerate(self.claims):
             if claim.kind == "judged" and self.judge is None:
                 raise ValueError(f"claims.{i}.kind: a judged claim needs the `judge` section")
+            if claim.heldout == "ood" and not self.corpus.ood:
+                raise ValueError(f"claims.{i}.heldout: ood, but corpus.ood names no domain")
             for field in ("run", "baseline"):
                 value = getattr(claim, field)
                 if value is not None and value not in rows:
@@ -293,6 +306,7 @@ class ExperimentConfig(Strict):
                 "fusion_chars": min(self.corpus.fusion_chars, 3_000),
                 "valid_chars": min(self.corpus.valid_chars, 800),
                 "test_chars": min(self.corpus.test_chars, 1_200),
+                "ood_chars": min(self.corpus.ood_chars, 1_200),
                 "piece_chars": 600,
             }
         )
@@ -382,9 +396,10 @@ def _read_with_extends(path: Path, chain: list[Path]) -> dict[str, Any]:
 
 def _check_specs(cfg: ExperimentConfig) -> None:
     """Model and tokenizer specs that name nothing fail here, before any training."""
-    from fuseserve.loading import SHIPPED
+    from fuseserve import shipped
+    from fuseserve.loading import SHIPPED, SHIPPED_MODELS
 
-    shipped_models = {"shipped:smollm2"}
+    shipped_models = set(SHIPPED_MODELS)
     for name, model in cfg.models.items():
         if model.spec is not None:
             spec = model.spec
@@ -394,6 +409,10 @@ def _check_specs(cfg: ExperimentConfig) -> None:
                         f"models.{name}.spec: unknown shipped model {spec!r}; "
                         f"known: {sorted(shipped_models)}"
                     )
+                try:
+                    shipped.check_installed(spec)
+                except shipped.ShippedAssetMissing as exc:
+                    raise ConfigError(f"models.{name}.spec: {spec}: {exc}") from None
             elif not Path(spec).expanduser().exists():
                 raise ConfigError(f"models.{name}.spec: no such file or directory {spec!r}")
         if model.init is not None:

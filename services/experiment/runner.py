@@ -99,17 +99,18 @@ class ExperimentRunner:
         minutes = (time.monotonic() - started) / 60
         return Outcome(self.cfg, baselines, runs, best, minutes, self.work, judged_base)
 
-    def _test(self) -> dict[str, list[str]]:
-        assert self.corpus is not None
-        return self.corpus.heldout("test")
-
     def evaluate(self, spec: str, key: str, split: str = "test") -> dict[str, float]:
-        """Held-out BPB per domain of one model, cached by (model key, text)."""
+        """Held-out BPB per domain of one model, cached by (model key, text). Split ``test``
+        also gives the out-of-distribution domains (``ood-<kind>``) when the file asks for them."""
         from fuseserve.trainer.evaluate import evaluate_domains
 
         assert self.corpus is not None
+        if split == "test" and self.corpus.ood_domains:
+            return {**self.evaluate(spec, key, "test-in"), **self.evaluate(spec, key, "ood")}
+        split = "test" if split == "test-in" else split
         length = self.cfg.training.eval_max_length
-        ekey = _hash({"model": key, "text": self.corpus.fingerprint, "split": split, "len": length})
+        text = self.corpus.ood_fingerprint if split == "ood" else self.corpus.fingerprint
+        ekey = _hash({"model": key, "text": text, "split": split, "len": length})
         path = self.cache / "evals" / f"{ekey}.json"
         if path.exists():
             return json.loads(path.read_text())
@@ -140,11 +141,16 @@ class ExperimentRunner:
         assert self.corpus is not None
         length = self.cfg.training.eval_max_length
         keys = [s.key for s in sources]
-        ekey = _hash({"ensemble": keys, "text": self.corpus.fingerprint, "len": length})
-        path = self.cache / "evals" / f"ensemble-{ekey}.json"
-        if not path.exists():
-            _write_json(path, ensemble_bpb([s.spec for s in sources], self._test(), length))
-        return json.loads(path.read_text())
+        out = {}
+        for split in ("test", "ood") if self.corpus.ood_domains else ("test",):
+            fingerprint = self.corpus.ood_fingerprint if split == "ood" else self.corpus.fingerprint
+            ekey = _hash({"ensemble": keys, "text": fingerprint, "len": length})
+            path = self.cache / "evals" / f"ensemble-{ekey}.json"
+            if not path.exists():
+                texts = self.corpus.heldout(split)
+                _write_json(path, ensemble_bpb([s.spec for s in sources], texts, length))
+            out.update(json.loads(path.read_text()))
+        return out
 
     def _merge(self, sources: list[PreparedModel]) -> dict[str, float]:
         from fuseserve.experiment.merge import merge_models
@@ -226,6 +232,11 @@ class ExperimentRunner:
                     aligner = services.address() if settings.fused and services else None
                     self.train(run, seed, settings, teachers, folder, aligner)
                 record = self.load_record(run, seed, key, folder, teachers)
+                if self.corpus is not None and self.corpus.ood_domains:
+                    # the final model on text from outside the corpus (after training: the
+                    # curve stays in distribution, and finished runs need no retraining)
+                    ood = self.evaluate(record.model_dir, f"run-{key}", "ood")
+                    record.final = {**record.final, **ood}
                 if services is not None and self.cfg.judge is not None:
                     record.judged = self.judged(record.model_dir, folder, services)
                 records.append(record)
@@ -257,8 +268,9 @@ class ExperimentRunner:
             return json.loads(path.read_text())
         print(f"judging the completions of {spec}")
         tokenizer = load_tokenizer(self.models[self.cfg.target].tokenizer)
+        prompts_from = self.corpus.heldout("test")
         verdict = judge_model(
-            spec, tokenizer, self._test(), services.address(), list(self.cfg.sources), judge, k
+            spec, tokenizer, prompts_from, services.address(), list(self.cfg.sources), judge, k
         )
         value = {**asdict(verdict), "judge": judge.model_dump()}
         _write_json(path, value)

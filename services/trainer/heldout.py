@@ -34,7 +34,12 @@ class HeldOut:
     def load(cls, cfg: TrainConfig) -> HeldOut | None:
         if not cfg.eval_data:
             return None
-        texts = {d: read_documents(paths) for d, paths in cfg.eval_domains().items()}
+        texts = {}
+        for domain, paths in cfg.eval_domains().items():
+            try:
+                texts[domain] = read_documents(paths)
+            except (FileNotFoundError, ValueError) as exc:
+                raise ValueError(f"eval_data: domain {domain!r}: {exc}") from None
         return cls(texts, cfg.eval_max_length, cfg.block_size)
 
     @staticmethod

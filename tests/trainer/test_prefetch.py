@@ -232,6 +232,7 @@ def test_an_aligner_that_is_down_longer_than_get_waits_is_waited_for(mistral_tok
             servicer.release.release()
         server.stop(0)
 
+
 def test_fed_places_wait_for_their_blocks_which_go_as_ids(stand_in, blocks):
     """The order 0, FED, FED, 1: block 1 is not asked for before both samples are fed, and the
     samples are asked for by their ids (no text)."""
