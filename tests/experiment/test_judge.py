@@ -49,7 +49,8 @@ def outcome_with(judged_on: list[float], judged_off: list[float], held_on: float
     runs = []
     for run, judged, held in (("on-rkl", judged_on, held_on), ("off-spans", judged_off, 1.0)):
         for seed, value in enumerate(judged):
-            final = dict.fromkeys(cfg.corpus.domains, held)
+            ood = [f"ood-{kind}" for kind in cfg.corpus.ood]
+            final = dict.fromkeys([*cfg.corpus.domains, *ood], held)
             verdict = {"bpb": {"fused": value}, "distinct2": 0.9, "completion_len": 60.0}
             runs.append(RunRecord(run, seed, "k", "m", final, [], judged=verdict))
     return Outcome(cfg, {}, runs, None, 1.0, Path("."))
