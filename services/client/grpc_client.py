@@ -16,7 +16,7 @@ from typing import Protocol
 
 import grpc
 
-from fuseserve.client.params import FuseError, FuseParams
+from fuseserve.client.params import FuseError, FuseParams, call_texts
 from fuseserve.errors import InvalidRequest, Overloaded
 from fuseserve.wire import convert
 from fuseserve.wire.fuse_reply import FuseReply
@@ -31,8 +31,6 @@ from fuseserve.wire.status import error_from_rpc
 from fuseserve.wire.v1 import aligner_pb2, aligner_pb2_grpc
 
 DEFAULT = FuseParams()
-# worth asking again (after a pause): the aligner restarting, or shedding load
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 
 class StreamCall(Protocol):
@@ -102,10 +100,15 @@ class GrpcClient(_GrpcBase):
             raise rpc_error(exc) from None
 
     def fuse(
-        self, texts: str | Sequence[str], params: FuseParams = DEFAULT, request_id: str = ""
+        self,
+        texts: str | Sequence[str] | None = None,
+        params: FuseParams = DEFAULT,
+        request_id: str = "",
+        *,
+        token_ids: Sequence[Sequence[int]] | None = None,
     ) -> FuseReply:
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        request = params.grpc_request(request_id, texts)
+        """Fused blocks for ``texts``, or for target ``token_ids`` (exactly one of the two)."""
+        request = params.grpc_request(request_id, call_texts(texts, token_ids), token_ids)
         try:
             reply = self.stub.Fuse(request, timeout=self.timeout_s, metadata=self.metadata)
         except grpc.RpcError as exc:
@@ -146,10 +149,15 @@ class AsyncGrpcClient(_GrpcBase):
             raise rpc_error(exc) from None
 
     async def fuse(
-        self, texts: str | Sequence[str], params: FuseParams = DEFAULT, request_id: str = ""
+        self,
+        texts: str | Sequence[str] | None = None,
+        params: FuseParams = DEFAULT,
+        request_id: str = "",
+        *,
+        token_ids: Sequence[Sequence[int]] | None = None,
     ) -> FuseReply:
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        request = params.grpc_request(request_id, texts)
+        """As ``GrpcClient.fuse``."""
+        request = params.grpc_request(request_id, call_texts(texts, token_ids), token_ids)
         try:
             reply = await self.stub.Fuse(request, timeout=self.timeout_s, metadata=self.metadata)
         except grpc.RpcError as exc:

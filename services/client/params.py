@@ -40,6 +40,15 @@ class FuseError(RuntimeError):
         self.retry_after_s = retry_after_s
 
 
+def call_texts(texts, token_ids) -> list[str]:
+    """The texts of a fuse call that gives exactly one of ``texts`` and ``token_ids``."""
+    if (texts is None) == (token_ids is None):
+        raise ValueError("give exactly one of texts and token_ids")
+    if texts is None:
+        return []
+    return [texts] if isinstance(texts, str) else list(texts)
+
+
 @dataclass(frozen=True)
 class FuseParams:
     """Fusion choices (None / empty: the service's defaults) and the cut of each block: rows
@@ -60,9 +69,13 @@ class FuseParams:
             return None
         return json.loads(self.options) if isinstance(self.options, str) else dict(self.options)
 
-    def rest_body(self, texts: Sequence[str]) -> dict[str, Any]:
+    def rest_body(
+        self, texts: Sequence[str], token_ids: Sequence[Sequence[int]] | None = None
+    ) -> dict[str, Any]:
+        """The JSON body for ``texts``, or for target ``token_ids`` (one list per block)."""
         body = {
-            "texts": list(texts),
+            "texts": None if token_ids is not None else list(texts),
+            "token_ids": None if token_ids is None else [list(map(int, r)) for r in token_ids],
             "k": self.k,
             "preset": self.preset,
             "options": self.options_dict(),
@@ -74,10 +87,17 @@ class FuseParams:
         }
         return {key: value for key, value in body.items() if value is not None or key == "top"}
 
-    def grpc_request(self, request_id: str, texts: Sequence[str]) -> aligner_pb2.FuseRequest:
+    def grpc_request(
+        self,
+        request_id: str,
+        texts: Sequence[str],
+        token_ids: Sequence[Sequence[int]] | None = None,
+    ) -> aligner_pb2.FuseRequest:
+        """The ``FuseRequest`` for ``texts``, or for target ``token_ids`` (one list per block)."""
         call = FuseCall(
             id=request_id,
             texts=tuple(texts),
+            token_ids=None if token_ids is None else tuple(tuple(map(int, r)) for r in token_ids),
             k=self.k,
             preset=self.preset,
             options=self.options_dict(),

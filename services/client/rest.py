@@ -15,7 +15,13 @@ from typing import Any
 
 import httpx
 
-from fuseserve.client.params import FuseParams, compact_reply, reply_from_json, rest_error
+from fuseserve.client.params import (
+    FuseParams,
+    call_texts,
+    compact_reply,
+    reply_from_json,
+    rest_error,
+)
 from fuseserve.wire.fuse_reply import MEDIA_TYPE, FuseReply, decode_reply
 
 DEFAULT = FuseParams()
@@ -45,11 +51,13 @@ class _RestBase:
     def _open(self, **kwargs):
         raise NotImplementedError
 
-    def _request(self, texts, params: FuseParams, binary: bool | None) -> dict[str, Any]:
-        texts = [texts] if isinstance(texts, str) else list(texts)
+    def _request(
+        self, texts, params: FuseParams, binary: bool | None, token_ids=None
+    ) -> dict[str, Any]:
+        texts = call_texts(texts, token_ids)
         binary = self.binary if binary is None else binary
         accept = MEDIA_TYPE if binary else "application/json"
-        return {"json": params.rest_body(texts), "headers": {"accept": accept}}
+        return {"json": params.rest_body(texts, token_ids), "headers": {"accept": accept}}
 
     @staticmethod
     def _reply(response: httpx.Response) -> FuseReply:
@@ -73,10 +81,17 @@ class RestClient(_RestBase):
         return httpx.Client(**kwargs)
 
     def fuse(
-        self, texts: str | Sequence[str], params: FuseParams = DEFAULT, binary: bool | None = None
+        self,
+        texts: str | Sequence[str] | None = None,
+        params: FuseParams = DEFAULT,
+        binary: bool | None = None,
+        *,
+        token_ids: Sequence[Sequence[int]] | None = None,
     ) -> FuseReply:
-        """Fused blocks for ``texts`` (one block per text), cut as ``params`` says."""
-        return self._reply(self._http.post("/v1/fuse", **self._request(texts, params, binary)))
+        """Fused blocks for ``texts`` (one block per text), or for target ``token_ids`` (one
+        block per list of ids; exactly one of the two), cut as ``params`` says."""
+        request = self._request(texts, params, binary, token_ids)
+        return self._reply(self._http.post("/v1/fuse", **request))
 
     def teachers(self) -> list[dict[str, Any]]:
         return self._json(self._http.get("/v1/teachers"))
@@ -101,9 +116,15 @@ class AsyncRestClient(_RestBase):
         return httpx.AsyncClient(**kwargs)
 
     async def fuse(
-        self, texts: str | Sequence[str], params: FuseParams = DEFAULT, binary: bool | None = None
+        self,
+        texts: str | Sequence[str] | None = None,
+        params: FuseParams = DEFAULT,
+        binary: bool | None = None,
+        *,
+        token_ids: Sequence[Sequence[int]] | None = None,
     ) -> FuseReply:
-        request = self._request(texts, params, binary)
+        """As ``RestClient.fuse``."""
+        request = self._request(texts, params, binary, token_ids)
         return self._reply(await self._http.post("/v1/fuse", **request))
 
     async def teachers(self) -> list[dict[str, Any]]:

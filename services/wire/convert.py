@@ -125,6 +125,7 @@ def fuse_call_to_pb(call: FuseCall) -> aligner_pb2.FuseRequest:
         options_json=json.dumps(call.options) if call.options is not None else "",
         teachers=list(call.teachers or ()),
         float_dtype=call.float_dtype,
+        token_ids=[aligner_pb2.TokenIds(ids=list(ids)) for ids in call.token_ids or ()],
     )
 
 
@@ -146,6 +147,7 @@ def fuse_call_from_pb(request: aligner_pb2.FuseRequest) -> FuseCall:
         options=options,
         teachers=tuple(request.teachers) or None,
         float_dtype=float_dtype,
+        token_ids=tuple(tuple(row.ids) for row in request.token_ids) or None,
     )
 
 

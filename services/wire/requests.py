@@ -1,9 +1,9 @@
 """The calls services make to each other, as plain values: a teacher Score, an aligner Fuse.
 
 Covers ``ScoreQuery`` (texts, k, what to do with a text over the teacher's length, the BOS
-choice, the float width of the reply) and ``FuseCall`` (a fuse request's id, texts and optional
-overrides, ``None`` where the service default applies). Frozen; no checks beyond their types:
-each service validates what it receives and names the bad field.
+choice, the float width of the reply) and ``FuseCall`` (a fuse request's id, texts or target
+token ids, and optional overrides, ``None`` where the service default applies). Frozen; no
+checks beyond their types: each service validates what it receives and names the bad field.
 
 Leaves out: protobuf encodings (``fuseserve.wire.convert``) and the answers (``messages``).
 """
@@ -29,7 +29,8 @@ class ScoreQuery:
 @dataclass(frozen=True)
 class FuseCall:
     """One fuse request. ``k``, ``preset``, ``options``, ``teachers``: None for the service's
-    defaults; ``float_dtype``: of the fused probabilities in the reply."""
+    defaults; ``float_dtype``: of the fused probabilities in the reply; ``token_ids``: target
+    ids per block instead of ``texts`` (then empty)."""
 
     id: str
     texts: tuple[str, ...]
@@ -38,3 +39,4 @@ class FuseCall:
     options: dict[str, Any] | None = None
     teachers: tuple[str, ...] | None = None
     float_dtype: str = "f32"
+    token_ids: tuple[tuple[int, ...], ...] | None = None

@@ -48,9 +48,11 @@ def fused_key(
     k: int,
     options_key: str,
     text: str,
+    ids: bytes | None = None,
 ) -> str:
-    """Key of one fused block: target, teachers in order, k, every fusion option, the text."""
-    return "f:" + _digest(
+    """Key of one fused block: target, teachers in order, k, every fusion option, the text, and
+    ``ids`` (the target ids as bytes) when they are not the tokenizer's own for ``text``."""
+    parts: list[str | bytes] = [
         str(KEY_SCHEMA),
         "fused",
         target_fingerprint,
@@ -58,7 +60,10 @@ def fused_key(
         str(k),
         options_key,
         text,
-    )
+    ]
+    if ids is not None:
+        parts += ["ids", ids]
+    return "f:" + _digest(*parts)
 
 
 class _Budget:

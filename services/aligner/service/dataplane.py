@@ -20,12 +20,14 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, TypeVar
 
 import numpy as np
 from pydantic import ValidationError
 
 from fuseserve.aligner.alignment import AlignMethod
+from fuseserve.aligner.idstext import adds_prefix_space, text_of_ids
 from fuseserve.aligner.options import PRESETS, FusionOptions, VocabAlign
 from fuseserve.aligner.pipeline import TeacherInput, fuse_block
 from fuseserve.aligner.service.cache import Cache, SingleFlight, fused_key, scores_key
@@ -58,6 +60,18 @@ class FuseQuery:
     k: int
     options: FusionOptions
     teachers: tuple[str, ...]
+    # target ids given instead of texts ([n_i] int64 each); ``texts`` is filled from them when
+    # the query is answered
+    token_ids: tuple[np.ndarray, ...] | None = None
+    # admission: the backlog (seconds, at the measured rates) this request may wait behind, and
+    # the setting that says so (named in a refusal)
+    horizon_s: float = 30.0
+    horizon_setting: str = "request_deadline_s"
+
+    @property
+    def size(self) -> int:
+        """Blocks asked for."""
+        return len(self.token_ids) if self.token_ids is not None else len(self.texts)
 
 
 @dataclass(frozen=True)
@@ -78,6 +92,8 @@ class BlockResult:
 class _Target:
     ids: np.ndarray  # [n]
     offsets: np.ndarray  # [n, 2]
+    # ids given that are not the tokenizer's own for their text: part of the fused cache key
+    key_ids: bytes | None = None
 
 
 def request_error(fault: TeacherFault) -> ServiceError:
@@ -128,6 +144,38 @@ def check_text(text: object, field: str, max_chars: int, max_bytes: int) -> None
         raise InvalidRequest(field, f"{size} UTF-8 bytes exceed max_text_bytes={max_bytes}")
 
 
+def check_token_ids(
+    rows: object, vocab_size: int, max_texts: int, max_tokens: int, min_tokens: int = 2
+) -> tuple[np.ndarray, ...]:
+    """Target id sequences as [n_i] int64 arrays: 1..``max_texts`` lists of
+    ``min_tokens``..``max_tokens`` ints in ``[0, vocab_size)``; else ``InvalidRequest`` naming
+    ``token_ids[i][j]``."""
+    if not isinstance(rows, Sequence) or isinstance(rows, str | bytes) or not rows:
+        raise InvalidRequest("token_ids", "must hold at least one list of token ids")
+    if len(rows) > max_texts:
+        raise InvalidRequest("token_ids", f"{len(rows)} sequences exceed max_texts={max_texts}")
+    out = []
+    for i, row in enumerate(rows):
+        field = f"token_ids[{i}]"
+        if not isinstance(row, Sequence | np.ndarray) or isinstance(row, str | bytes):
+            raise InvalidRequest(field, "must be a list of token ids")
+        if not min_tokens <= len(row) <= max_tokens:
+            raise InvalidRequest(
+                field,
+                f"{len(row)} ids: needs {min_tokens} to max_block_tokens={max_tokens} target ids",
+            )
+        for j, value in enumerate(row):
+            if isinstance(value, bool) or not isinstance(value, int | np.integer):
+                raise InvalidRequest(f"{field}[{j}]", f"must be an integer token id, got {value!r}")
+            if not 0 <= value < vocab_size:
+                raise InvalidRequest(
+                    f"{field}[{j}]",
+                    f"id {value} is outside the target vocabulary [0, {vocab_size})",
+                )
+        out.append(np.asarray(row, dtype=np.int64))
+    return tuple(out)
+
+
 class FusionService:
     def __init__(
         self,
@@ -145,6 +193,7 @@ class FusionService:
         max_text_chars: int = 262144,
         max_text_bytes: int = 512 * 1024,
         request_deadline_s: float = 30.0,
+        interactive_deadline_s: float = 5.0,
     ) -> None:
         self.tokenizer = target_tokenizer
         self.target = target_view
@@ -160,6 +209,7 @@ class FusionService:
         self.max_text_chars = max_text_chars
         self.max_text_bytes = max_text_bytes
         self.request_deadline_s = request_deadline_s
+        self.interactive_deadline_s = interactive_deadline_s
         # one thread tokenises (a fast tokenizer must not be called from two threads at once);
         # the event loop stays free for health checks and other requests meanwhile
         self._tokenize = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
@@ -184,18 +234,27 @@ class FusionService:
     # ------------------------------------------------------------------ validation
     def query(
         self,
-        texts: Sequence[str],
+        texts: Sequence[str] | None,
         k: int | None = None,
         preset: str | None = None,
         options: dict[str, Any] | None = None,
         teachers: Sequence[str] | None = None,
+        token_ids: Sequence[Sequence[int]] | None = None,
+        streamed: bool = False,
     ) -> FuseQuery:
-        if isinstance(texts, str) or not texts:
-            raise InvalidRequest("texts", "must hold at least one text")
-        if len(texts) > self.max_texts:
-            raise InvalidRequest("texts", f"{len(texts)} texts exceed max_texts={self.max_texts}")
-        for i, text in enumerate(texts):
-            check_text(text, f"texts[{i}]", self.max_text_chars, self.max_text_bytes)
+        """A validated query of ``texts``, or of target ``token_ids`` (exactly one of them);
+        ``streamed``: from a FuseStream (a trainer keeping blocks in flight, admitted within
+        ``request_deadline_s``), else interactive (``interactive_deadline_s``)."""
+        ids: tuple[np.ndarray, ...] | None = None
+        if token_ids is not None:
+            if texts:
+                raise InvalidRequest("token_ids", "give exactly one of texts and token_ids")
+            ids = check_token_ids(
+                token_ids, self.target.vocab_size, self.max_texts, self.max_block_tokens
+            )
+            texts = ()
+        else:
+            self._check_texts(texts)
         preset = preset or self.preset
         if preset not in PRESETS:
             raise InvalidRequest("preset", f"unknown preset {preset!r}; choose {sorted(PRESETS)}")
@@ -215,7 +274,25 @@ class FusionService:
         max_k = min(t.max_k for t in chosen)
         if not 1 <= k <= max_k:
             raise InvalidRequest("k", f"must be in [1, {max_k}] (the teachers' limit), got {k}")
-        return FuseQuery(tuple(texts), k, resolved, names)
+        horizon_s, setting = self.horizon(streamed)
+        return FuseQuery(
+            tuple(texts or ()), k, resolved, names, ids,
+            horizon_s=horizon_s, horizon_setting=setting,
+        )  # fmt: skip
+
+    def horizon(self, streamed: bool) -> tuple[float, str]:
+        """(seconds of backlog a request may wait behind, the setting that says so)."""
+        if streamed:
+            return self.request_deadline_s, "request_deadline_s"
+        return min(self.interactive_deadline_s, self.request_deadline_s), "interactive_deadline_s"
+
+    def _check_texts(self, texts: Sequence[str] | None) -> None:
+        if texts is None or isinstance(texts, str) or not texts:
+            raise InvalidRequest("texts", "must hold at least one text")
+        if len(texts) > self.max_texts:
+            raise InvalidRequest("texts", f"{len(texts)} texts exceed max_texts={self.max_texts}")
+        for i, text in enumerate(texts):
+            check_text(text, f"texts[{i}]", self.max_text_chars, self.max_text_bytes)
 
     def tokenize_target(self, text: str, field: str) -> _Target:
         enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
@@ -231,10 +308,46 @@ class FusionService:
             np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2),
         )
 
+    @cached_property
+    def prefix_space(self) -> bool:
+        """Whether the target tokenizer adds SentencePiece's dummy-prefix space."""
+        return adds_prefix_space(self.tokenizer, self.target)
+
+    def ids_target(self, ids: np.ndarray, field: str) -> tuple[str, _Target]:
+        """The text target ``ids`` stand for, with their offsets. Ids that are the tokenizer's
+        own for that text get exactly the text path's target (and cache key); other ids key
+        the fused cache on themselves too."""
+        recovered = text_of_ids(ids, self.target, self.prefix_space)
+        if not recovered.text:
+            raise InvalidRequest(field, "stands for no text (special tokens only)")
+        check_text(recovered.text, field, self.max_text_chars, self.max_text_bytes)
+        enc = self.tokenizer(recovered.text, return_offsets_mapping=True, add_special_tokens=False)
+        if np.array_equal(np.asarray(enc["input_ids"], dtype=np.int64), ids):
+            offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+            return recovered.text, _Target(ids, offsets)
+        key = ids.astype("<i4").tobytes()
+        return recovered.text, _Target(ids, recovered.offsets, key)
+
+    async def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """The target tokenizer's ids of ``texts`` (its special tokens added as it does by
+        default), in the tokenizer's thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._tokenize, lambda: [list(self.tokenizer(t)["input_ids"]) for t in texts]
+        )
+
+    def _targets(self, query: FuseQuery) -> tuple[tuple[str, ...], list[_Target]]:
+        """Every block's text and target tokens (runs in the tokenizer's thread)."""
+        if query.token_ids is None:
+            targets = [self.tokenize_target(t, f"texts[{i}]") for i, t in enumerate(query.texts)]
+            return query.texts, targets
+        pairs = [self.ids_target(ids, f"token_ids[{i}]") for i, ids in enumerate(query.token_ids)]
+        return tuple(text for text, _ in pairs), [target for _, target in pairs]
+
     # ------------------------------------------------------------------ fusing
     async def fuse(self, query: FuseQuery) -> list[BlockResult]:
         """Answer every block of a validated query, in order."""
-        n = len(query.texts)
+        n = query.size
         # shed before any work (tokenising, cache look-ups) while the teachers or this
         # process are behind
         self._admit(query, n)
@@ -246,10 +359,8 @@ class FusionService:
         start, answered = time.perf_counter(), False
         try:
             loop = asyncio.get_running_loop()
-            targets = await loop.run_in_executor(
-                self._tokenize,
-                lambda: [self.tokenize_target(t, f"texts[{i}]") for i, t in enumerate(query.texts)],
-            )
+            texts, targets = await loop.run_in_executor(self._tokenize, self._targets, query)
+            query = dataclasses.replace(query, texts=texts)
             with self.cache.request_budget():  # a slow or hung cache costs one timeout at most
                 results = await self._fuse(query, targets)
             answered = True
@@ -273,12 +384,13 @@ class FusionService:
             f"{self.max_inflight_blocks}); retry later"
         )
 
-    def _fused_key(self, query: FuseQuery, text: str) -> str:
+    def _fused_key(self, query: FuseQuery, text: str, ids: bytes | None = None) -> str:
         prints = [f"{n}={self.pool.fingerprint(n)}" for n in query.teachers]
-        return fused_key(self.target.fingerprint, prints, query.k, query.options.cache_key(), text)
+        options = query.options.cache_key()
+        return fused_key(self.target.fingerprint, prints, query.k, options, text, ids)
 
     async def _fuse(self, query: FuseQuery, targets: list[_Target]) -> list[BlockResult]:
-        keys = [self._fused_key(query, text) for text in query.texts]
+        keys = [self._fused_key(query, t, g.key_ids) for t, g in zip(query.texts, targets)]
         cached = await asyncio.gather(*(self.cache.get(key) for key in keys))
         results: list[BlockResult | None] = [None] * len(keys)
         waits: dict[int, asyncio.Future] = {}
@@ -317,15 +429,16 @@ class FusionService:
 
     def _admit(self, query: FuseQuery, n: int, this_process: bool = True) -> None:
         """Admit ``n`` blocks only if every teacher they need, and this process, can answer them
-        within ``request_deadline_s`` at the rate each has been answering (idle ones always may).
+        within the query's horizon at the rate each has been answering (idle ones always may).
         """
+        horizon = (query.horizon_s, query.horizon_setting)
         waits = {name: self.pool.load(name).wait_s(n) for name in query.teachers}
         name, wait = max(waits.items(), key=lambda kv: kv[1])
-        if wait > self.request_deadline_s:
-            raise self._shed(name, self.pool.load(name), n, wait)
+        if wait > query.horizon_s:
+            raise self._shed(name, self.pool.load(name), n, wait, horizon)
         wait = self.load.wait_s(n) if this_process else 0.0
-        if wait > self.request_deadline_s:
-            raise self._shed(SELF, self.load, n, wait)
+        if wait > query.horizon_s:
+            raise self._shed(SELF, self.load, n, wait, horizon)
 
     def refusal_before_parsing(self, every_teacher: bool = False) -> Overloaded | None:
         """The 429 for a request, decided before its body is parsed: every block slot is taken,
@@ -336,26 +449,30 @@ class FusionService:
         full = self._no_slots(1)
         if full is not None:
             return full
+        horizon = self.horizon(streamed=False)
         wait = self.load.wait_s(1)
-        if wait > self.request_deadline_s:
-            return self._shed(SELF, self.load, 1, wait)
+        if wait > horizon[0]:
+            return self._shed(SELF, self.load, 1, wait, horizon)
         waits = {name: self.pool.load(name).wait_s(1) for name in self.pool.names}
         if not waits:
             return None
         pick = max if every_teacher else min
         name, wait = pick(waits.items(), key=lambda kv: kv[1])
-        if wait > self.request_deadline_s:
-            return self._shed(name, self.pool.load(name), 1, wait)
+        if wait > horizon[0]:
+            return self._shed(name, self.pool.load(name), 1, wait, horizon)
         return None
 
-    def _shed(self, name: str, load: Load, n: int, wait: float) -> Overloaded:
+    def _shed(
+        self, name: str, load: Load, n: int, wait: float, horizon: tuple[float, str]
+    ) -> Overloaded:
         self.metrics.shed.labels(name).inc()
         who = "the aligner" if name == SELF else f"teacher {name!r}"
+        seconds, setting = horizon
         return Overloaded(
             f"{who} has {load.inflight} blocks in flight at "
             f"{load.rate:.2f} blocks/s: {n} more would take {wait:.1f}s, over "
-            f"request_deadline_s={self.request_deadline_s:g}; retry later",
-            retry_after_s=wait - self.request_deadline_s,
+            f"{setting}={seconds:g}; retry later",
+            retry_after_s=wait - seconds,
         )
 
     def _decode_fused(self, value: bytes | None, target: _Target, query: FuseQuery):

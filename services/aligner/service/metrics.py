@@ -24,6 +24,14 @@ class AlignerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.openai_positions = Counter(
+            "fuseserve_aligner_openai_positions",
+            "positions answered by /v1/completions, by where the actual token's probability "
+            "came from: listed (the fused row), tail (its share of the row's tail), zero "
+            "(neither: written as -9999.0)",
+            ["actual"],
+            registry=r,
+        )
         self.blocks = Counter(
             "fuseserve_aligner_blocks",
             "blocks answered, by source: hit (fused cache), shared (identical request in "

@@ -41,10 +41,18 @@ class FuseBody(BaseModel):
     texts: list[NonEmptyText] | None = Field(
         None, min_length=1, description="several text blocks (at least one)"
     )
+    token_ids: list[list[int]] | None = Field(
+        None,
+        min_length=1,
+        description="target token ids instead of texts, one list per block (exactly one of "
+        "text, texts, token_ids): the text is rebuilt from the ids, never re-tokenised",
+    )
     k: int | None = Field(None, ge=1, le=1024, description="top-k asked of each teacher")
     preset: Literal["default", "spans", "fusellm"] | None = None
     options: dict[str, Any] | None = Field(None, description="FusionOptions field overrides")
-    teachers: list[str] | None = Field(None, description="a subset of teachers by name")
+    teachers: list[str] | None = Field(
+        None, min_length=1, description="a subset of teachers by name (omit it for all)"
+    )
     top: int | None = Field(
         5, ge=1, le=1024, description="fused candidates kept per position (null: all of them)"
     )
@@ -66,8 +74,9 @@ class FuseBody(BaseModel):
 
     @model_validator(mode="after")
     def _one_of(self) -> FuseBody:
-        if (self.text is None) == (self.texts is None):
-            raise ValueError("give exactly one of 'text' and 'texts'")
+        given = [self.text, self.texts, self.token_ids]
+        if sum(value is not None for value in given) != 1:
+            raise ValueError("give exactly one of 'text', 'texts' and 'token_ids'")
         return self
 
     def all_texts(self) -> list[str]:
@@ -100,6 +109,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         "model": ErrorEnvelope,
         "description": "overloaded: retry after the Retry-After header (seconds)",
     },
+    415: {"model": ErrorEnvelope, "description": "a Content-Type other than application/json"},
     406: {
         "model": ErrorEnvelope,
         "description": f"the Accept header names neither application/json nor {MEDIA_TYPE}",
@@ -178,7 +188,9 @@ def validation_error(errors: Sequence[Mapping[str, Any]]) -> InvalidRequest:
 def parse_fuse_body(raw: bytes) -> FuseBody:
     """Decode (UTF-8), parse (JSON) and validate (strict) a fuse request body."""
     if not raw:
-        raise InvalidRequest("body", "empty: send a JSON object with 'text' or 'texts'")
+        raise InvalidRequest(
+            "body", "empty: send a JSON object with 'text', 'texts' or 'token_ids'"
+        )
     try:
         document = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:

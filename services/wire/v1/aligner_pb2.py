@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66useserve/wire/v1/aligner.proto\x12\x14\x66useserve.aligner.v1\"\r\n\x0bInfoRequest\"\x91\x01\n\x0bTeacherInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x02 \x03(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x04 \x01(\t\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\r\n\x05max_k\x18\x06 \x01(\x05\x12\r\n\x05ready\x18\x07 \x01(\x08\"\xef\x01\n\tInfoReply\x12\x18\n\x10target_tokenizer\x18\x01 \x01(\t\x12\x1a\n\x12target_fingerprint\x18\x02 \x01(\t\x12\x19\n\x11target_vocab_size\x18\x03 \x01(\x05\x12\x33\n\x08teachers\x18\x04 \x03(\x0b\x32!.fuseserve.aligner.v1.TeacherInfo\x12\x11\n\tdefault_k\x18\x05 \x01(\x05\x12\x1c\n\x14\x64\x65\x66\x61ult_options_json\x18\x06 \x01(\t\x12\x18\n\x10max_block_tokens\x18\x07 \x01(\x05\x12\x11\n\tmax_texts\x18\x08 \x01(\x05\"\x80\x01\n\x0b\x46useRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\t\n\x01k\x18\x03 \x01(\x05\x12\x0e\n\x06preset\x18\x04 \x01(\t\x12\x14\n\x0coptions_json\x18\x05 \x01(\t\x12\x10\n\x08teachers\x18\x06 \x03(\t\x12\x13\n\x0b\x66loat_dtype\x18\x07 \x01(\t\"\x95\x01\n\nFusedBlock\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\r\n\x05\x62lock\x18\x03 \x01(\x0c\x12\x11\n\tcache_hit\x18\x04 \x01(\x08\x12\x10\n\x08teachers\x18\x05 \x03(\t\x12\n\n\x02\x63\x65\x18\x06 \x03(\x02\x12\x10\n\x08\x63overage\x18\x07 \x03(\x02\x12\x1a\n\x12target_fingerprint\x18\x08 \x01(\t\"=\n\tFuseReply\x12\x30\n\x06\x62locks\x18\x01 \x03(\x0b\x32 .fuseserve.aligner.v1.FusedBlock2\xf8\x01\n\x07\x41ligner\x12J\n\x04Info\x12!.fuseserve.aligner.v1.InfoRequest\x1a\x1f.fuseserve.aligner.v1.InfoReply\x12J\n\x04\x46use\x12!.fuseserve.aligner.v1.FuseRequest\x1a\x1f.fuseserve.aligner.v1.FuseReply\x12U\n\nFuseStream\x12!.fuseserve.aligner.v1.FuseRequest\x1a .fuseserve.aligner.v1.FusedBlock(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66useserve/wire/v1/aligner.proto\x12\x14\x66useserve.aligner.v1\"\r\n\x0bInfoRequest\"\x91\x01\n\x0bTeacherInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x02 \x03(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x04 \x01(\t\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\r\n\x05max_k\x18\x06 \x01(\x05\x12\r\n\x05ready\x18\x07 \x01(\x08\"\xef\x01\n\tInfoReply\x12\x18\n\x10target_tokenizer\x18\x01 \x01(\t\x12\x1a\n\x12target_fingerprint\x18\x02 \x01(\t\x12\x19\n\x11target_vocab_size\x18\x03 \x01(\x05\x12\x33\n\x08teachers\x18\x04 \x03(\x0b\x32!.fuseserve.aligner.v1.TeacherInfo\x12\x11\n\tdefault_k\x18\x05 \x01(\x05\x12\x1c\n\x14\x64\x65\x66\x61ult_options_json\x18\x06 \x01(\t\x12\x18\n\x10max_block_tokens\x18\x07 \x01(\x05\x12\x11\n\tmax_texts\x18\x08 \x01(\x05\"\xb3\x01\n\x0b\x46useRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\t\n\x01k\x18\x03 \x01(\x05\x12\x0e\n\x06preset\x18\x04 \x01(\t\x12\x14\n\x0coptions_json\x18\x05 \x01(\t\x12\x10\n\x08teachers\x18\x06 \x03(\t\x12\x13\n\x0b\x66loat_dtype\x18\x07 \x01(\t\x12\x31\n\ttoken_ids\x18\x08 \x03(\x0b\x32\x1e.fuseserve.aligner.v1.TokenIds\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x95\x01\n\nFusedBlock\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\r\n\x05\x62lock\x18\x03 \x01(\x0c\x12\x11\n\tcache_hit\x18\x04 \x01(\x08\x12\x10\n\x08teachers\x18\x05 \x03(\t\x12\n\n\x02\x63\x65\x18\x06 \x03(\x02\x12\x10\n\x08\x63overage\x18\x07 \x03(\x02\x12\x1a\n\x12target_fingerprint\x18\x08 \x01(\t\"=\n\tFuseReply\x12\x30\n\x06\x62locks\x18\x01 \x03(\x0b\x32 .fuseserve.aligner.v1.FusedBlock2\xf8\x01\n\x07\x41ligner\x12J\n\x04Info\x12!.fuseserve.aligner.v1.InfoRequest\x1a\x1f.fuseserve.aligner.v1.InfoReply\x12J\n\x04\x46use\x12!.fuseserve.aligner.v1.FuseRequest\x1a\x1f.fuseserve.aligner.v1.FuseReply\x12U\n\nFuseStream\x12!.fuseserve.aligner.v1.FuseRequest\x1a .fuseserve.aligner.v1.FusedBlock(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,11 +38,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFOREPLY']._serialized_start=221
   _globals['_INFOREPLY']._serialized_end=460
   _globals['_FUSEREQUEST']._serialized_start=463
-  _globals['_FUSEREQUEST']._serialized_end=591
-  _globals['_FUSEDBLOCK']._serialized_start=594
-  _globals['_FUSEDBLOCK']._serialized_end=743
-  _globals['_FUSEREPLY']._serialized_start=745
-  _globals['_FUSEREPLY']._serialized_end=806
-  _globals['_ALIGNER']._serialized_start=809
-  _globals['_ALIGNER']._serialized_end=1057
+  _globals['_FUSEREQUEST']._serialized_end=642
+  _globals['_TOKENIDS']._serialized_start=644
+  _globals['_TOKENIDS']._serialized_end=667
+  _globals['_FUSEDBLOCK']._serialized_start=670
+  _globals['_FUSEDBLOCK']._serialized_end=819
+  _globals['_FUSEREPLY']._serialized_start=821
+  _globals['_FUSEREPLY']._serialized_end=882
+  _globals['_ALIGNER']._serialized_start=885
+  _globals['_ALIGNER']._serialized_end=1133
 # @@protoc_insertion_point(module_scope)

@@ -49,7 +49,7 @@ class InfoReply(_message.Message):
     def __init__(self, target_tokenizer: _Optional[str] = ..., target_fingerprint: _Optional[str] = ..., target_vocab_size: _Optional[int] = ..., teachers: _Optional[_Iterable[_Union[TeacherInfo, _Mapping]]] = ..., default_k: _Optional[int] = ..., default_options_json: _Optional[str] = ..., max_block_tokens: _Optional[int] = ..., max_texts: _Optional[int] = ...) -> None: ...
 
 class FuseRequest(_message.Message):
-    __slots__ = ("id", "texts", "k", "preset", "options_json", "teachers", "float_dtype")
+    __slots__ = ("id", "texts", "k", "preset", "options_json", "teachers", "float_dtype", "token_ids")
     ID_FIELD_NUMBER: _ClassVar[int]
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,7 @@ class FuseRequest(_message.Message):
     OPTIONS_JSON_FIELD_NUMBER: _ClassVar[int]
     TEACHERS_FIELD_NUMBER: _ClassVar[int]
     FLOAT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     id: str
     texts: _containers.RepeatedScalarFieldContainer[str]
     k: int
@@ -64,7 +65,14 @@ class FuseRequest(_message.Message):
     options_json: str
     teachers: _containers.RepeatedScalarFieldContainer[str]
     float_dtype: str
-    def __init__(self, id: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., preset: _Optional[str] = ..., options_json: _Optional[str] = ..., teachers: _Optional[_Iterable[str]] = ..., float_dtype: _Optional[str] = ...) -> None: ...
+    token_ids: _containers.RepeatedCompositeFieldContainer[TokenIds]
+    def __init__(self, id: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., preset: _Optional[str] = ..., options_json: _Optional[str] = ..., teachers: _Optional[_Iterable[str]] = ..., float_dtype: _Optional[str] = ..., token_ids: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ...) -> None: ...
+
+class TokenIds(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class FusedBlock(_message.Message):
     __slots__ = ("id", "index", "block", "cache_hit", "teachers", "ce", "coverage", "target_fingerprint")
