@@ -63,7 +63,7 @@ SIZES = {
     ),
     "cpu": Sizes(
         layers=2, lengths=(64,), rounds=1, vocabs=(32000,), loss_length=256,
-        dtypes=("float32",), steps=3, block=64, batch=2, accum=2,
+        dtypes=("float32", "bfloat16"), steps=3, block=64, batch=2, accum=2,
     ),
 }  # fmt: skip
 
