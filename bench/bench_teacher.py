@@ -46,29 +46,22 @@ def make_texts(backend, length: int, count: int) -> list[str]:
     return out
 
 
-def run(model: str, length: int, rounds: int, k: int, concurrency: int) -> dict:
-    from fuseserve.teacher.hf_backend import HFBackend
-    from fuseserve.teacher.server import start_server
-    from fuseserve.teacher.settings import TeacherSettings
-
+def model_spec(model: str) -> str:
+    """The model spec of a ``--models`` name: ``tiny`` (built here), ``smollm2`` (shipped)."""
     if model == "tiny":
         from fuseserve import shipped
         from fuseserve.teacher.tiny import save_tiny_llama
 
         folder = save_tiny_llama(shipped.mistral_v1_tokenizer(), tempfile.mkdtemp(), seed=0)
-        spec = str(folder)
-    else:
-        spec = "shipped:smollm2"
-    backend = HFBackend.load(spec, max_sequence_length=length, max_k=64)
-    texts = make_texts(backend, length, concurrency)
-    items = [backend.tokenize(t, None, truncate=True) for t in texts]
-    tokens = sum(len(i.ids) for i in items)
+        return str(folder)
+    return "shipped:smollm2"
 
-    backend.score(items[:1], k)  # warm-up
-    start = time.perf_counter()
-    for _ in range(rounds):
-        backend.score(items, k)
-    base_s = time.perf_counter() - start
+
+def served(backend, texts: list[str], length: int, rounds: int, k: int, concurrency: int):
+    """(seconds for ``rounds`` of ``texts`` through a gRPC teacher serving ``backend`` with
+    ``concurrency`` client threads, {f32/f16: Score reply bytes per token at k = 10})."""
+    from fuseserve.teacher.server import start_server
+    from fuseserve.teacher.settings import TeacherSettings
 
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
@@ -106,6 +99,34 @@ def run(model: str, length: int, rounds: int, k: int, concurrency: int) -> dict:
     channel.close()
     asyncio.run_coroutine_threadsafe(running.stop(1.0), loop).result()
     loop.call_soon_threadsafe(loop.stop)
+    return served_s, sizes
+
+
+def run(
+    model: str,
+    length: int,
+    rounds: int,
+    k: int,
+    concurrency: int,
+    spec: str | None = None,
+    device: str = "auto",
+) -> dict:
+    """One model at one length: in-process vs served. ``spec``: the model to load (default:
+    ``model_spec(model)``); ``device``: the backend's ("auto": CUDA when there is one, bf16)."""
+    from fuseserve.teacher.hf_backend import HFBackend
+
+    spec = spec or model_spec(model)
+    backend = HFBackend.load(spec, device=device, max_sequence_length=length, max_k=64)
+    texts = make_texts(backend, length, concurrency)
+    items = [backend.tokenize(t, None, truncate=True) for t in texts]
+    tokens = sum(len(i.ids) for i in items)
+
+    backend.score(items[:1], k)  # warm-up
+    start = time.perf_counter()
+    for _ in range(rounds):
+        backend.score(items, k)
+    base_s = time.perf_counter() - start
+    served_s, sizes = served(backend, texts, length, rounds, k, concurrency)
     return {
         "model": model,
         "length": length,
@@ -115,6 +136,8 @@ def run(model: str, length: int, rounds: int, k: int, concurrency: int) -> dict:
         "ratio": base_s / served_s,
         "bytes_per_token_f32": sizes["f32"],
         "bytes_per_token_f16": sizes["f16"],
+        "device": backend.info.device,
+        "dtype": backend.info.dtype,
     }
 
 

@@ -35,28 +35,39 @@ import tempfile
 from pathlib import Path
 
 
-def peak_memory(kind: str, length: int, vocab: int, width: int, chunk: int, queue) -> None:
+def loss_inputs(length: int, vocab: int, width: int, device="cpu", dtype=None):
+    """Synthetic (logits [1, L, V] with grad, labels, fused ids [1, L, W], fused probs)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, length, vocab, generator=g).to(device, dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (1, length), generator=g).to(device)
+    ids = torch.randint(0, vocab, (1, length, width), generator=g).to(device)
+    probs = torch.softmax(torch.randn(1, length, width, generator=g), -1).to(device)
+    return logits, labels, ids, probs
+
+
+def loss_of(kind: str, logits, labels, ids, probs, chunk: int):
+    """The loss a ``kind`` of ``MEMORY_KINDS`` computes (λ = 0.9 for the fused ones)."""
     import torch
 
     from fuseserve.trainer.loss import clm_loss, combined_loss, dense_fusion_loss
 
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(1, length, vocab, generator=g, requires_grad=True)
-    labels = torch.randint(0, vocab, (1, length), generator=g)
-    ids = torch.randint(0, vocab, (1, length, width), generator=g)
-    probs = torch.softmax(torch.randn(1, length, width, generator=g), -1)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if kind == "clm":
-        loss = clm_loss(logits, labels)
-    elif kind == "fused":
-        loss, _, _ = combined_loss(logits, labels, ids, probs, lam=0.9, chunk=chunk)
-    elif kind == "fused, one chunk":
-        loss, _, _ = combined_loss(logits, labels, ids, probs, lam=0.9)
-    else:
-        dense = torch.zeros(1, length, vocab)
-        dense.scatter_add_(-1, ids, probs)
-        loss = 0.9 * clm_loss(logits, labels) + 0.1 * dense_fusion_loss(logits, dense)
-    loss.backward()
+        return clm_loss(logits, labels)
+    if kind == "fused":
+        return combined_loss(logits, labels, ids, probs, lam=0.9, chunk=chunk)[0]
+    if kind == "fused, one chunk":
+        return combined_loss(logits, labels, ids, probs, lam=0.9)[0]
+    dense = torch.zeros(logits.shape, device=logits.device)
+    dense.scatter_add_(-1, ids, probs)
+    return 0.9 * clm_loss(logits, labels) + 0.1 * dense_fusion_loss(logits, dense)
+
+
+def peak_memory(kind: str, length: int, vocab: int, width: int, chunk: int, queue) -> None:
+    logits, labels, ids, probs = loss_inputs(length, vocab, width)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    loss_of(kind, logits, labels, ids, probs, chunk).backward()
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     queue.put((after - before) * 1024)
 

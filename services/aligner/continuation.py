@@ -8,6 +8,12 @@ target has already read (byte conditioning, see ``spans``).
 
 How an entry is found, in order:
 
+0. a remaining text of only spaces, of a whitespace-run token of a byte-level BPE teacher, is read
+   as followed by a space and a word (its pre-tokenizer ends such runs one space early, see
+   ``RUN_FOLLOWER``): the target tokenizer is asked about ``rest + " x"`` (SmolLM2's newline and
+   three spaces before " return" are four spaces of indentation, which Mistral v1 reads as one
+   four-space token); when the target merges that text with the newline it is asked about, the
+   longest target token that is a prefix of the spaces alone is taken;
 1. exact matches are pinned: at offset 0 the vocabulary map's exact match (EM), at any offset a
    target token whose surface is exactly the remaining text;
 2. the target tokenizer itself, asked through ``first_tokens`` (a callable supplied by the caller,
@@ -32,12 +38,18 @@ from typing import Any
 
 import numpy as np
 
-from fuseserve.aligner.tokenview import TokenizerView, surface_to_bytes
+from fuseserve.aligner.tokenview import Scheme, TokenizerView, surface_to_bytes
 from fuseserve.aligner.vocabmap import StringMode, VocabMap, best_surface_ids
 from fuseserve.wire import codec
 
-CONTINUATION_SCHEMA = 1
+CONTINUATION_SCHEMA = 2  # 2: runs of spaces of byte-level teachers are read with their follower
 SENTINEL = "\n"
+# Byte-level BPE pre-tokenizers (GPT-2's ``\s+(?!\S)``: SmolLM2, Tekken, Llama 3, ...) end a run of
+# whitespace one space early when anything but whitespace follows, so the next token starts with
+# the last space: "\n    return" is "\n   " + " return", "    1" is "   " + " " + "1". A teacher
+# token that is a run (``_space_run``) is therefore read as followed by a space and a word, and
+# the target tokenizer is asked about that text.
+RUN_FOLLOWER = " x"
 
 FirstTokens = Callable[[Sequence[str]], np.ndarray]
 
@@ -119,6 +131,13 @@ def _longest_prefix(data: bytes, by_bytes: dict[bytes, int], longest: int) -> in
     return -1
 
 
+def _space_run(data: bytes) -> bool:
+    """A whitespace-only token of at least two bytes that ends with a space: what a byte-level
+    pre-tokenizer leaves before a token that starts with a space (a single space is also what it
+    puts before a digit, "x = 1" being "x", " =", " ", "1", so it is not read this way)."""
+    return len(data) >= 2 and data.strip() == b"" and data.endswith(b" ")
+
+
 def build_continuation_table(
     teacher: TokenizerView,
     target: TokenizerView,
@@ -135,37 +154,60 @@ def build_continuation_table(
         raise ValueError("vocab_map: built for other tokenizers")
     by_bytes = {surface_to_bytes(s): i for s, i in best_surface_ids(target).items()}
     longest = max((len(b) for b in by_bytes), default=0)
-    surfaces = teacher.surface_bytes
-    sizes = np.array([max(len(b), 1) for b in surfaces], dtype=np.int64)
-    start = np.zeros(len(surfaces) + 1, dtype=np.int64)
+    sizes = np.array([max(len(b), 1) for b in teacher.surface_bytes], dtype=np.int64)
+    start = np.zeros(len(sizes) + 1, dtype=np.int64)
     np.cumsum(sizes, out=start[1:])
     first = np.full(int(start[-1]), -1, dtype=np.int64)
-    ask_at: list[int] = []
-    ask: list[str] = []
-    for c, data in enumerate(surfaces):
-        base = start[c]
-        if vocab_map.exact[c]:
+    questions = _fill_known(first, start, teacher, vocab_map, by_bytes, longest)
+    if questions:
+        ask_at, ask, fallback = zip(*questions)
+        asked = first_tokens(list(ask)) if first_tokens is not None else np.full(len(ask), -1)
+        for at, rest, hit in zip(ask_at, fallback, asked):
+            exact = by_bytes.get(rest, -1)
+            first[at] = (
+                hit
+                if hit >= 0
+                else exact
+                if exact >= 0
+                else _longest_prefix(rest, by_bytes, longest)
+            )
+    at_start = first[start[:-1]]
+    missing = (at_start < 0) & (vocab_map.target_ids >= 0)
+    first[start[:-1][missing]] = vocab_map.target_ids[missing]  # MinED for what nothing starts
+    return ContinuationTable(teacher.fingerprint, target.fingerprint, first.astype(np.int32), start)
+
+
+def _fill_known(
+    first: np.ndarray,
+    start: np.ndarray,
+    teacher: TokenizerView,
+    vocab_map: VocabMap,
+    by_bytes: dict[bytes, int],
+    longest: int,
+) -> list[tuple[int, str, bytes]]:
+    """Fill the entries found without the target tokenizer (steps 1 and 3 of the module
+    docstring); return the questions for it: (entry, text to ask about, the bytes to fall back on
+    when it cannot say)."""
+    questions: list[tuple[int, str, bytes]] = []
+    byte_level = teacher.scheme is Scheme.BYTE_LEVEL
+    for c, data in enumerate(teacher.surface_bytes):
+        base = int(start[c])
+        run = byte_level and _space_run(data)
+        if vocab_map.exact[c] and not run:
             first[base] = vocab_map.target_ids[c]
         for o in range(len(data)):
             if first[base + o] >= 0:
                 continue
             rest = data[o:]
+            if run and rest.strip(b" ") == b"":
+                questions.append((base + o, rest.decode() + RUN_FOLLOWER, rest))
+                continue
             hit = by_bytes.get(rest)
             if hit is not None:
                 first[base + o] = hit
                 continue
             try:
-                text = rest.decode("utf-8")
+                questions.append((base + o, rest.decode("utf-8"), rest))
             except UnicodeDecodeError:
                 first[base + o] = _longest_prefix(rest, by_bytes, longest)
-                continue
-            ask_at.append(int(base + o))
-            ask.append(text)
-    if ask:
-        asked = first_tokens(ask) if first_tokens is not None else np.full(len(ask), -1)
-        for at, text, hit in zip(ask_at, ask, asked):
-            first[at] = hit if hit >= 0 else _longest_prefix(text.encode(), by_bytes, longest)
-    at_start = first[start[:-1]]
-    missing = (at_start < 0) & (vocab_map.target_ids >= 0)
-    first[start[:-1][missing]] = vocab_map.target_ids[missing]  # MinED for what nothing starts
-    return ContinuationTable(teacher.fingerprint, target.fingerprint, first.astype(np.int32), start)
+    return questions

@@ -77,9 +77,16 @@ class FusionOptions(BaseModel):
         return cls(**{**PRESETS[name], **overrides})
 
     def cache_key(self) -> str:
-        """A canonical string of every option, for content-addressed cache keys."""
-        return self.model_dump_json()
+        """A canonical string of every option, for content-addressed cache keys (with the
+        version of the ``spans`` rows when they are used, so rows built by an older version are
+        never reused)."""
+        key = self.model_dump_json()
+        return f"{key}|spans-v{SPANS_VERSION}" if self.alignment is AlignMethod.SPANS else key
 
+
+# 2: a byte-level teacher's runs of spaces are projected with the space and word that follow them
+# (``continuation.RUN_FOLLOWER``; issue #25, item 5)
+SPANS_VERSION = 2
 
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},

@@ -13,10 +13,11 @@ the cut (top-n per row, position range); errors are ``FuseError``.
 Leaves out: the server side; retry policies (errors say whether and when to retry).
 """
 
-from fuseserve.client.grpc_client import RETRYABLE, AsyncGrpcClient, GrpcClient
+from fuseserve.client.grpc_client import AsyncGrpcClient, GrpcClient
 from fuseserve.client.params import FuseError, FuseParams
 from fuseserve.client.rest import AsyncRestClient, RestClient
 from fuseserve.wire.fuse_reply import MEDIA_TYPE, FuseReply, ReplyBlock
+from fuseserve.wire.status import RETRYABLE, retryable
 
 __all__ = [
     "MEDIA_TYPE",
@@ -29,4 +30,5 @@ __all__ = [
     "GrpcClient",
     "ReplyBlock",
     "RestClient",
+    "retryable",
 ]

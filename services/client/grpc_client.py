@@ -31,8 +31,6 @@ from fuseserve.wire.status import error_from_rpc
 from fuseserve.wire.v1 import aligner_pb2, aligner_pb2_grpc
 
 DEFAULT = FuseParams()
-# worth asking again (after a pause): the aligner restarting, or shedding load
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 
 class StreamCall(Protocol):

@@ -32,6 +32,14 @@ class CorpusConfig(Strict):
     valid_chars: int = Field(8_000, ge=0, description="choosing the best single source")
     test_chars: int = Field(20_000, gt=0, description="held-out evaluation (the tables)")
     piece_chars: int = Field(3_000, ge=200, description="documents are cut into such pieces")
+    split_by: Literal["document", "piece"] = Field(
+        "document",
+        description="document: every document in one split; piece: pieces dealt one by one",
+    )
+    ood: tuple[Literal["prose", "code", "c"], ...] = Field(
+        (), description="out-of-distribution held-out domains (ood-<kind>), text from elsewhere"
+    )
+    ood_chars: int = Field(20_000, gt=0, description="characters per out-of-distribution domain")
 
     @model_validator(mode="after")
     def _known(self) -> CorpusConfig:
@@ -106,10 +114,37 @@ class TrainingConfig(Strict):
     teachers: tuple[str, ...] | Literal["all", "best"] = "all"
     eval_every: int = Field(20, ge=0, description="steps between held-out evaluations")
     eval_max_length: int = Field(512, ge=8)
+    on_policy: float = Field(0.0, ge=0, le=1, description="share of on-policy steps")
+    onpolicy_loss: Literal["jsd", "sampled_rkl"] = "jsd"
+    jsd_beta: float = Field(1.0, ge=0, le=1)
+    prompt_tokens: int = Field(0, ge=0, description="on-policy prompt: block prefix length")
+    max_new_tokens: int = Field(64, ge=1)
+    sampling_temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
 
     @property
     def fused(self) -> bool:
-        return min(self.lam, 1.0 if self.lam_end is None else self.lam_end) < 1.0
+        """The run needs the aligner: fusion on off-policy steps, or on-policy steps."""
+        lam = min(self.lam, 1.0 if self.lam_end is None else self.lam_end)
+        return lam < 1.0 or self.on_policy > 0
+
+
+class JudgeConfig(Strict):
+    """The teachers judge each trained model's own completions of held-out prompts.
+
+    Prompts: ``prompts_per_domain`` windows of ``prompt_tokens`` target tokens from each domain's
+    test split; each model samples one completion per prompt (the same seed for every model);
+    the aligner (``preset``) gives the chain-rule probability of every completion token, asked
+    with one teacher at a time and with all of them (fused). Reported: those teacher-judged bits
+    per UTF-8 byte of the completions, and distinct-2 of the completions (a collapse guard)."""
+
+    prompts_per_domain: int = Field(8, ge=1)
+    prompt_tokens: int = Field(32, ge=1)
+    max_new_tokens: int = Field(48, ge=1)
+    sampling_temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    preset: str = "spans"
+    seed: int = 1234
 
 
 class ClaimConfig(Strict):
@@ -117,10 +152,15 @@ class ClaimConfig(Strict):
 
     ``better``: row ``run`` has a lower mean BPB than each row in ``than`` by more than 2 std.
     ``order``: mean BPB increases along ``rows``. ``efficiency``: ``run`` reaches ``baseline``'s
-    final BPB with at most ``at_most`` of its tokens.
+    final BPB with at most ``at_most`` of its tokens. ``judged``: ``run`` has a lower mean
+    fused-teacher-judged BPB of its own completions than each row in ``than`` by more than 2 std,
+    and a mean held-out BPB at most ``at_most`` (a fraction, e.g. 0.01) above each of theirs.
+    ``heldout``: which mean ``better``, ``order`` and ``judged`` compare: ``test`` (in
+    distribution) or ``ood`` (the corpus's ``ood`` domains).
     """
 
-    kind: Literal["better", "order", "efficiency"]
+    kind: Literal["better", "order", "efficiency", "judged"]
+    heldout: Literal["test", "ood"] = "test"
     text: str = Field(description="the claim in words, as the report prints it")
     run: str | None = None
     than: tuple[str, ...] = ()
@@ -153,6 +193,9 @@ class ExperimentConfig(Strict):
         "merge",
     )
     claims: tuple[ClaimConfig, ...] = ()
+    judge: JudgeConfig | None = Field(
+        None, description="judge every run's own completions by the teachers (on-policy)"
+    )
 
     @model_validator(mode="after")
     def _references(self) -> ExperimentConfig:
@@ -191,6 +234,10 @@ class ExperimentConfig(Strict):
                 )
         rows = set(self.row_names())
         for i, claim in enumerate(self.claims):
+            if claim.kind == "judged" and self.judge is None:
+                raise ValueError(f"claims.{i}.kind: a judged claim needs the `judge` section")
+            if claim.heldout == "ood" and not self.corpus.ood:
+                raise ValueError(f"claims.{i}.heldout: ood, but corpus.ood names no domain")
             for field in ("run", "baseline"):
                 value = getattr(claim, field)
                 if value is not None and value not in rows:
@@ -259,6 +306,7 @@ class ExperimentConfig(Strict):
                 "fusion_chars": min(self.corpus.fusion_chars, 3_000),
                 "valid_chars": min(self.corpus.valid_chars, 800),
                 "test_chars": min(self.corpus.test_chars, 1_200),
+                "ood_chars": min(self.corpus.ood_chars, 1_200),
                 "piece_chars": 600,
             }
         )
@@ -272,11 +320,18 @@ class ExperimentConfig(Strict):
                     update={"steps": 3, "batch_size": 2, "block_size": 32}
                 )
             models[name] = m.model_copy(update=update)
+        small = {"steps": 4, "block_size": 32, "batch_size": 2, "eval_every": 2, "k": 4}
         training = self.training.model_copy(
-            update={"steps": 4, "block_size": 32, "batch_size": 2, "eval_every": 2, "k": 4}
+            update={**small, "prompt_tokens": 0, "max_new_tokens": 8}
         )
+        judge = None
+        if self.judge is not None:
+            judge = self.judge.model_copy(
+                update={"prompts_per_domain": 2, "prompt_tokens": 8, "max_new_tokens": 8}
+            )
+        sized = ("steps", "block_size", "prompt_tokens", "max_new_tokens")
         runs = {
-            name: {k: v for k, v in (o or {}).items() if k not in ("steps", "block_size")}
+            name: {k: v for k, v in (o or {}).items() if k not in sized}
             for name, o in self.runs.items()
         }
         return self.model_copy(
@@ -287,6 +342,7 @@ class ExperimentConfig(Strict):
                 "models": models,
                 "training": training,
                 "runs": runs,
+                "judge": judge,
             }
         )
 
@@ -340,9 +396,10 @@ def _read_with_extends(path: Path, chain: list[Path]) -> dict[str, Any]:
 
 def _check_specs(cfg: ExperimentConfig) -> None:
     """Model and tokenizer specs that name nothing fail here, before any training."""
-    from fuseserve.loading import SHIPPED
+    from fuseserve import shipped
+    from fuseserve.loading import SHIPPED, SHIPPED_MODELS
 
-    shipped_models = {"shipped:smollm2"}
+    shipped_models = set(SHIPPED_MODELS)
     for name, model in cfg.models.items():
         if model.spec is not None:
             spec = model.spec
@@ -352,6 +409,10 @@ def _check_specs(cfg: ExperimentConfig) -> None:
                         f"models.{name}.spec: unknown shipped model {spec!r}; "
                         f"known: {sorted(shipped_models)}"
                     )
+                try:
+                    shipped.check_installed(spec)
+                except shipped.ShippedAssetMissing as exc:
+                    raise ConfigError(f"models.{name}.spec: {spec}: {exc}") from None
             elif not Path(spec).expanduser().exists():
                 raise ConfigError(f"models.{name}.spec: no such file or directory {spec!r}")
         if model.init is not None:

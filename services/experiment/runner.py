@@ -57,6 +57,7 @@ class RunRecord:
     wait_fraction: float = 0.0
     teachers: list[str] = field(default_factory=list)
     reused: bool = False
+    judged: dict | None = None  # judge.Judged as a dict (with a ``judge`` section)
 
 
 @dataclass
@@ -69,6 +70,7 @@ class Outcome:
     best_source: str | None
     minutes: float
     work_dir: Path
+    judged_base: dict | None = None  # the target before training, judged like the runs
 
 
 class ExperimentRunner:
@@ -93,22 +95,22 @@ class ExperimentRunner:
             self.models = prepare_models(self.cfg, self.corpus, self.cache / "models")
             baselines = self.evaluate_baselines()
             best = self.best_source() if self._needs_best() else None
-            runs = self.run_grid(best)
-        return Outcome(
-            self.cfg, baselines, runs, best, (time.monotonic() - started) / 60, self.work
-        )
-
-    def _test(self) -> dict[str, list[str]]:
-        assert self.corpus is not None
-        return self.corpus.heldout("test")
+            runs, judged_base = self.run_grid(best)
+        minutes = (time.monotonic() - started) / 60
+        return Outcome(self.cfg, baselines, runs, best, minutes, self.work, judged_base)
 
     def evaluate(self, spec: str, key: str, split: str = "test") -> dict[str, float]:
-        """Held-out BPB per domain of one model, cached by (model key, text)."""
+        """Held-out BPB per domain of one model, cached by (model key, text). Split ``test``
+        also gives the out-of-distribution domains (``ood-<kind>``) when the file asks for them."""
         from fuseserve.trainer.evaluate import evaluate_domains
 
         assert self.corpus is not None
+        if split == "test" and self.corpus.ood_domains:
+            return {**self.evaluate(spec, key, "test-in"), **self.evaluate(spec, key, "ood")}
+        split = "test" if split == "test-in" else split
         length = self.cfg.training.eval_max_length
-        ekey = _hash({"model": key, "text": self.corpus.fingerprint, "split": split, "len": length})
+        text = self.corpus.ood_fingerprint if split == "ood" else self.corpus.fingerprint
+        ekey = _hash({"model": key, "text": text, "split": split, "len": length})
         path = self.cache / "evals" / f"{ekey}.json"
         if path.exists():
             return json.loads(path.read_text())
@@ -139,11 +141,16 @@ class ExperimentRunner:
         assert self.corpus is not None
         length = self.cfg.training.eval_max_length
         keys = [s.key for s in sources]
-        ekey = _hash({"ensemble": keys, "text": self.corpus.fingerprint, "len": length})
-        path = self.cache / "evals" / f"ensemble-{ekey}.json"
-        if not path.exists():
-            _write_json(path, ensemble_bpb([s.spec for s in sources], self._test(), length))
-        return json.loads(path.read_text())
+        out = {}
+        for split in ("test", "ood") if self.corpus.ood_domains else ("test",):
+            fingerprint = self.corpus.ood_fingerprint if split == "ood" else self.corpus.fingerprint
+            ekey = _hash({"ensemble": keys, "text": fingerprint, "len": length})
+            path = self.cache / "evals" / f"ensemble-{ekey}.json"
+            if not path.exists():
+                texts = self.corpus.heldout(split)
+                _write_json(path, ensemble_bpb([s.spec for s in sources], texts, length))
+            out.update(json.loads(path.read_text()))
+        return out
 
     def _merge(self, sources: list[PreparedModel]) -> dict[str, float]:
         from fuseserve.experiment.merge import merge_models
@@ -198,7 +205,9 @@ class ExperimentRunner:
             }
         )
 
-    def run_grid(self, best: str | None) -> list[RunRecord]:
+    def run_grid(self, best: str | None) -> tuple[list[RunRecord], dict | None]:
+        """Every (seed, run) of the grid, trained (or reused) and, with a ``judge`` section,
+        judged; and the judged base model (None without one)."""
         from tqdm.auto import tqdm
 
         cells = [(seed, run) for seed in self.cfg.seeds for run in self.cfg.runs]
@@ -213,7 +222,8 @@ class ExperimentRunner:
         if any(p[2].fused and p[2].options.get("vocab") == "cooc" for p in todo):
             self.prepare_cooc_maps()
         records: list[RunRecord] = []
-        services = _Services(self) if any(p[2].fused for p in todo) else None
+        needs = any(p[2].fused for p in todo) or self.cfg.judge is not None
+        services = _Services(self) if needs else None
         try:
             bar = tqdm(total=len(plan), desc=f"{self.cfg.name}: runs", unit="run")
             for seed, run, settings, teachers, key in plan:
@@ -221,13 +231,50 @@ class ExperimentRunner:
                 if not (folder / "DONE").exists():
                     aligner = services.address() if settings.fused and services else None
                     self.train(run, seed, settings, teachers, folder, aligner)
-                records.append(self.load_record(run, seed, key, folder, teachers))
+                record = self.load_record(run, seed, key, folder, teachers)
+                if self.corpus is not None and self.corpus.ood_domains:
+                    # the final model on text from outside the corpus (after training: the
+                    # curve stays in distribution, and finished runs need no retraining)
+                    ood = self.evaluate(record.model_dir, f"run-{key}", "ood")
+                    record.final = {**record.final, **ood}
+                if services is not None and self.cfg.judge is not None:
+                    record.judged = self.judged(record.model_dir, folder, services)
+                records.append(record)
                 bar.update(1)
             bar.close()
+            judged_base = None
+            if services is not None and self.cfg.judge is not None:
+                target = self.models[self.cfg.target]
+                judged_base = self.judged(target.spec, self.cache / "judged" / target.key, services)
         finally:
             if services is not None:
                 services.stop()
-        return records
+        return records, judged_base
+
+    def judged(self, spec: str, folder: Path, services: _Services) -> dict:
+        """The judge's verdict on one model's own completions, cached in ``folder``."""
+        from dataclasses import asdict
+
+        from fuseserve.experiment.judge import judge_model
+        from fuseserve.loading import load_tokenizer
+
+        assert self.corpus is not None and self.cfg.judge is not None
+        judge, k = self.cfg.judge, self.cfg.training.k
+        sources = [self.models[s].key for s in self.cfg.sources]
+        jkey = _hash({"judge": judge.model_dump(), "k": k, "sources": sources,
+                      "text": self.corpus.fingerprint})  # fmt: skip
+        path = folder / f"judged-{jkey}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        print(f"judging the completions of {spec}")
+        tokenizer = load_tokenizer(self.models[self.cfg.target].tokenizer)
+        prompts_from = self.corpus.heldout("test")
+        verdict = judge_model(
+            spec, tokenizer, prompts_from, services.address(), list(self.cfg.sources), judge, k
+        )
+        value = {**asdict(verdict), "judge": judge.model_dump()}
+        _write_json(path, value)
+        return value
 
     def prepare_cooc_maps(self) -> None:
         """Co-occurrence refined vocabulary maps (every source onto the target), counted on the
@@ -291,27 +338,7 @@ class ExperimentRunner:
             "--eval-every", str(settings.eval_every),
             "--eval-max-length", str(settings.eval_max_length),
         ]  # fmt: skip
-        if settings.fused:
-            args += [
-                "--aligner",
-                aligner or "",
-                "--lam",
-                str(settings.lam),
-                "--k",
-                str(settings.k),
-                "--teachers",
-                ",".join(teachers),
-                "--preset",
-                settings.preset,
-                "--fusion-loss",
-                settings.fusion_loss,
-            ]
-            if settings.lam_end is not None:
-                args += ["--lam-end", str(settings.lam_end)]
-            if settings.options:
-                args += ["--fusion-options", json.dumps(settings.options)]
-        else:
-            args += ["--lam", "1.0"]
+        args += fusion_args(settings, teachers, aligner)
         label = f"{run} (seed {seed})"
         follow_training(args, metrics, settings.steps, self.logs / f"train-{run}-{seed}.log", label)
         (folder / "run.json").write_text(
@@ -336,6 +363,48 @@ class ExperimentRunner:
         return RunRecord(
             run, seed, key, str(folder / "model"), curve[-1]["eval_bpb"], curve, wait, teachers
         )
+
+
+def fusion_args(settings: TrainingConfig, teachers: list[str], aligner: str | None) -> list[str]:
+    """The ``fuseserve train`` flags of a run's fusion and on-policy settings."""
+    args: list[str] = []
+    if settings.fused:
+        args += [
+            "--aligner",
+            aligner or "",
+            "--lam",
+            str(settings.lam),
+            "--k",
+            str(settings.k),
+            "--teachers",
+            ",".join(teachers),
+            "--preset",
+            settings.preset,
+            "--fusion-loss",
+            settings.fusion_loss,
+        ]
+        if settings.lam_end is not None:
+            args += ["--lam-end", str(settings.lam_end)]
+        if settings.on_policy > 0:
+            args += onpolicy_args(settings)
+        if settings.options:
+            args += ["--fusion-options", json.dumps(settings.options)]
+    else:
+        args += ["--lam", "1.0"]
+    return args
+
+
+def onpolicy_args(settings: TrainingConfig) -> list[str]:
+    """The ``fuseserve train`` flags of a run's on-policy settings."""
+    return [
+        "--on-policy", str(settings.on_policy),
+        "--onpolicy-loss", settings.onpolicy_loss,
+        "--jsd-beta", str(settings.jsd_beta),
+        "--prompt-tokens", str(settings.prompt_tokens),
+        "--max-new-tokens", str(settings.max_new_tokens),
+        "--sampling-temperature", str(settings.sampling_temperature),
+        "--top-p", str(settings.top_p),
+    ]  # fmt: skip
 
 
 def read_metrics(path: Path) -> list[dict]:

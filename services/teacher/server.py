@@ -164,7 +164,9 @@ async def start_server(settings: TeacherSettings) -> RunningTeacher:
     errors = ErrorStatus(lambda exc: metrics.failures.labels(type(exc).__name__).inc())
     server = new_server(settings.max_message_bytes, [TokenAuth(key), errors] if key else [errors])
     servicer = TeacherServicer(settings, metrics)
-    add_guarded(teacher_pb2_grpc.add_TeacherServicer_to_server, servicer, server)
+    add_guarded(
+        teacher_pb2_grpc.add_TeacherServicer_to_server, servicer, server, settings.max_message_bytes
+    )
     health = await add_health_and_reflection(server, SERVICE)
     try:
         port = add_port(server, f"{settings.host}:{settings.port}", credentials)

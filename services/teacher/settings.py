@@ -19,7 +19,8 @@ class TeacherSettings(BaseSettings, ServerSecurity):
 
     model: str = Field(
         "shipped:smollm2",
-        description="model: a local directory, a .gguf file, a hub id, or shipped:smollm2",
+        description="model: a local directory, a .gguf file, a hub id, shipped:smollm2 or "
+        "shipped:gemma3-270m (optional package; Gemma terms of use)",
     )
     tokenizer: str | None = Field(None, description="tokenizer spec when it differs from model")
     revision: str = Field("main", description="model revision (hub models)")

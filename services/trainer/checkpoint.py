@@ -78,8 +78,9 @@ def furthest(candidates: list[Path | None]) -> Path | None:
 
 
 def check_resumable(folder: Path, cfg: TrainConfig, fingerprint: str) -> int:
-    """The step to resume at from ``folder``; a clear error when it was written on other data
-    or with another ``parallel`` mode."""
+    """The step to resume at from ``folder``; a clear error when it was written on other data,
+    with another ``parallel`` mode or another on-policy share (the prompt position, restored as
+    a function of the step, would not be the one the run had reached)."""
     state = read_state(folder)
     if state["data_fingerprint"] != fingerprint:
         raise RuntimeError(f"checkpoint {folder} was trained on other data; use a new run name")
@@ -88,7 +89,15 @@ def check_resumable(folder: Path, cfg: TrainConfig, fingerprint: str) -> int:
             f"parallel: checkpoint {folder} was written with --parallel "
             f"{state.get('parallel', 'ddp')}; resume with the same mode or a new run name"
         )
-    return int(state["step"])
+    step = int(state["step"])
+    if state.get("onpolicy_steps", 0) != cfg.onpolicy_before(step):
+        raise RuntimeError(
+            f"on_policy: checkpoint {folder} took {state.get('onpolicy_steps', 0)} on-policy "
+            f"steps of {step}; --on-policy {cfg.on_policy} would have taken "
+            f"{cfg.onpolicy_before(step)} (the prompt and data positions would differ); resume "
+            "with the same share or a new run name"
+        )
+    return step
 
 
 def rng_state() -> dict:

@@ -22,13 +22,21 @@ Leaves out: fused targets (``prefetch``) and the model.
 from __future__ import annotations
 
 import json
+import logging
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
+# Read when a directory walk finds them (a file named explicitly is read whatever its suffix).
+TEXT_SUFFIXES = (
+    ".txt", ".md", ".rst", ".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".rs", ".go",
+    ".js", ".ts", ".java", ".sh", ".tex", ".html", ".css", ".json", ".toml", ".yaml", ".yml",
+)  # fmt: skip
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -43,35 +51,73 @@ class Block:
 
 
 def read_documents(paths: Sequence[str | Path], field: str = "text") -> list[str]:
-    """Documents from files or directories (text, .jsonl, .parquet, or a save_to_disk dataset)."""
+    """Documents from files or directories (text, .jsonl, .parquet, or a save_to_disk dataset).
+
+    A file named in ``paths`` is read whatever its suffix (.jsonl and .parquet by their format,
+    anything else as UTF-8 text); a directory walk reads the files whose suffix is in
+    ``TEXT_SUFFIXES`` (and .jsonl, .parquet, no suffix) and logs a warning counting what it skipped.
+    Raises FileNotFoundError for a missing path and ValueError when nothing non-blank is read.
+    """
     docs: list[str] = []
     for spec in paths:
         path = Path(spec)
+        if not path.exists():
+            raise FileNotFoundError(f"no such file or directory {str(spec)!r}")
         if path.is_dir() and (path / "dataset_info.json").exists():
             from datasets import load_from_disk
 
             docs.extend(str(t) for t in load_from_disk(str(path))[field] if t)
         elif path.is_dir():
-            for child in sorted(path.rglob("*")):
-                if child.is_file():
-                    docs.extend(read_documents([child], field))
-        elif path.suffix == ".jsonl":
-            with path.open(encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        record = json.loads(line)
-                        if field not in record:
-                            raise ValueError(f"{path}:{n}: no {field!r} field")
-                        docs.append(str(record[field]))
-        elif path.suffix == ".parquet":
-            import pyarrow.parquet as pq
+            docs.extend(_read_directory(path, field))
+        else:
+            docs.extend(_read_file(path, field))
+    kept = [d for d in docs if d.strip()]
+    if not kept:
+        names = ", ".join(str(p) for p in paths) or "(no paths)"
+        raise ValueError(f"no text in {names} (empty files or none read)")
+    return kept
 
-            docs.extend(str(t) for t in pq.read_table(path, columns=[field])[field].to_pylist())
-        elif path.suffix in TEXT_SUFFIXES or path.suffix == "":
-            docs.append(path.read_text(encoding="utf-8", errors="replace"))
-        elif not path.exists():
-            raise FileNotFoundError(f"data: no such file or directory {spec!r}")
-    return [d for d in docs if d.strip()]
+
+def _read_directory(folder: Path, field: str) -> list[str]:
+    """The readable files under ``folder``, in name order; a warning says what was skipped."""
+    docs: list[str] = []
+    skipped: Counter[str] = Counter()
+    for child in sorted(folder.rglob("*")):
+        if not child.is_file():
+            continue
+        if child.suffix in (*TEXT_SUFFIXES, ".jsonl", ".parquet", ""):
+            docs.extend(_read_file(child, field))
+        else:
+            skipped[child.suffix or "(no suffix)"] += 1
+    if skipped:
+        kinds = ", ".join(f"{n} {suffix}" for suffix, n in skipped.most_common())
+        log.warning(
+            "data: %s: skipped %d files whose suffix is not read in a directory walk (%s); "
+            "name a file to read it whatever its suffix",
+            folder,
+            sum(skipped.values()),
+            kinds,
+        )
+    return docs
+
+
+def _read_file(path: Path, field: str) -> list[str]:
+    """One file: jsonl (``field`` per line), parquet (``field`` column) or UTF-8 text."""
+    if path.suffix == ".jsonl":
+        docs = []
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    record = json.loads(line)
+                    if field not in record:
+                        raise ValueError(f"{path}:{n}: no {field!r} field")
+                    docs.append(str(record[field]))
+        return docs
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return [str(t) for t in pq.read_table(path, columns=[field])[field].to_pylist()]
+    return [path.read_text(encoding="utf-8", errors="replace")]
 
 
 def pack_blocks(
@@ -120,7 +166,7 @@ def read_conversations(paths: Sequence[str | Path]) -> list[list[dict[str, str]]
     for spec in paths:
         path = Path(spec)
         if not path.exists():
-            raise FileNotFoundError(f"data: no such file or directory {spec!r}")
+            raise FileNotFoundError(f"no such file or directory {spec!r}")
         files = sorted(path.rglob("*.jsonl")) if path.is_dir() else [path]
         for file in files:
             with file.open(encoding="utf-8") as f:
@@ -150,6 +196,9 @@ def read_conversations(paths: Sequence[str | Path]) -> list[list[dict[str, str]]
                         )
                     if any(m["role"] == "assistant" for m in msgs):
                         conversations.append(msgs)
+    if not conversations:
+        names = ", ".join(str(p) for p in paths) or "(no paths)"
+        raise ValueError(f"no conversation with an assistant turn in {names}")
     return conversations
 
 

@@ -37,7 +37,8 @@ class BPB:
 
     @property
     def value(self) -> float:
-        return self.bits / max(self.bytes, 1)
+        """Bits per byte; NaN when no byte was scored (never a silent 0)."""
+        return self.bits / self.bytes if self.bytes else math.nan
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,9 @@ def evaluate_domains(
 
     from fuseserve.loading import load_model
 
+    empty = [d for d, texts in domains.items() if not any(_has_text(t) for t in texts)]
+    if empty:
+        raise ValueError(f"domains {empty}: no text to score")
     model, tokenizer = load_model(model_spec, tokenizer_spec)
     model.eval()
     out = {}
@@ -179,3 +183,10 @@ def evaluate_domains(
                 model, tokenizer, documents, max_length, progress=bar.update
             )
     return out
+
+
+def _has_text(item: str | list[dict[str, str]]) -> bool:
+    """A document with a non-blank character, or a conversation with an assistant turn."""
+    if isinstance(item, str):
+        return bool(item.strip())
+    return any(m.get("role") == "assistant" and m.get("content", "").strip() for m in item)

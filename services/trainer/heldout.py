@@ -34,7 +34,12 @@ class HeldOut:
     def load(cls, cfg: TrainConfig) -> HeldOut | None:
         if not cfg.eval_data:
             return None
-        texts = {d: read_documents(paths) for d, paths in cfg.eval_domains().items()}
+        texts = {}
+        for domain, paths in cfg.eval_domains().items():
+            try:
+                texts[domain] = read_documents(paths)
+            except (FileNotFoundError, ValueError) as exc:
+                raise ValueError(f"eval_data: domain {domain!r}: {exc}") from None
         return cls(texts, cfg.eval_max_length, cfg.block_size)
 
     @staticmethod
@@ -44,6 +49,7 @@ class HeldOut:
     def record(self, model, tokenizer, step: int, blocks_seen: int, metrics_file) -> dict:
         """Score every domain (the model left in eval mode) and append the row."""
         from fuseserve.trainer.evaluate import bits_per_byte
+        from fuseserve.trainer.metrics_log import append_row
 
         unwrapped = model.module if hasattr(model, "module") else model
         unwrapped.eval()
@@ -58,7 +64,5 @@ class HeldOut:
             "eval_bpb": bpb,
         }
         log.info("held-out BPB at step %d: %s", step, json.dumps(bpb))
-        if metrics_file is not None:
-            with metrics_file.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+        append_row(metrics_file, row)
         return row

@@ -45,6 +45,7 @@ from fuseserve.trainer.checkpoint import (
 from fuseserve.trainer.config import TrainConfig
 from fuseserve.trainer.data import build_blocks, data_fingerprint, worker_schedule
 from fuseserve.trainer.heldout import HeldOut
+from fuseserve.trainer.metrics_log import append_row, trim_after
 from fuseserve.trainer.step import accumulate_gradients, batch_tensors, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,7 @@ class FusionRecipe:
         self.rank, self.world = worker.rank, worker.world
         self.stream = None
         self.start_step = 0
+        self.epoch = 0
 
     # ------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -150,6 +152,11 @@ class FusionRecipe:
         self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
         self.blocks = build_blocks(cfg, self.tokenizer)
         self.fingerprint = data_fingerprint(self.blocks)
+        self.onpolicy = None
+        if cfg.on_policy > 0:
+            from fuseserve.trainer.onpolicy import OnPolicy
+
+            self.onpolicy = OnPolicy(cfg, self.tokenizer, self.blocks, self.rank, self.world)
         resume_dir = self.resume_dir()
         if resume_dir is not None:
             self.start_step = check_resumable(resume_dir, cfg, self.fingerprint)
@@ -163,6 +170,11 @@ class FusionRecipe:
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else 0
         self.metrics_file = Path(cfg.metrics_file) if cfg.metrics_file and self.rank == 0 else None
+        if self.metrics_file is not None:
+            dropped = trim_after(self.metrics_file, self.start_step)
+            if dropped:
+                log.info("metrics file: %d rows after step %d dropped", dropped, self.start_step)
+        self.last_checkpoint = time.monotonic()
         # a sharded model answers only when every rank runs it: all ranks evaluate under fsdp
         evaluates = self.rank == 0 or cfg.parallel == "fsdp"
         self.heldout = HeldOut.load(cfg) if evaluates else None
@@ -196,21 +208,39 @@ class FusionRecipe:
         )
 
     def worker_steps(self):
-        """(step, epoch, block indices) of this worker from ``start_step`` on."""
+        """(data step, epoch, block indices) of this worker's off-policy steps from
+        ``start_step`` on (on-policy steps take no blocks: the data position is the number of
+        off-policy steps before)."""
         cfg = self.cfg
         n, per_step = len(self.blocks), cfg.blocks_per_step
-        return worker_schedule(n, cfg.seed, self.rank, self.world, per_step, self.start_step)
+        data_start = self.start_step - cfg.onpolicy_before(self.start_step)
+        return worker_schedule(n, cfg.seed, self.rank, self.world, per_step, data_start)
+
+    def stream_order(self):
+        """What the fused-target stream asks for, step by step: a fed sample per block of an
+        on-policy step, the step's blocks for an off-policy step that fuses."""
+        from fuseserve.trainer.prefetch import FED
+
+        cfg, data = self.cfg, self.worker_steps()
+        for step in range(self.start_step, cfg.max_steps):
+            if cfg.is_onpolicy(step):
+                yield from [FED] * cfg.blocks_per_step
+                continue
+            _, _, idxs = next(data)
+            if cfg.fuses_offpolicy:
+                yield from idxs
 
     def open_stream(self):
         """The started fused-target stream for this worker's remaining blocks (None: CLM only)."""
         cfg = self.cfg
-        if not cfg.fused or cfg.aligner is None:  # fused implies an aligner
+        if cfg.fused and cfg.fused_from:
+            return self.open_store()
+        if not cfg.fused or cfg.aligner is None:  # fused implies an aligner or a store
             return None
         from fuseserve.trainer.prefetch import FusedTargetStream
         from fuseserve.wire.tokenizer import TokenizerIdentity
 
-        steps_left = cfg.max_steps - self.start_step
-        order = (i for _, (_, _, idxs) in zip(range(steps_left), self.worker_steps()) for i in idxs)
+        order = self.stream_order()
         return FusedTargetStream(
             cfg.aligner,
             self.blocks,
@@ -222,38 +252,65 @@ class FusionRecipe:
             preset=cfg.preset,
             options_json=json.dumps(cfg.fusion_options) if cfg.fusion_options else "",
             timeout_s=cfg.aligner_timeout_s,
+            outage_window_s=cfg.aligner_outage_s,
         ).start()
+
+    def open_store(self):
+        """The fused store of ``fused_from`` (no aligner), refused unless it holds this run's
+        blocks, target tokenizer and fusion choices (``fuseserve.store``)."""
+        from fuseserve.store.reader import FusedStore
+        from fuseserve.wire.tokenizer import TokenizerIdentity
+
+        store = FusedStore(self.cfg.fused_from or "")
+        fingerprint = TokenizerIdentity.from_hf(self.tokenizer).fingerprint
+        store.check_run(self.cfg, fingerprint, self.blocks)
+        return store
 
     # ------------------------------------------------------------------------------ step
     def micro_batches(self, idxs) -> list:
         """The step's blocks in micro-batches of ``batch_size``, fused rows pulled in order."""
         out = []
+        stream = self.stream if self.cfg.fuses_offpolicy else None
         for m in range(0, self.cfg.blocks_per_step, self.cfg.batch_size):
             batch = [self.blocks[i] for i in idxs[m : m + self.cfg.batch_size]]
-            fused = [self.stream.get(b) for b in batch] if self.stream else None
+            fused = [stream.get(b) for b in batch] if stream else None
             out.append(batch_tensors(batch, fused, self.pad_id))
         return out
 
     def train_step(self, step: int) -> dict:
         """One optimizer step (0-based ``step``) on this worker's slice; its metrics row."""
         cfg, stream = self.cfg, self.stream
-        _, epoch, idxs = next(self.schedule)
         t0 = time.perf_counter()
         wait_before = stream.stats.wait_s if stream else 0.0
-        micro_batches = self.micro_batches(idxs)
+        rollout, loss_fn = None, None
+        if self.onpolicy is not None and cfg.is_onpolicy(step):
+            rollout = self.onpolicy.rollout(self.model, step, stream, self.worker.device)
+            micro_batches, loss_fn, lam = rollout.micro_batches, self.onpolicy.loss_fn(), 0.0
+        else:
+            _, self.epoch, idxs = next(self.schedule)
+            micro_batches = self.micro_batches(idxs)
+            lam = cfg.lam_at(step) if cfg.fuses_offpolicy else 1.0
         waited = (stream.stats.wait_s - wait_before) if stream else 0.0
-        lam = cfg.lam_at(step) if stream else 1.0
-        losses = accumulate_gradients(self.model, micro_batches, lam, cfg, self.worker.device)
+        device = self.worker.device
+        losses = accumulate_gradients(self.model, micro_batches, lam, cfg, device, loss_fn)
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - t0
+        metrics = self.step_metrics(step, losses, lam, elapsed, waited)
+        if self.onpolicy is not None:
+            metrics.update(onpolicy_metrics(cfg, step, rollout, losses, elapsed))
+        return metrics
+
+    def step_metrics(self, step: int, losses, lam: float, elapsed: float, waited: float) -> dict:
+        """The metrics row every step has."""
+        cfg, stream = self.cfg, self.stream
         tokens = losses.tokens * self.world  # this worker's count times the workers
         metrics = {
             "step": step + 1,
-            "epoch": epoch,
+            "epoch": self.epoch,
             "loss": losses.loss,
             "clm_loss": losses.clm,
             "fusion_loss": losses.fusion,
@@ -263,6 +320,7 @@ class FusionRecipe:
             "tokens_per_s": tokens / elapsed,
             "step_s": elapsed,
             "wait_fraction": waited / elapsed if elapsed else 0.0,
+            "waiting_for_targets_seconds": waited,
             "cache_hit_rate": (
                 stream.stats.cache_hits / max(stream.stats.received, 1) if stream else 0.0
             ),
@@ -285,6 +343,7 @@ class FusionRecipe:
             "parallel": cfg.parallel,
             "world": self.world,
             "config": cfg.model_dump(mode="json"),
+            "onpolicy_steps": cfg.onpolicy_before(metrics["step"]),
         }
         parts = (self.model, self.tokenizer, self.optimizer, self.scheduler)
         with tempfile.TemporaryDirectory() as tmp:
@@ -296,6 +355,20 @@ class FusionRecipe:
         self.worker.barrier()  # every rank's upload has returned
         if self.rank == 0:
             mark_complete(cfg, dir_name, metrics["step"])
+        self.last_checkpoint = time.monotonic()
+
+    def checkpoint_due_by_time(self) -> bool:
+        """Whether ``checkpoint_every_s`` has passed since the last checkpoint (or the start):
+        rank 0's clock decides for every rank, so all of them save together."""
+        every = self.cfg.checkpoint_every_s
+        if not every:
+            return False
+        due = time.monotonic() - self.last_checkpoint >= every
+        if self.world > 1 and torch.distributed.is_initialized():
+            flag = torch.tensor([int(due)], device=self.worker.device)
+            torch.distributed.broadcast(flag, src=0)
+            due = bool(flag.item())
+        return due
 
     def load_checkpoint(self, folder: Path) -> None:
         """Optimizer (fsdp: model shards too), scheduler and this rank's RNG from ``folder``."""
@@ -329,12 +402,11 @@ class FusionRecipe:
     def finish_step(self, metrics: dict) -> None:
         """Metrics file, held-out BPB when due, checkpoint or report, log line."""
         cfg, done = self.cfg, metrics["step"]
-        if self.metrics_file is not None:
-            with self.metrics_file.open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
+        append_row(self.metrics_file, metrics)
         if HeldOut.due(done, cfg):
             self.evaluate(done, metrics["blocks_seen"])
         save = done % cfg.checkpoint_every == 0 or done == cfg.max_steps
+        save = self.checkpoint_due_by_time() or save
         if save:
             self.save_checkpoint(metrics)
         elif done % cfg.log_every == 0:
@@ -369,3 +441,24 @@ class FusionRecipe:
 def train_loop(config: dict) -> None:
     """The per-worker function of ``TorchTrainer``: the recipe on this Ray worker."""
     FusionRecipe(TrainConfig(**config), RayWorker()).run()
+
+
+def onpolicy_metrics(cfg: TrainConfig, step: int, rollout, losses, elapsed: float) -> dict:
+    """A run with on-policy steps: whether this one was, the share so far and (on-policy steps)
+    completion length, generation share of the step, teacher-judged NLL and the divergence."""
+    row = {
+        "onpolicy": rollout is not None,
+        "onpolicy_share": cfg.onpolicy_before(step + 1) / (step + 1),
+    }
+    if rollout is None:
+        return {**row, "generation_fraction": 0.0}
+    lengths = rollout.completion_lengths
+    return {
+        **row,
+        "completion_len_mean": sum(lengths) / max(len(lengths), 1),
+        "generation_fraction": rollout.generation_s / elapsed if elapsed else 0.0,
+        "teacher_nll": losses.clm,
+        "onpolicy_divergence": losses.fusion,
+        "clm_loss": 0.0,
+        "fusion_loss": 0.0,
+    }

@@ -15,7 +15,7 @@ Leaves out: the losses themselves (``loss``), where blocks and fused rows come f
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol, cast
 
@@ -35,6 +35,14 @@ MicroBatch = tuple[
     torch.Tensor | None,  # fused probs
     torch.Tensor | None,  # fused tail
 ]  # the six tensors of ``batch_tensors``
+
+
+# a step's own loss: (logits, micro-batch on the device, the step's (label, target) counts) ->
+# (loss to backpropagate, two more terms to report), each term a sum over the micro-batch
+# divided by the step's counts, so micro-batches add up
+LossFn = Callable[
+    [torch.Tensor, MicroBatch, tuple[int, int]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+]
 
 
 class _NoSync(Protocol):
@@ -148,32 +156,39 @@ def accumulate_gradients(
     lam: float,
     cfg: TrainConfig,
     device: torch.device,
+    loss_fn: LossFn | None = None,
 ) -> StepLosses:
     """Forward and backward of every micro-batch of one step, gradients left in ``.grad``.
 
     Each micro-batch's CLM and fusion terms are sums divided by the label and target counts of
     the whole step, so the gradients (and losses) equal those of one batch of all the blocks.
+    ``loss_fn`` replaces λ·CLM + (1−λ)·fusion (on-policy steps); its terms are reported as
+    ``clm`` and ``fusion``.
     """
-    denominators = step_denominators(micro_batches, lam)
+    denominators = step_denominators(micro_batches, lam if loss_fn is None else 0.0)
     sums = torch.zeros(3, dtype=torch.float64)
     tokens = 0
     for i, batch in enumerate(micro_batches):
-        ids, mask, labels, f_ids, f_p, f_tail = _on_device(batch, device)
+        on_device = _on_device(batch, device)
+        ids, mask, labels, f_ids, f_p, f_tail = on_device
         with gradient_sync(model, i == len(micro_batches) - 1):
             with autocast_context(cfg, device):
                 logits = model(input_ids=ids, attention_mask=mask).logits
-            loss, clm, fusion = combined_loss(
-                logits,
-                labels,
-                f_ids,
-                f_p,
-                lam,
-                cfg.fusion_loss,
-                cfg.temperature,
-                f_tail,
-                denominators=denominators,
-                chunk=cfg.loss_chunk or None,
-            )
+            if loss_fn is not None:
+                loss, clm, fusion = loss_fn(logits, on_device, denominators)
+            else:
+                loss, clm, fusion = combined_loss(
+                    logits,
+                    labels,
+                    f_ids,
+                    f_p,
+                    lam,
+                    cfg.fusion_loss,
+                    cfg.temperature,
+                    f_tail,
+                    denominators=denominators,
+                    chunk=cfg.loss_chunk or None,
+                )
             loss.backward()
         sums += torch.stack([loss.detach(), clm, fusion]).double().cpu()
         tokens += int(mask.sum())

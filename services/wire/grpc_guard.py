@@ -1,7 +1,9 @@
 """What guards every fuseserve gRPC server and channel: malformed payloads, a bearer token, TLS.
 
 Covers registering a service so that a request that does not parse (bytes that are not the
-message, invalid UTF-8 in a string field) is answered INVALID_ARGUMENT instead of UNKNOWN; a
+message, invalid UTF-8 in a string field) is answered INVALID_ARGUMENT instead of UNKNOWN, and a
+request larger than the server's ``max_message_bytes`` is answered INVALID_ARGUMENT naming that
+limit (not RESOURCE_EXHAUSTED, which callers retry although it can never succeed); a
 server interceptor that wants ``authorization: Bearer <key>`` on every method except
 ``grpc.health.v1`` (probes carry no secrets) and answers UNAUTHENTICATED otherwise (constant-time
 comparison, like REST); TLS on the server (certificate + key, and a client CA for mutual TLS) and
@@ -24,6 +26,7 @@ import grpc
 from pydantic import BaseModel, Field, SecretStr
 
 from fuseserve.errors import StartupError
+from fuseserve.wire.status import FIELD_KEY
 
 OPEN_SERVICES = ("/grpc.health.v1.Health/",)
 
@@ -51,29 +54,36 @@ class ServerSecurity(BaseModel):
 
 @dataclass(frozen=True)
 class _Malformed:
-    reason: str
+    message: str
 
 
-def _safe(deserializer: Callable[[bytes], object]) -> Callable[[bytes], object]:
+def _safe(
+    deserializer: Callable[[bytes], object], max_bytes: int | None
+) -> Callable[[bytes], object]:
     def parse(data: bytes) -> object:
+        if max_bytes is not None and len(data) > max_bytes:
+            return _Malformed(
+                f"request: {len(data)} bytes exceed the server's max_message_bytes={max_bytes}; "
+                "send fewer or shorter texts per request"
+            )
         try:
             return deserializer(data)
         except Exception as exc:  # DecodeError, invalid UTF-8 in a string field, ...
-            return _Malformed(str(exc) or type(exc).__name__)
+            return _Malformed(f"request: not a valid message ({str(exc) or type(exc).__name__})")
 
     return parse
 
 
 async def _reject(context, request: _Malformed) -> None:
     await context.abort(
-        grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid message ({request.reason})"
+        grpc.StatusCode.INVALID_ARGUMENT, request.message, ((FIELD_KEY, "request"),)
     )
 
 
-def _guard_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def _guard_handler(handler: grpc.RpcMethodHandler, max_bytes: int | None) -> grpc.RpcMethodHandler:
     if handler.request_deserializer is None:
         return handler
-    parse = _safe(handler.request_deserializer)
+    parse = _safe(handler.request_deserializer, max_bytes)
     if not handler.request_streaming:
         inner = handler.unary_unary or handler.unary_stream
         if handler.response_streaming:
@@ -131,12 +141,15 @@ class _Capture:
         self.handlers[service] = dict(handlers)
 
 
-def add_guarded(add_servicer: Callable, servicer, server: grpc.aio.Server) -> None:
-    """``add_XServicer_to_server(servicer, server)`` with malformed requests -> INVALID_ARGUMENT."""
+def add_guarded(
+    add_servicer: Callable, servicer, server: grpc.aio.Server, max_message_bytes: int | None
+) -> None:
+    """``add_XServicer_to_server(servicer, server)`` with malformed requests and requests over
+    ``max_message_bytes`` (None: no check here) -> INVALID_ARGUMENT."""
     capture = _Capture()
     add_servicer(servicer, capture)
     for service, handlers in capture.handlers.items():
-        guarded = {name: _guard_handler(h) for name, h in handlers.items()}
+        guarded = {name: _guard_handler(h, max_message_bytes) for name, h in handlers.items()}
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, guarded),))
         server.add_registered_method_handlers(service, guarded)
 

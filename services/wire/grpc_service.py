@@ -1,6 +1,7 @@
 """What every fuseserve gRPC endpoint shares: message-size limits, health, reflection, channels.
 
-Covers building a ``grpc.aio`` server with explicit message-size limits, adding
+Covers building a ``grpc.aio`` server with explicit message-size limits (it reads messages up to
+twice its limit so that the guard can refuse an oversize request as the caller's mistake), adding
 ``grpc.health.v1`` and server reflection for one service (``Health``: NOT_SERVING until told
 otherwise, for the whole server and the named service), and client channel options: the same
 limits, quick reconnects after a peer restarts (gRPC's default backoff reaches 120 s), and
@@ -50,8 +51,22 @@ class Health:
             await self.servicer.set(name, status)
 
 
+def receive_ceiling(max_message_bytes: int) -> int:
+    """What a server's gRPC core accepts before refusing a message on its own: twice the limit,
+    so that a request between the two is read and answered INVALID_ARGUMENT naming
+    ``max_message_bytes`` (the core would answer RESOURCE_EXHAUSTED, which callers retry)."""
+    return 2 * max_message_bytes
+
+
 def new_server(max_message_bytes: int, interceptors=None) -> grpc.aio.Server:
-    return grpc.aio.server(options=size_options(max_message_bytes), interceptors=interceptors)
+    """A server that sends at most ``max_message_bytes`` per message and reads up to
+    ``receive_ceiling``; register its services with ``grpc_guard.add_guarded`` and the same
+    limit, which refuses requests over it."""
+    options = [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", receive_ceiling(max_message_bytes)),
+    ]
+    return grpc.aio.server(options=options, interceptors=interceptors)
 
 
 async def add_health_and_reflection(server: grpc.aio.Server, service_name: str) -> Health:

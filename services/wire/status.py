@@ -6,8 +6,9 @@ trailing metadata that goes with a status (``retry-after`` in whole seconds on R
 like the REST header; ``fuseserve-field`` naming the bad field on INVALID_ARGUMENT),
 ``ErrorStatus``, a server interceptor that answers every ``ServiceError`` a handler raises (unary
 or streaming, replies yielded or written with ``context.write``, any service) with that status,
-and ``error_from_rpc``, which turns a gRPC error a client received back into the error class (its
-message is the status details, unchanged).
+``error_from_rpc``, which turns a gRPC error a client received back into the error class (its
+message is the status details, unchanged; gRPC's own refusal of an oversize message is an
+``InvalidRequest``), and ``retryable``, whether a failed call is worth sending again.
 
 Leaves out: REST statuses (the aligner's ``rest``), authentication and malformed payloads
 (``grpc_guard``), and what a caller does about an error (retry or not).
@@ -37,6 +38,11 @@ STATUS: tuple[tuple[type[ServiceError], grpc.StatusCode], ...] = (
 )
 FIELD_KEY = "fuseserve-field"
 RETRY_KEY = "retry-after"
+# gRPC's own refusal of a message over a size limit (sent or received): RESOURCE_EXHAUSTED, but
+# the caller's mistake, which no retry fixes
+OVERSIZE = "message larger than max"
+# worth asking again (after a pause): a peer restarting, or shedding load
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 
 def status_of(exc: ServiceError) -> grpc.StatusCode:
@@ -98,6 +104,15 @@ class ErrorStatus(grpc.aio.ServerInterceptor):
         return handler._replace(**{name: awaited})
 
 
+def retryable(exc: grpc.RpcError) -> bool:
+    """Whether a failed call may succeed if sent again: UNAVAILABLE, or RESOURCE_EXHAUSTED that
+    is load shedding (not gRPC refusing a message over its size limit)."""
+    code = exc.code() if hasattr(exc, "code") else None
+    if code not in RETRYABLE:
+        return False
+    return OVERSIZE not in (exc.details() or "").lower()
+
+
 def _metadata(exc: grpc.RpcError) -> dict[str, str]:
     try:
         pairs = exc.trailing_metadata() or ()
@@ -118,6 +133,9 @@ def error_from_rpc(exc: grpc.RpcError) -> ServiceError:
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         head, sep, _ = details.partition(": ")
         error: ServiceError = InvalidRequest(meta.get(FIELD_KEY) or (head if sep else ""), "")
+    elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and OVERSIZE in details.lower():
+        error = InvalidRequest("request", "")
+        details = f"request: {details} (the gRPC max_message_bytes limit)"
     elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         try:
             retry_after_s = float(meta.get(RETRY_KEY, 1.0))

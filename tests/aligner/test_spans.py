@@ -156,6 +156,52 @@ def test_digits_and_whitespace_runs(mistral_tok, mistral, smol, smol_tok, smol_t
         assert probs[digit] == pytest.approx(0.5)  # the gold's probability, unchanged
 
 
+def test_runs_of_spaces_are_read_with_the_space_that_follows(mistral, smol, smol_to_mistral):
+    """SmolLM2's pre-tokenizer ends a run of spaces one space early before a word ("\n    return"
+    is "Ċ   " + " return"), so its run tokens are projected as "<run> x": Mistral v1 reads four
+    spaces before a word as one token, three as two spaces and " word", two as one token."""
+    _, table = smol_to_mistral
+
+    def entries(token):
+        c = smol.id_of[token]
+        n = len(smol.surface_bytes[c])
+        return [mistral.tokens[t] for t in table.lookup(np.full(n, c), np.arange(n))]
+
+    # "ĠĠĠ" = 3 spaces, then " x": 4 spaces; after 1 byte read, 2 + " x" = 3: "▁▁" + "▁x"
+    assert entries("ĠĠĠ") == ["▁▁▁▁", "▁▁", "▁▁"]
+    assert entries("ĊĠĠĠ") == ["<0x0A>", "▁▁▁▁", "▁▁", "▁▁"]
+    assert entries("ĊĠĠĠĠĠĠĠ")[1] == "▁" * 8
+    assert entries("ĊĠ") == ["<0x0A>", "▁▁"]  # newline, one space, " x": two spaces
+    # a lone space is what SmolLM2 puts before a digit ("x = 1": "x", " =", " ", "1"): as is
+    assert entries("Ġ") == ["▁"]
+
+
+def test_the_indentation_before_return(mistral_tok, mistral, smol, smol_tok, smol_to_mistral):
+    """The issue's case: four spaces before ``return``. Mistral: "<0x0A>" "▁▁▁▁" "return";
+    SmolLM2: "):" then "ĊĠĠĠ" " return". Worked by hand below."""
+    text = "def f(x):\n    return x"
+    vmap, table = smol_to_mistral
+    s_ids, _ = encode(smol_tok, text)
+    assert [smol.tokens[i] for i in s_ids][-4:] == ["):", "ĊĠĠĠ", "Ġreturn", "Ġx"]
+    j = len(s_ids) - 4  # "):"
+    scores = hand_scores(
+        smol_tok,
+        smol,
+        text,
+        {j: {"ĊĠĠĠ": 0.6, "ĊĠĠĠĠĠĠĠ": 0.3}, j + 1: {"Ġreturn": 0.3, "Ġif": 0.2}},
+    )
+    ids, block = fuse_spans(text, mistral_tok, mistral, smol, vmap, table, scores)
+    tokens = [mistral.tokens[t] for t in ids]
+    assert tokens[-4:] == ["<0x0A>", "▁▁▁▁", "return", "▁x"]
+    probs, tail = row(block, mistral, len(ids) - 4)  # after the newline, predicting "▁▁▁▁"
+    # the newline is read, inside SmolLM2's next token: its candidates that start with a newline
+    # are kept and renormalised: "Ċ   " 0.6 / 0.9 = 2/3, "Ċ       " 1/3. The chain rule gives
+    # the target's "▁▁▁▁" (which ends inside " return") 2/3 x p(next starts with " ") = 2/3 x
+    # (0.3 + 0.2) = 1/3; the rest of "Ċ   " (1/3) goes to its projection, four spaces too (it
+    # went to "▁▁▁", three spaces, before issue #25), and "Ċ       " to eight spaces (not seven)
+    assert probs == pytest.approx({"▁▁▁▁": 2 / 3, "▁" * 8: 1 / 3}, abs=1e-6) and tail == 0
+
+
 def test_a_character_split_into_byte_pieces(mistral_tok, mistral, smol, smol_tok, smol_to_mistral):
     # 龘 is three byte pieces in Mistral (<0xE9><0xBE><0x98>); SmolLM2 has " \xe9", "\xbe", "\x98"
     text = "The dragon 龘 flew"

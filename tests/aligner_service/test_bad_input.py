@@ -61,6 +61,7 @@ def test_lone_surrogates_are_422_naming_the_text_and_keep_the_connection(aligner
         ({"texts": []}, "texts"),
         ({"texts": ["fine", ""]}, "texts[1]"),
         ({"text": "ok text", "teachers": "spm"}, "teachers"),
+        ({"text": "ok text", "teachers": []}, "teachers"),
         ({"text": "ok text", "options": []}, "options"),
     ],
 )
@@ -202,3 +203,28 @@ def test_a_body_that_never_arrives_times_out_with_408(guarded_aligner):
             data += chunk
     assert data.startswith(b"HTTP/1.1 408"), data[:200]
     assert b"body_timeout_s" in data
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded"])
+def test_a_body_that_is_not_json_by_its_content_type_is_415(aligner, content_type):
+    body = json.dumps({"text": "a valid body, wrongly labelled"}).encode()
+    response = aligner.rest.post("/v1/fuse", content=body, headers={"content-type": content_type})
+    error = assert_envelope(response, 415, "content-type")
+    assert "application/json" in error["message"]
+    labelled = {"content-type": "application/json; charset=utf-8"}
+    assert aligner.rest.post("/v1/fuse", content=body, headers=labelled).status_code == 200
+
+
+def test_nul_and_other_control_characters_are_text_like_any_other(aligner):
+    """Policy: a NUL (or any other control character) is a character of the text; every
+    tokenizer here has a token or a byte for it, so it is fused, on both transports, and a
+    cache hit returns the same block."""
+    text = "before\x00after\x01\x1f and more text"
+    rest = aligner.rest.post("/v1/fuse", json={"text": text, "top": 3})
+    assert rest.status_code == 200, rest.text
+    positions = rest.json()["blocks"][0]["positions"]
+    assert "".join(p["text"] for p in positions) == text  # the NUL is a position's text
+    stub, channel = stub_for(aligner)
+    with channel:
+        reply = stub.Fuse(aligner_pb2.FuseRequest(texts=[text]), timeout=120)
+    assert reply.blocks[0].cache_hit  # the same block, keyed by the same characters

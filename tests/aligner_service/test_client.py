@@ -28,7 +28,7 @@ from fuseserve.teacher.hf_backend import HFBackend
 from fuseserve.teacher.server import start_server
 from fuseserve.teacher.settings import TeacherSettings
 from fuseserve.wire.fuse_reply import decode_reply
-from fuseserve.wire.v1 import teacher_pb2, teacher_pb2_grpc
+from fuseserve.wire.v1 import aligner_pb2, aligner_pb2_grpc, teacher_pb2, teacher_pb2_grpc
 from tests.service_fixtures import aligner_settings, start_handle
 from tests.teacher.conftest import GatedBackend
 
@@ -212,6 +212,37 @@ def test_a_client_that_times_out_leaves_nothing_in_flight(gated_aligner):
         rest = RestClient(str(handle.rest.base_url), timeout_s=1.0)
         with rest, pytest.raises(httpx.TimeoutException):
             rest.fuse("a caller with a short deadline")
+        wait_until(lambda: handle.service.inflight == 0, 30, "in-flight blocks back to 0")
+    finally:
+        teacher.backend.gate.set()
+
+
+def test_cancelled_grpc_calls_are_counted(gated_aligner):
+    """A Fuse call past its deadline and a FuseStream the caller cancels each count as
+    ``outcome="cancelled"`` and leave nothing in flight."""
+    handle, teacher = gated_aligner
+    cancelled = {"transport": "grpc", "outcome": "cancelled"}
+    before = handle.metric("fuseserve_aligner_requests_total", cancelled)
+    teacher.backend.gate.clear()
+    try:
+        with grpc.insecure_channel(handle.grpc_address) as channel:
+            stub = aligner_pb2_grpc.AlignerStub(channel)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Fuse(aligner_pb2.FuseRequest(texts=["a caller out of time"]), timeout=1.0)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            wait_until(
+                lambda: handle.metric("fuseserve_aligner_requests_total", cancelled) == before + 1,
+                30,
+                "the cancelled Fuse call counted",
+            )
+            stream = stub.FuseStream(iter([aligner_pb2.FuseRequest(texts=["a stream"])]))
+            wait_until(lambda: handle.service.inflight == 1, 30, "the stream's block in flight")
+            stream.cancel()
+            wait_until(
+                lambda: handle.metric("fuseserve_aligner_requests_total", cancelled) == before + 2,
+                30,
+                "the cancelled stream counted",
+            )
         wait_until(lambda: handle.service.inflight == 0, 30, "in-flight blocks back to 0")
     finally:
         teacher.backend.gate.set()

@@ -142,7 +142,7 @@ def test_trainer_prefetch_reaches_the_guarded_aligner_from_its_environment(
         stream.close()
     monkeypatch.delenv("FUSESERVE_CLIENT_API_KEY")
     stream = FusedTargetStream(
-        guarded_aligner.grpc_address, blocks, iter([0]), timeout_s=60, max_reconnects=0
+        guarded_aligner.grpc_address, blocks, iter([0]), timeout_s=60, outage_window_s=0
     )
     try:
         with pytest.raises(Exception, match=r"UNAUTHENTICATED|API key"):

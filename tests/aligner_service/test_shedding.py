@@ -133,13 +133,21 @@ def test_admission_sheds_at_once_with_retry_after(shedder, gated):
             )
             # REST: refused before parsing (this process has a block in flight it measured the
             # rate of); gRPC: by spm's backlog, the first check of admission
-            refused(shedder, "no room for this one", "request_deadline_s")  # before teacher work
+            refused(shedder, "no room for this one", "interactive_deadline_s")  # no teacher work
             stub, channel = stub_for(shedder)
             with channel, pytest.raises(grpc.RpcError) as err:
                 stub.Fuse(aligner_pb2.FuseRequest(texts=["nor for this one"]), timeout=30)
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "teacher 'spm'" in err.value.details()
+            assert "interactive_deadline_s" in err.value.details()
             assert dict(err.value.trailing_metadata())["retry-after"].isdigit()
+            # a FuseStream request (a trainer's) is admitted by request_deadline_s instead
+            stub, channel = stub_for(shedder)
+            stream = stub.FuseStream(iter([aligner_pb2.FuseRequest(texts=["streamed"])]))
+            with channel, pytest.raises(grpc.RpcError) as err:
+                list(stream)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "request_deadline_s" in err.value.details()
             assert shedder.metric("fuseserve_aligner_shed_total", {"teacher": "spm"}) >= 1
             spm.backend.gate.set()
             assert inflight.result(60).status_code == 200

@@ -400,3 +400,15 @@ def test_image_requirements_follow_the_extras_of_pyproject():
     assert "mistral-common" in names
     with pytest.raises(SystemExit, match="no extra 'gpu'"):
         requirements(project, ["gpu"])
+
+
+def test_compose_publishes_the_aligner_on_loopback_unless_told_and_passes_the_key(compose):
+    """With nothing set the aligner's ports are reachable from this machine only; its key and
+    the trainer's come from one variable (empty: no key, which the settings read as none)."""
+    aligner = compose["services"]["aligner"]
+    assert all(p.startswith("127.0.0.1:") for p in aligner["ports"]), aligner["ports"]
+    assert "${FUSESERVE_PUBLISH_ADDRESS:-127.0.0.1}:8080:8080" in COMPOSE_TEXT
+    assert aligner["environment"]["FUSESERVE_ALIGNER_API_KEY"] == ""
+    trainer = compose["services"]["trainer"]["environment"]
+    assert trainer["FUSESERVE_CLIENT_API_KEY"] == ""
+    assert COMPOSE_TEXT.count("${FUSESERVE_API_KEY:-}") == 2

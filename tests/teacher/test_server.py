@@ -225,3 +225,30 @@ def test_sequences_of_callers_that_have_gone_are_never_computed(loop_thread, tin
         gated.gate.set()
         channel.close()
         loop_thread.run(running.stop(1.0))
+
+
+def test_an_oversize_request_is_invalid_argument_naming_the_limit(loop_thread, tiny_backend):
+    """Over the limit: the caller's mistake (INVALID_ARGUMENT, never retried); over twice the
+    limit gRPC itself refuses with RESOURCE_EXHAUSTED, which the translator still reads as the
+    caller's mistake."""
+    from fuseserve.errors import InvalidRequest
+    from fuseserve.wire.status import error_from_rpc, retryable
+
+    limit = 1024 * 1024
+    running = start_teacher(loop_thread, tiny_backend, max_message_bytes=limit)
+    stub, channel = stub_for(running)
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Score(teacher_pb2.ScoreRequest(texts=["x" * (limit + 10)], k=2), timeout=10))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"max_message_bytes={limit}" in err.value.details()
+    assert dict(err.value.trailing_metadata())["fuseserve-field"] == "request"
+    assert not retryable(err.value)
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Score(teacher_pb2.ScoreRequest(texts=["x" * (3 * limit)], k=2), timeout=10))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert not retryable(err.value)
+    error = error_from_rpc(err.value)
+    assert isinstance(error, InvalidRequest) and error.field == "request"
+    assert len(score(stub, ["still serving"], k=2)[0]) == 1
+    channel.close()
+    loop_thread.run(running.stop(1.0))

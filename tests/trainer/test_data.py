@@ -63,3 +63,61 @@ def test_worker_schedule_shards_and_resumes():
     assert [next(resumed) for _ in range(3)] == steps[1][5:8]
     with pytest.raises(ValueError, match="global batch"):
         next(worker_schedule(3, 0, 0, 2, 2))
+
+
+def test_named_files_are_read_whatever_their_suffix_and_walks_say_what_they_skip(tmp_path, caplog):
+    (tmp_path / "api.h").write_text("int f(void);\n")
+    (tmp_path / "notes.txt").write_text("plain notes\n")
+    (tmp_path / "image.png").write_bytes(b"\x89PNG")
+    (tmp_path / "data.bin").write_bytes(b"\x00\x01")
+    # named explicitly: read whatever the suffix
+    assert read_documents([tmp_path / "api.h"]) == ["int f(void);\n"]
+    assert read_documents([tmp_path / "image.png"]) == ["\ufffdPNG"]
+    # a walk reads the C header and the text, skips the rest and says so
+    with caplog.at_level("WARNING", logger="fuseserve.trainer.data"):
+        assert read_documents([tmp_path]) == ["int f(void);\n", "plain notes\n"]
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert "skipped 2 files" in message and ".png" in message and ".bin" in message
+
+
+def test_an_empty_data_set_is_an_error(tmp_path):
+    (tmp_path / "blank.txt").write_text("  \n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "x.png").write_bytes(b"\x89PNG")
+    with pytest.raises(ValueError, match=r"no text in .*blank\.txt"):
+        read_documents([tmp_path / "blank.txt"])
+    with pytest.raises(ValueError, match="no text in"):
+        read_documents([tmp_path / "sub"])
+
+
+def test_eval_cli_refuses_an_empty_domain_in_one_line(tmp_path, capsys):
+    from fuseserve.cli import main
+
+    (tmp_path / "empty").mkdir()
+    code = main(["eval", "--model", "shipped:smollm2", "--data", f"c={tmp_path / 'empty'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0
+    assert err.startswith("error: data: domain 'c': no text in")
+
+
+def test_train_cli_refuses_empty_data_before_ray_starts(tmp_path, capsys):
+    from fuseserve.cli import main
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a.txt").write_text("some text")
+    base = ["train", "--model", "shipped:smollm2", "--lam", "1.0", "--max-steps", "1"]
+    assert main([*base, "--data", str(tmp_path / "empty")]) == 2
+    assert capsys.readouterr().err.startswith("error: data: no text in")
+    eval_data = f"c={tmp_path / 'empty'}"
+    assert main([*base, "--data", str(tmp_path / "a.txt"), "--eval-data", eval_data]) == 2
+    assert capsys.readouterr().err.startswith("error: eval_data: domain 'c': no text in")
+
+
+def test_no_bytes_scored_is_nan_not_zero():
+    import math
+
+    from fuseserve.trainer.evaluate import BPB, evaluate_domains
+
+    assert math.isnan(BPB(0.0, 0, 0).value)
+    with pytest.raises(ValueError, match=r"domains \['c'\]: no text"):
+        evaluate_domains("shipped:smollm2", {"c": ["   "], "prose": ["words"]})

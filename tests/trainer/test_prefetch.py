@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from fuseserve.launch import wait_until
-from fuseserve.trainer.data import pack_blocks
-from fuseserve.trainer.prefetch import AlignerFailed, FusedTargetStream, TargetMismatch
+from fuseserve.trainer.data import Block, pack_blocks
+from fuseserve.trainer.prefetch import FED, AlignerFailed, FusedTargetStream, TargetMismatch
 from fuseserve.wire.messages import FusedBlock
 from fuseserve.wire.v1 import aligner_pb2, aligner_pb2_grpc
 
@@ -56,9 +56,12 @@ class StandIn(aligner_pb2_grpc.AlignerServicer):
                 context.abort(grpc.StatusCode.UNAVAILABLE, "stand-in restarting")
             if not self.release.acquire(timeout=30):
                 context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "test never released")
-            ids = np.asarray(
-                self.tokenizer(request.texts[0], add_special_tokens=False)["input_ids"]
-            )
+            if request.texts:
+                ids = np.asarray(
+                    self.tokenizer(request.texts[0], add_special_tokens=False)["input_ids"]
+                )
+            else:  # asked by target ids: answered for exactly those
+                ids = np.asarray(request.token_ids[0].ids)
             if self.corrupt:
                 ids = ids[::-1].copy()
             n = len(ids)
@@ -161,7 +164,7 @@ def test_mismatched_tokens_or_tokenizer_fail_loudly(stand_in, blocks):
 
 def test_dead_aligner_is_a_clear_error(blocks):
     stream = FusedTargetStream(
-        "127.0.0.1:9", blocks, iter([0]), depth=1, max_reconnects=1, timeout_s=30
+        "127.0.0.1:9", blocks, iter([0]), depth=1, outage_window_s=1, timeout_s=30
     )
     stream.start()
     try:
@@ -190,3 +193,66 @@ def test_every_request_carries_the_runs_fusion_choices(stand_in, blocks):
         assert (list(r.teachers), r.preset, r.options_json, r.k) == (
             ["a", "b"], "spans", '{"tail": false}', 7,
         )  # fmt: skip
+
+
+def test_an_aligner_that_is_down_longer_than_get_waits_is_waited_for(mistral_tok, blocks):
+    """Nothing listens for 4 s (longer than ``timeout_s``), then an aligner starts on that port:
+    the stream waits the outage out, says so, and delivers; nothing fails."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    stream = FusedTargetStream(
+        f"127.0.0.1:{port}", blocks, iter([0, 1]), depth=2, target_fingerprint=FP, timeout_s=2
+    )
+    servicer = StandIn(mistral_tok)
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    aligner_pb2_grpc.add_AlignerServicer_to_server(servicer, server)
+    stream.start()
+    try:
+        wait_until(lambda: stream.waiting_out_outage, 10, "the outage noticed")
+        got: dict = {}
+        consumer = threading.Thread(target=lambda: got.update(first=stream.get(blocks[0])))
+        consumer.start()
+        consumer.join(4.0)  # twice timeout_s: get() has not given up
+        assert consumer.is_alive() and stream.waiting_out_outage
+        assert server.add_insecure_port(f"127.0.0.1:{port}") == port
+        server.start()
+        for _ in range(2):
+            servicer.release.release()
+        consumer.join(30)
+        assert not consumer.is_alive() and "first" in got
+        stream.get(blocks[1])
+        assert not stream.waiting_out_outage and stream.stats.outage_s >= 4.0
+        assert stream.stats.reconnects >= 1
+    finally:
+        stream.close()
+        for _ in range(64):
+            servicer.release.release()
+        server.stop(0)
+
+
+def test_fed_places_wait_for_their_blocks_which_go_as_ids(stand_in, blocks):
+    """The order 0, FED, FED, 1: block 1 is not asked for before both samples are fed, and the
+    samples are asked for by their ids (no text)."""
+    servicer, address = stand_in
+    for _ in range(64):
+        servicer.release.release()
+    stream = FusedTargetStream(address, blocks, iter([0, FED, FED, 1]), depth=4)
+    stream.start()
+    try:
+        stream.get(blocks[0])
+        wait_until(lambda: servicer.received == ["0"], 20, "the first request")
+        samples = [Block(n, "", np.array([5, 6, 7 + n])) for n in range(2)]
+        stream.feed(samples[:1])
+        assert stream.get(samples[0], fed=True).target_ids.tolist() == [5, 6, 7]
+        assert servicer.received == ["0", "fed-0"]  # block 1 waits behind the second place
+        stream.feed(samples[1:])
+        assert stream.get(samples[1], fed=True).target_ids.tolist() == [5, 6, 8]
+        stream.get(blocks[1])
+        assert servicer.received == ["0", "fed-0", "fed-1", "1"]
+        fed = [r for r in servicer.requests if r.id.startswith("fed")]
+        assert all(not r.texts and len(r.token_ids) == 1 for r in fed)
+    finally:
+        stream.close()

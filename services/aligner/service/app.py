@@ -25,6 +25,7 @@ from fuseserve.aligner.continuation import hf_first_tokens
 from fuseserve.aligner.service.cache import LRUCache, RedisCache
 from fuseserve.aligner.service.dataplane import FusionService
 from fuseserve.aligner.service.grpc_api import AlignerServicer, start_grpc
+from fuseserve.aligner.service.http_guard import guarded_http
 from fuseserve.aligner.service.metrics import AlignerMetrics
 from fuseserve.aligner.service.openai_api import add_openai_routes
 from fuseserve.aligner.service.pool import TeacherPool
@@ -189,6 +190,7 @@ def build_service(
         max_text_chars=settings.max_text_chars,
         max_text_bytes=settings.max_text_bytes,
         request_deadline_s=settings.request_deadline_s,
+        interactive_deadline_s=settings.interactive_deadline_s,
     )
 
 
@@ -232,8 +234,11 @@ async def start_servers(
     )
     model = f"fuseserve/{settings.target_tokenizer}"
     add_openai_routes(app, service, metrics, model, api_key)  # the vLLM-compatible teacher
+    http = guarded_http(settings.header_timeout_s, settings.max_connections)
     rest = _Uvicorn(
-        uvicorn.Config(app, log_level=settings.log_level.lower(), access_log=False, lifespan="off")
+        uvicorn.Config(
+            app, http=http, log_level=settings.log_level.lower(), access_log=False, lifespan="off"
+        )
     )
     running = RunningAligner(
         settings, service, metrics, grpc_server, grpc_port, sock.getsockname()[1], rest, health

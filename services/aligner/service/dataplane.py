@@ -63,6 +63,10 @@ class FuseQuery:
     # target ids given instead of texts ([n_i] int64 each); ``texts`` is filled from them when
     # the query is answered
     token_ids: tuple[np.ndarray, ...] | None = None
+    # admission: the backlog (seconds, at the measured rates) this request may wait behind, and
+    # the setting that says so (named in a refusal)
+    horizon_s: float = 30.0
+    horizon_setting: str = "request_deadline_s"
 
     @property
     def size(self) -> int:
@@ -189,6 +193,7 @@ class FusionService:
         max_text_chars: int = 262144,
         max_text_bytes: int = 512 * 1024,
         request_deadline_s: float = 30.0,
+        interactive_deadline_s: float = 5.0,
     ) -> None:
         self.tokenizer = target_tokenizer
         self.target = target_view
@@ -204,6 +209,7 @@ class FusionService:
         self.max_text_chars = max_text_chars
         self.max_text_bytes = max_text_bytes
         self.request_deadline_s = request_deadline_s
+        self.interactive_deadline_s = interactive_deadline_s
         # one thread tokenises (a fast tokenizer must not be called from two threads at once);
         # the event loop stays free for health checks and other requests meanwhile
         self._tokenize = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
@@ -234,8 +240,11 @@ class FusionService:
         options: dict[str, Any] | None = None,
         teachers: Sequence[str] | None = None,
         token_ids: Sequence[Sequence[int]] | None = None,
+        streamed: bool = False,
     ) -> FuseQuery:
-        """A validated query of ``texts``, or of target ``token_ids`` (exactly one of them)."""
+        """A validated query of ``texts``, or of target ``token_ids`` (exactly one of them);
+        ``streamed``: from a FuseStream (a trainer keeping blocks in flight, admitted within
+        ``request_deadline_s``), else interactive (``interactive_deadline_s``)."""
         ids: tuple[np.ndarray, ...] | None = None
         if token_ids is not None:
             if texts:
@@ -265,7 +274,17 @@ class FusionService:
         max_k = min(t.max_k for t in chosen)
         if not 1 <= k <= max_k:
             raise InvalidRequest("k", f"must be in [1, {max_k}] (the teachers' limit), got {k}")
-        return FuseQuery(tuple(texts or ()), k, resolved, names, ids)
+        horizon_s, setting = self.horizon(streamed)
+        return FuseQuery(
+            tuple(texts or ()), k, resolved, names, ids,
+            horizon_s=horizon_s, horizon_setting=setting,
+        )  # fmt: skip
+
+    def horizon(self, streamed: bool) -> tuple[float, str]:
+        """(seconds of backlog a request may wait behind, the setting that says so)."""
+        if streamed:
+            return self.request_deadline_s, "request_deadline_s"
+        return min(self.interactive_deadline_s, self.request_deadline_s), "interactive_deadline_s"
 
     def _check_texts(self, texts: Sequence[str] | None) -> None:
         if texts is None or isinstance(texts, str) or not texts:
@@ -410,15 +429,16 @@ class FusionService:
 
     def _admit(self, query: FuseQuery, n: int, this_process: bool = True) -> None:
         """Admit ``n`` blocks only if every teacher they need, and this process, can answer them
-        within ``request_deadline_s`` at the rate each has been answering (idle ones always may).
+        within the query's horizon at the rate each has been answering (idle ones always may).
         """
+        horizon = (query.horizon_s, query.horizon_setting)
         waits = {name: self.pool.load(name).wait_s(n) for name in query.teachers}
         name, wait = max(waits.items(), key=lambda kv: kv[1])
-        if wait > self.request_deadline_s:
-            raise self._shed(name, self.pool.load(name), n, wait)
+        if wait > query.horizon_s:
+            raise self._shed(name, self.pool.load(name), n, wait, horizon)
         wait = self.load.wait_s(n) if this_process else 0.0
-        if wait > self.request_deadline_s:
-            raise self._shed(SELF, self.load, n, wait)
+        if wait > query.horizon_s:
+            raise self._shed(SELF, self.load, n, wait, horizon)
 
     def refusal_before_parsing(self, every_teacher: bool = False) -> Overloaded | None:
         """The 429 for a request, decided before its body is parsed: every block slot is taken,
@@ -429,26 +449,30 @@ class FusionService:
         full = self._no_slots(1)
         if full is not None:
             return full
+        horizon = self.horizon(streamed=False)
         wait = self.load.wait_s(1)
-        if wait > self.request_deadline_s:
-            return self._shed(SELF, self.load, 1, wait)
+        if wait > horizon[0]:
+            return self._shed(SELF, self.load, 1, wait, horizon)
         waits = {name: self.pool.load(name).wait_s(1) for name in self.pool.names}
         if not waits:
             return None
         pick = max if every_teacher else min
         name, wait = pick(waits.items(), key=lambda kv: kv[1])
-        if wait > self.request_deadline_s:
-            return self._shed(name, self.pool.load(name), 1, wait)
+        if wait > horizon[0]:
+            return self._shed(name, self.pool.load(name), 1, wait, horizon)
         return None
 
-    def _shed(self, name: str, load: Load, n: int, wait: float) -> Overloaded:
+    def _shed(
+        self, name: str, load: Load, n: int, wait: float, horizon: tuple[float, str]
+    ) -> Overloaded:
         self.metrics.shed.labels(name).inc()
         who = "the aligner" if name == SELF else f"teacher {name!r}"
+        seconds, setting = horizon
         return Overloaded(
             f"{who} has {load.inflight} blocks in flight at "
             f"{load.rate:.2f} blocks/s: {n} more would take {wait:.1f}s, over "
-            f"request_deadline_s={self.request_deadline_s:g}; retry later",
-            retry_after_s=wait - self.request_deadline_s,
+            f"{setting}={seconds:g}; retry later",
+            retry_after_s=wait - seconds,
         )
 
     def _decode_fused(self, value: bytes | None, target: _Target, query: FuseQuery):

@@ -45,11 +45,12 @@ class AlignerServicer(aligner_pb2_grpc.AlignerServicer):
         self.target_name = target_name
         self.max_stream_inflight = max_stream_inflight
 
-    async def _answer(self, request) -> list[aligner_pb2.FusedBlock]:
+    async def _answer(self, request, streamed: bool = False) -> list[aligner_pb2.FusedBlock]:
         call = convert.fuse_call_from_pb(request)
         query = self.service.query(
-            call.texts, call.k, call.preset, call.options, call.teachers, call.token_ids
-        )
+            call.texts, call.k, call.preset, call.options, call.teachers, call.token_ids,
+            streamed=streamed,
+        )  # fmt: skip
         results = await self.service.fuse(query)
         fp = self.service.target.fingerprint
         return [
@@ -72,7 +73,11 @@ class AlignerServicer(aligner_pb2_grpc.AlignerServicer):
 
     async def Fuse(self, request, context):
         start = time.perf_counter()
-        blocks = await self._answer(request)
+        try:
+            blocks = await self._answer(request)
+        except asyncio.CancelledError:  # the caller cancelled, or its deadline passed
+            self.metrics.requests.labels("grpc", "cancelled").inc()
+            raise
         self.metrics.requests.labels("grpc", "ok").inc()
         self.metrics.request_latency.labels("grpc").observe(time.perf_counter() - start)
         return aligner_pb2.FuseReply(blocks=blocks)
@@ -83,32 +88,42 @@ class AlignerServicer(aligner_pb2_grpc.AlignerServicer):
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    task = asyncio.ensure_future(self._answer(request))
+                    task = asyncio.ensure_future(self._answer(request, streamed=True))
                     await pending.put((request.id, task))
             finally:
                 await pending.put(None)
 
         reader = asyncio.ensure_future(read())
         try:
-            while True:
-                item = await pending.get()
-                if item is None:
-                    break
-                request_id, task = item
-                try:
-                    blocks = await task
-                except ServiceError as exc:
-                    raise exc.prefixed(f"request {request_id!r}: ") from exc
-                self.metrics.requests.labels("grpc", "ok").inc()
-                for block in blocks:
-                    yield block
-            await reader  # surfaces a failed read (e.g. the caller cancelled)
+            async for block in self._stream_replies(pending, reader):
+                yield block
+        except asyncio.CancelledError:  # the caller cancelled the stream, or its deadline passed
+            self.metrics.requests.labels("grpc", "cancelled").inc()
+            raise
         finally:
             reader.cancel()
             while not pending.empty():
                 item = pending.get_nowait()
                 if item is not None:
                     item[1].cancel()
+
+    async def _stream_replies(
+        self, pending: asyncio.Queue, reader: asyncio.Future
+    ) -> AsyncIterator[aligner_pb2.FusedBlock]:
+        """Each admitted request's blocks, in request order, until the caller stops sending."""
+        while True:
+            item = await pending.get()
+            if item is None:
+                break
+            request_id, task = item
+            try:
+                blocks = await task
+            except ServiceError as exc:
+                raise exc.prefixed(f"request {request_id!r}: ") from exc
+            self.metrics.requests.labels("grpc", "ok").inc()
+            for block in blocks:
+                yield block
+        await reader  # surfaces a failed read (e.g. the caller cancelled)
 
 
 async def start_grpc(
@@ -124,7 +139,7 @@ async def start_grpc(
     requests = servicer.metrics.requests
     errors = ErrorStatus(lambda exc: requests.labels("grpc", type(exc).__name__).inc())
     server = new_server(max_message_bytes, [TokenAuth(api_key), errors] if api_key else [errors])
-    add_guarded(aligner_pb2_grpc.add_AlignerServicer_to_server, servicer, server)
+    add_guarded(aligner_pb2_grpc.add_AlignerServicer_to_server, servicer, server, max_message_bytes)
     health = await add_health_and_reflection(server, SERVICE)
     try:
         bound = add_port(server, f"{host}:{port}", credentials)

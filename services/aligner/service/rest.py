@@ -33,7 +33,7 @@ from fuseserve import __version__
 from fuseserve.aligner.service.dataplane import FusionService
 from fuseserve.aligner.service.early_shed import RefuseBeforeParsing
 from fuseserve.aligner.service.metrics import AlignerMetrics
-from fuseserve.aligner.service.rest_render import JSON, Answer, Cut, negotiate, render
+from fuseserve.aligner.service.rest_render import JSON, Answer, Cut, is_json, negotiate, render
 from fuseserve.aligner.service.rest_schema import (
     ERRORS,
     FuseBody,
@@ -288,6 +288,10 @@ def add_fuse_route(
             metrics.requests.labels("rest", "NotAcceptable").inc()
             message = f"Accept: names neither {JSON} nor {MEDIA_TYPE}"
             return envelope(406, "NotAcceptable", message)
+        if not is_json(request.headers.get("content-type")):
+            metrics.requests.labels("rest", "UnsupportedMediaType").inc()
+            message = f"content-type: the body must be {JSON}"
+            return envelope(415, "UnsupportedMediaType", message, "content-type")
         # parsing and validating a body of up to max_body_bytes takes tens of milliseconds:
         # keep the event loop (health checks, other requests) free meanwhile
         body: FuseBody = await asyncio.to_thread(parse_fuse_body, await request.body())

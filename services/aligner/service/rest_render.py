@@ -26,6 +26,16 @@ OFFERED = {JSON: "json", MEDIA_TYPE: "binary"}
 WILDCARDS = {"*/*": "json", "application/*": "json"}
 
 
+def is_json(content_type: str | None) -> bool:
+    """Whether a request's Content-Type is JSON (``application/json`` or ``*/*+json``, any
+    parameters); a request without one is read as JSON."""
+    if content_type is None:
+        return True
+    media = content_type.split(";")[0].strip().lower()
+    suffixed = media.startswith("application/") and media.endswith("+json")
+    return media == "application/json" or suffixed
+
+
 def negotiate(accept: str | None) -> str | None:
     """The format to answer in: the acceptable offer of highest quality (ties and wildcards
     go to JSON, the default; no header: JSON); None when the header accepts neither."""

@@ -50,7 +50,9 @@ class FuseBody(BaseModel):
     k: int | None = Field(None, ge=1, le=1024, description="top-k asked of each teacher")
     preset: Literal["default", "spans", "fusellm"] | None = None
     options: dict[str, Any] | None = Field(None, description="FusionOptions field overrides")
-    teachers: list[str] | None = Field(None, description="a subset of teachers by name")
+    teachers: list[str] | None = Field(
+        None, min_length=1, description="a subset of teachers by name (omit it for all)"
+    )
     top: int | None = Field(
         5, ge=1, le=1024, description="fused candidates kept per position (null: all of them)"
     )
@@ -107,6 +109,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         "model": ErrorEnvelope,
         "description": "overloaded: retry after the Retry-After header (seconds)",
     },
+    415: {"model": ErrorEnvelope, "description": "a Content-Type other than application/json"},
     406: {
         "model": ErrorEnvelope,
         "description": f"the Accept header names neither application/json nor {MEDIA_TYPE}",

@@ -70,13 +70,30 @@ class AlignerSettings(BaseSettings, ServerSecurity):
     request_deadline_s: float = Field(
         30.0,
         gt=0,
-        description="admit a request only if its teachers can answer it within this, at their "
-        "measured rate (else 429 with Retry-After)",
+        description="admit a FuseStream request (a trainer's) only if its teachers and the "
+        "aligner can answer it within this, at their measured rates (else RESOURCE_EXHAUSTED)",
+    )
+    interactive_deadline_s: float = Field(
+        5.0,
+        gt=0,
+        description="the same for REST and unary gRPC requests (else 429 with Retry-After): the "
+        "most work an overload leaves behind, so normal latency returns within about this long",
     )
     max_stream_inflight: int = Field(8, ge=1, description="blocks in flight per FuseStream")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="REST body limit (413)")
     body_timeout_s: float = Field(
         30.0, gt=0, description="a REST body must arrive within this many seconds (408)"
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="a REST request's headers must arrive within this many seconds of the "
+        "connection opening or the request's first byte (408, connection closed)",
+    )
+    max_connections: int = Field(
+        1000,
+        ge=1,
+        description="REST connections open at once; one more is answered 503 and closed",
     )
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
     teacher_timeout_s: float = Field(120.0, gt=0, description="deadline per teacher call")
