@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--out", default="trl-teacher-run")
     args = parser.parse_args()
 
+    import torch
     from datasets import Dataset
     from trl.experimental.server_distillation import (
         ServerDistillationConfig,
@@ -77,6 +78,7 @@ def main() -> None:
         save_strategy="no",
         report_to="none",
         gradient_checkpointing=False,
+        use_cpu=not torch.cuda.is_available(),  # TRL's default bf16 needs a GPU
     )
     trainer = ServerDistillationTrainer(
         model=student,

@@ -108,3 +108,33 @@ def test_canonical_ids_give_the_tokenizers_own_text_and_offsets(which, request):
         expected = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
         np.testing.assert_array_equal(result.offsets, expected, err_msg=text[:40])
         assert result.replaced == 0
+
+
+@pytest.mark.slow  # builds a 32k -> 49k vocabulary map
+@pytest.mark.parametrize(("target", "teacher"), [("smol", "mistral")])
+def test_canonical_ids_fuse_bit_identically_to_the_text_path(target, teacher, request):
+    """The text path's block (text, the tokenizer's offsets) and the ids path's (rebuilt text and
+    offsets) are the same arrays, with a teacher of the other tokenizer family (synthetic top-k
+    on its real tokenization, as in test_pipeline). SmolLM2's byte-level BPE as the target here;
+    Mistral v1 as the target is checked through the service (test_ids_input)."""
+    from fuseserve.aligner.options import FusionOptions
+    from fuseserve.aligner.pipeline import TeacherInput, fuse_block
+    from fuseserve.aligner.vocabmap import build_vocab_map
+    from tests.aligner.test_pipeline import fake_scores
+
+    t_tok, t_view = request.getfixturevalue(f"{target}_tok"), request.getfixturevalue(target)
+    s_tok, s_view = request.getfixturevalue(f"{teacher}_tok"), request.getfixturevalue(teacher)
+    vmap = build_vocab_map(s_view, t_view)
+    prefix = adds_prefix_space(t_tok, t_view)
+    text = "def f(😀, x):\n    return 'ünï' + x  # ☃ 中文\n" + CORPUS[3][:600]
+    enc = t_tok(text, return_offsets_mapping=True, add_special_tokens=False)
+    ids = np.asarray(enc["input_ids"], dtype=np.int64)
+    scores = fake_scores(s_tok, text, s_view.vocab_size, 5, seed=7)
+    recovered = text_of_ids(ids, t_view, prefix)
+    assert recovered.text == text
+    for options in (FusionOptions(), FusionOptions(alignment="dtw")):
+        teachers = [TeacherInput(teacher, s_view, vmap, scores)]
+        by_text = fuse_block(text, t_view, ids, enc["offset_mapping"], teachers, options)
+        by_ids = fuse_block(recovered.text, t_view, ids, recovered.offsets, teachers, options)
+        for name in ("target_ids", "ids", "probs", "tail", "chosen", "ce", "coverage"):
+            np.testing.assert_array_equal(getattr(by_text, name), getattr(by_ids, name))

@@ -67,7 +67,7 @@ def test_answer_is_vllms_schema_with_the_fused_rows(aligner, seqs, model, mistra
         assert choice["index"] == i and choice["text"] == "" and choice["logprobs"] is None
         positions = choice["prompt_logprobs"]
         assert len(positions) == len(seq) and positions[0] is None
-        expected = prompt_logprobs(fused.blocks[i].block, 3, 1.0, mistral.vocab_size)
+        expected = prompt_logprobs(fused.blocks[i].block, 3, 1.0, mistral)
         for pos in range(1, len(seq)):
             entries = positions[pos]
             actual = entries[str(seq[pos])]  # the actual token is always there

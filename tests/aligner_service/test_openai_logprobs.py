@@ -57,8 +57,8 @@ def example(ids):
     )
 
 
-def test_top_k_and_the_actual_token(example, ids):
-    answer = prompt_logprobs(example, 2, 1.0, V)
+def test_top_k_and_the_actual_token(example, ids, mistral):
+    answer = prompt_logprobs(example, 2, 1.0, mistral)
     np.testing.assert_array_equal(answer.actual_ids, [ids["▁cat"], ids["▁sat"]])
     # position 1: "▁cat" listed at 0.5, the most probable: rank 1
     assert answer.actual_logprobs[0] == pytest.approx(math.log(0.5))
@@ -74,7 +74,7 @@ def test_top_k_and_the_actual_token(example, ids):
     assert answer.top_ids[1].tolist() == [ids["▁ran"], ids["▁on"]]
 
 
-def test_actual_token_listed_past_k_and_ties(ids):
+def test_actual_token_listed_past_k_and_ties(ids, mistral):
     b = block(
         [ids["▁The"], ids["▁a"], ids["▁on"]],
         [
@@ -84,10 +84,36 @@ def test_actual_token_listed_past_k_and_ties(ids):
         ],
         [0.1, 0.4, 0.0],
     )
-    answer = prompt_logprobs(b, 1, 1.0, V)
+    answer = prompt_logprobs(b, 1, 1.0, mistral)
     assert answer.actual_ranks.tolist() == [3, 2]  # "▁a": 3 at least as probable; a tie ranks last
     assert answer.actual_logprobs[0] == pytest.approx(math.log(0.1))
     assert answer.top_ids[:, 0].tolist() == [ids["▁ran"], ids["▁ran"]]
+
+
+def test_unlisted_actual_token_takes_the_entries_that_continue_it(mistral):
+    # "▁the" sampled; the row lists "▁there" and "▁them" (which go on with " the"), "▁a", and a
+    # tail: the fused probability of going on with " the" is 0.2 + 0.1 + 0.1 / (V - 3)
+    v = mistral.id_of
+    b = block(
+        [v["▁of"], v["▁the"]],
+        [[(v["▁there"], 0.2), (v["▁them"], 0.1), (v["▁a"], 0.5)], []],
+        [0.2, 0.0],
+    )
+    answer = prompt_logprobs(b, 1, 1.0, mistral)
+    assert answer.actual_logprobs[0] == pytest.approx(math.log(0.3 + 0.2 / (V - 3)), rel=1e-6)
+    assert answer.actual_ranks[0] == 2  # only "▁a" is more probable; ranked after it
+    # more probable than every listed entry: it is the top-1 entry, rank 1
+    ahead = block(
+        [v["▁of"], v["▁the"]],
+        [[(v["▁there"], 0.3), (v["▁them"], 0.3), (v["▁a"], 0.4)], []],
+        [0.0, 0.0],
+    )
+    first = prompt_logprobs(ahead, 1, 1.0, mistral)
+    assert first.top_ids[0].tolist() == [v["▁the"]] and first.actual_ranks[0] == 1
+    assert first.top_logprobs[0, 0] == pytest.approx(math.log(0.6))
+    # a special token stands for no text: nothing continues it
+    eos = block([v["▁of"], mistral.eos_id], [[(v["▁there"], 1.0)], []], [0.0, 0.0])
+    assert prompt_logprobs(eos, 1, 1.0, mistral).actual_logprobs[0] == -math.inf
 
 
 def test_temperature_reshapes_entries_and_tail_as_one_outcome():
@@ -101,7 +127,7 @@ def test_temperature_reshapes_entries_and_tail_as_one_outcome():
 
 def test_no_tail_gives_minus_infinity_written_as_vllm_does(ids, mistral):
     b = block([ids["▁The"], ids["▁sat"]], [[(ids["▁cat"], 1.0)], []], [0.0, 0.0])
-    answer = prompt_logprobs(b, 0, 1.0, V)
+    answer = prompt_logprobs(b, 0, 1.0, mistral)
     assert answer.actual_logprobs[0] == -math.inf
     assert answer.sources() == {"listed": 0, "tail": 0, "zero": 1}
     doc = json.loads(render_json(answer, mistral))
@@ -109,7 +135,7 @@ def test_no_tail_gives_minus_infinity_written_as_vllm_does(ids, mistral):
 
 
 def test_json_is_vllms_prompt_logprobs(example, ids, mistral):
-    doc = json.loads(render_json(prompt_logprobs(example, 2, 1.0, V), mistral))
+    doc = json.loads(render_json(prompt_logprobs(example, 2, 1.0, mistral), mistral))
     assert doc[0] is None
     assert list(doc[1]) == [str(ids["▁cat"]), str(ids["▁dog"])]  # the actual token is a top-K entry
     assert doc[1][str(ids["▁cat"])] == {
@@ -125,6 +151,6 @@ def test_json_is_vllms_prompt_logprobs(example, ids, mistral):
 
 def test_decoded_tokens_of_specials_and_stray_bytes(mistral):
     b = block([mistral.bos_id, mistral.id_of["<0xE2>"]], [[(mistral.eos_id, 0.5)], []], [0.5, 0.0])
-    doc = json.loads(render_json(prompt_logprobs(b, 1, 1.0, V), mistral))
+    doc = json.loads(render_json(prompt_logprobs(b, 1, 1.0, mistral), mistral))
     assert doc[1][str(mistral.eos_id)]["decoded_token"] == "</s>"
     assert doc[1][str(mistral.id_of["<0xE2>"])]["decoded_token"] == "\ufffd"

@@ -101,7 +101,7 @@ def train(url: str, tokenizer, beta: float, top_k: int, out_dir) -> list[float]:
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
-def check_received(url: str, calls, top_k: int, vocab_size: int) -> int:
+def check_received(url: str, calls, top_k: int, view) -> int:
     """Every answer TRL's client returned equals the fused rows of ``/v1/fuse`` (token_ids).
     Returns how many completion positions were compared."""
     compared = 0
@@ -111,7 +111,7 @@ def check_received(url: str, calls, top_k: int, vocab_size: int) -> int:
             blocks = rest.fuse(token_ids=sequences, params=params).blocks
             temperature = kwargs.get("temperature", 1.0)
             for i, (seq, start) in enumerate(zip(sequences, prompt_lengths)):
-                want = prompt_logprobs(blocks[i].block, top_k, temperature, vocab_size)
+                want = prompt_logprobs(blocks[i].block, top_k, temperature, view)
                 rows = slice(start - 1, len(seq) - 1)  # position p is row p - 1
                 got_actual = np.asarray(result["actual_logprobs"][i], dtype=np.float64)[:, 0]
                 # the wire writes a log-probability of -inf as -9999.0, as vLLM does
@@ -140,4 +140,4 @@ def test_trl_server_distillation_against_the_aligner(
     assert all(math.isfinite(x) for x in losses), losses
     assert falling(losses), losses
     assert len(recorded) >= 20
-    assert check_received(url, recorded, top_k, mistral.vocab_size) > 0
+    assert check_received(url, recorded, top_k, mistral) > 0

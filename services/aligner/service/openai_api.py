@@ -212,7 +212,7 @@ def choice_json(
             temperature = 1.0 if body.temperature is None else float(body.temperature)
             view = service.target
             top = body.prompt_logprobs
-            answer = prompt_logprobs(result.block, top, temperature, view.vocab_size)
+            answer = prompt_logprobs(result.block, top, temperature, view)
             sources.update(answer.sources())
             prompt = render_json(answer, view)
     return (

@@ -6,13 +6,18 @@ Definitions (row ``i - 1`` of a block predicts token ``i``; position 0 has no en
 - **Temperature** T reshapes a row over what it knows: its listed entries p_j and its tail t
   (the mass on no listed id), the tail taken as one outcome: q_j = p_j^(1/T) / Z and
   t' = t^(1/T) / Z with Z = sum_j p_j^(1/T) + t^(1/T). T = 1 changes nothing (no arithmetic).
-- **The actual token** is always present: its listed q when the row lists it, else its share of
-  the tail spread evenly over the ids the row does not list, t' / (V - L) (the most even
-  assumption; 0 when the row has no tail, which vLLM's own clamp writes as -9999.0).
+- **The actual token** is always present: its listed q when the row lists it; else the fused
+  probability that the text goes on with its characters, as far as the row tells: the q of the
+  listed entries whose text starts with the actual token's text and is longer (e.g. ``}}`` for a
+  sampled ``}``), plus its even share of the tail over the ids the row does not list,
+  t' / (V - L). 0 when neither exists (a special token, or a row without tail and without such
+  entries), which vLLM's own clamp writes as -9999.0.
 - **Ranks** as vLLM gives them: the top-K entries are ranked 1..K in order (most probable first);
   the actual token's rank is the number of entries at least as probable as it, itself included
-  (ties rank last), counting an unlisted actual token after every listed entry. When the actual
-  token is among the top-K its entry is that top-K entry.
+  (ties rank last). An unlisted actual token with a probability is one of the row's entries for
+  this (after the listed ones on a tie), so it is among the top-K when it is that probable; with
+  probability 0 it ranks after every listed entry. When the actual token is among the top-K its
+  entry is that top-K entry.
 - ``decoded_token``: the token's own text (``TokenizerView.surfaces``, stray bytes as U+FFFD,
   specials as their literal), as vLLM decodes a single id.
 
@@ -72,8 +77,26 @@ def tempered(probs: np.ndarray, tail: np.ndarray, temperature: float):
     return w / z[:, None], w_tail / z
 
 
+def continuing(view: TokenizerView, ids: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    """[m, width] bool: entries ``ids`` [m, width] whose text is longer than, and starts with,
+    the text of their row's ``actual`` [m] token (never for a token that stands for no text)."""
+    nbytes = view.surface_nbytes
+    a_len = nbytes[actual]
+    width = int(a_len.max(initial=0))
+    if width == 0:
+        return np.zeros(ids.shape, dtype=bool)
+    matrix = view.surface_byte_matrix
+    if matrix.shape[1] < width:
+        matrix = np.pad(matrix, ((0, 0), (0, width - matrix.shape[1])))
+    safe = np.maximum(ids, 0)
+    beyond = np.arange(width)[None, :] >= a_len[:, None]  # [m, width]: past the actual's text
+    same = (matrix[safe, :width] == matrix[actual, :width][:, None, :]) | beyond[:, None, :]
+    out: np.ndarray = same.all(axis=-1) & (nbytes[safe] > a_len[:, None]) & (a_len[:, None] > 0)
+    return out
+
+
 def prompt_logprobs(
-    block: FusedBlock, top: int, temperature: float, vocab_size: int
+    block: FusedBlock, top: int, temperature: float, view: TokenizerView
 ) -> PromptLogprobs:
     """The vLLM view of ``block`` (module docstring): ``top`` = K entries per position."""
     ids = block.ids[:-1].astype(np.int64)
@@ -84,13 +107,22 @@ def prompt_logprobs(
     hit = listed & (ids == actual[:, None])
     in_row = hit.any(axis=1)
     n_listed = listed.sum(axis=1)
-    spread = tail / np.maximum(1, vocab_size - n_listed)
-    p_actual = np.where(in_row, (q * hit).sum(axis=1), spread)
-    key = np.where(listed, q, -1.0)
-    rank = (key >= p_actual[:, None]).sum(axis=1) + (~in_row).astype(np.int64)
+    spread = tail / np.maximum(1, view.vocab_size - n_listed)
+    missing = np.nonzero(~in_row)[0]
+    onward = np.zeros(m)
+    if len(missing):
+        longer = continuing(view, ids[missing], actual[missing]) & listed[missing]
+        onward[missing] = (q[missing] * longer).sum(axis=1)
+    p_actual = np.where(in_row, (q * hit).sum(axis=1), onward + spread)
+    # an unlisted actual token with a probability joins its row's entries (last: ties go to the
+    # listed ones), so the top-K and the ranks are by probability over the same entries
+    extra = np.where(~in_row & (p_actual > 0), p_actual, -1.0)
+    key = np.concatenate([np.where(listed, q, -1.0), extra[:, None]], axis=1)
+    every = np.concatenate([ids, actual[:, None]], axis=1)
+    rank = (key >= p_actual[:, None]).sum(axis=1) + (p_actual <= 0)
     order = np.argsort(-key, axis=1, kind="stable")[:, : max(top, 0)]
     top_q = np.take_along_axis(key, order, axis=1)
-    top_ids = np.where(top_q >= 0, np.take_along_axis(ids, order, axis=1), -1)
+    top_ids = np.where(top_q >= 0, np.take_along_axis(every, order, axis=1), -1)
     with np.errstate(divide="ignore"):
         return PromptLogprobs(
             actual_ids=actual,
