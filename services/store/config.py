@@ -73,7 +73,12 @@ class ExportConfig(_Shared):
     )
     out: str = Field(description="store folder (created; an unfinished export there resumes)")
     shard_blocks: int = Field(256, ge=1, description="blocks per shard file")
-    prefetch_depth: int = Field(32, ge=1, description="blocks asked of the aligner ahead")
+    prefetch_depth: int = Field(
+        8,
+        ge=1,
+        description="blocks asked of the aligner ahead (more keeps several teacher replicas "
+        "busy; the aligner sheds requests it cannot answer within its request deadline)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ExportConfig:
