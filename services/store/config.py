@@ -33,6 +33,7 @@ SHARED = (
     "fusion_options",
     "k",
     "aligner_timeout_s",
+    "aligner_outage_s",
 )
 
 # what these two mean for an export (their types and defaults stay TrainConfig's)
@@ -67,6 +68,7 @@ class ExportConfig(_Shared):
         fusion_options: dict[str, Any]
         k: int
         aligner_timeout_s: float
+        aligner_outage_s: float
 
     model: str | None = Field(
         None, description="target model whose tokenizer cuts the blocks (when no --tokenizer)"
