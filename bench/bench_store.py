@@ -22,7 +22,7 @@ corpus of standard-library Python and the language reference.
    stand-in worker) on the same blocks, fused targets from the aligner (warm) vs from the store.
    Mean step_s after the first two steps; ratio online / store.
 
-Usage: python bench/bench_store.py [--blocks 48] [--block-size 512] [--steps 12]
+Usage: python bench/bench_store.py [--blocks 40] [--block-size 256] [--steps 12]
 """
 
 from __future__ import annotations
@@ -174,8 +174,8 @@ def step_times(settings: dict) -> list[float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--blocks", type=int, default=48)
-    parser.add_argument("--block-size", type=int, default=512)
+    parser.add_argument("--blocks", type=int, default=40)
+    parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=12)
     args = parser.parse_args()
     cpus = len(os.sched_getaffinity(0))

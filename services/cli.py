@@ -145,6 +145,15 @@ def _train(args: argparse.Namespace) -> int:
         eval_data=domain_specs(args.eval_data),
         fusion_options=options,
     )
+    if cfg.fused_from:  # a store that cannot match is refused here, not inside a Ray worker
+        from fuseserve.store.manifest import StoreMismatch
+        from fuseserve.store.reader import check_store_settings
+
+        try:
+            check_store_settings(cfg)
+        except (StoreMismatch, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     _check_train_data(cfg)
     from fuseserve.trainer.job import run_training

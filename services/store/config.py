@@ -33,6 +33,7 @@ SHARED = (
     "fusion_options",
     "k",
     "aligner_timeout_s",
+    "aligner_outage_s",
 )
 
 # what these two mean for an export (their types and defaults stay TrainConfig's)
@@ -67,13 +68,19 @@ class ExportConfig(_Shared):
         fusion_options: dict[str, Any]
         k: int
         aligner_timeout_s: float
+        aligner_outage_s: float
 
     model: str | None = Field(
         None, description="target model whose tokenizer cuts the blocks (when no --tokenizer)"
     )
     out: str = Field(description="store folder (created; an unfinished export there resumes)")
     shard_blocks: int = Field(256, ge=1, description="blocks per shard file")
-    prefetch_depth: int = Field(32, ge=1, description="blocks asked of the aligner ahead")
+    prefetch_depth: int = Field(
+        8,
+        ge=1,
+        description="blocks asked of the aligner ahead (more keeps several teacher replicas "
+        "busy; the aligner sheds requests it cannot answer within its request deadline)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ExportConfig:

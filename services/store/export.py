@@ -220,6 +220,7 @@ class ShardWriter:
             options_json=json.dumps(cfg.fusion_options) if cfg.fusion_options else "",
             float_dtype=self.manifest.fusion.float_dtype,
             timeout_s=cfg.aligner_timeout_s,
+            outage_window_s=cfg.aligner_outage_s,
         ).start()
 
     def run(self, progress: bool, on_block) -> ExportReport:

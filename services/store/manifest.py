@@ -127,12 +127,13 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
     tmp.replace(path)
 
 
-def run_identity(cfg, target_fingerprint: str, blocks) -> dict[str, Any]:
+def run_identity(cfg, target_fingerprint: str, blocks=None) -> dict[str, Any]:
     """The fields a store must share with a run (a ``TrainConfig`` or export settings): target
-    tokenizer, fusion choices as requested, block layout; keys as they read in the manifest."""
+    tokenizer, fusion choices as requested, block layout; keys as they read in the manifest.
+    Without ``blocks``, only what the settings and tokenizer decide (no block count or texts)."""
     from fuseserve.trainer.data import data_fingerprint
 
-    return {
+    settled = {
         "target_fingerprint": target_fingerprint,
         "fusion.preset": cfg.preset,
         "fusion.options": dict(cfg.fusion_options),
@@ -140,9 +141,14 @@ def run_identity(cfg, target_fingerprint: str, blocks) -> dict[str, Any]:
         "fusion.teachers": list(cfg.teachers),
         "layout.block_size": cfg.block_size,
         "layout.chat": cfg.chat,
+    }
+    if blocks is None:
+        return settled
+    blocks_part = {
         "layout.num_blocks": len(blocks),
         "layout.data_fingerprint": data_fingerprint(blocks),
     }
+    return {**settled, **blocks_part}
 
 
 def manifest_identity(manifest: Manifest) -> dict[str, Any]:

@@ -24,6 +24,20 @@ from fuseserve.trainer.prefetch import PrefetchStats, TargetMismatch
 from fuseserve.wire.messages import FusedBlock
 
 
+def check_store_settings(cfg) -> None:
+    """Before a run starts (``fuseserve train``'s driver): refuse a store that is unfinished or
+    made for another target tokenizer, fusion choices, block size or chat mode (the blocks
+    themselves are checked by each worker, which builds them)."""
+    from fuseserve.loading import load_tokenizer
+    from fuseserve.wire.tokenizer import TokenizerIdentity
+
+    store = FusedStore(cfg.fused_from)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+    check_matches(
+        store.manifest, run_identity(cfg, TokenizerIdentity.from_hf(tokenizer).fingerprint)
+    )
+
+
 class StoreCorrupt(RuntimeError):
     """A shard whose bytes are not the ones the manifest recorded."""
 

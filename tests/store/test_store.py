@@ -210,3 +210,23 @@ def test_datasets_reads_the_shards_without_fuseserve(fused_store, tiny_dirs, tmp
             assert ids == want.ids[i, : len(ids)].tolist()
             assert np.array_equal(np.float32(probs), want.probs[i, : len(ids)])
         assert np.array_equal(np.float32(row["fused_tail"]), want.tail)
+
+
+def test_the_cli_exports_and_train_refuses_a_mismatched_store_before_ray(
+    fused_store, tiny_dirs, tmp_path, capsys
+):
+    from fuseserve.cli import main
+
+    flags = ["--tokenizer", str(tiny_dirs["spm"]), "--data", fused_store.corpus]
+    flags += ["--block-size", "32", "--preset", "spans", "--shard-blocks", "8"]
+    assert main(["export", *flags, "--aligner", fused_store.aligner, "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "blocks/s" in out and "B per token" in out
+    assert [s.sha256 for s in read_manifest(tmp_path).shards] == [
+        s.sha256 for s in read_manifest(fused_store.folder).shards
+    ]
+    train = ["train", "--model", str(tiny_dirs["spm"]), "--data", fused_store.corpus]
+    train += ["--preset", "spans", "--fused-from", str(tmp_path)]
+    train += ["--storage-path", str(tmp_path / "runs")]
+    assert main([*train, "--block-size", "24"]) == 2
+    assert "fused_from: the store's layout.block_size is 32" in capsys.readouterr().err
