@@ -129,6 +129,13 @@ class TrainConfig(BaseSettings):
         1.0, gt=0.0, description="temperature of on-policy sampling"
     )
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus (top-p) of on-policy sampling")
+    generation_batch: int = Field(
+        0,
+        ge=0,
+        description="prompts per generate call of an on-policy step (0 = all of the step's "
+        "prompts in one call; fewer bound the KV cache and let the aligner judge one call's "
+        "samples while the next are sampled)",
+    )
     num_workers: int = Field(1, ge=1, description="Ray Train workers")
     use_gpu: bool = Field(False, description="one GPU per worker")
     cpus_per_worker: float = Field(1.0, gt=0)

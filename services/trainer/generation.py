@@ -1,9 +1,9 @@
 """Sampling the student's completions for on-policy steps, with transformers' ``generate``.
 
-Covers one batched call per micro-batch: prompts left-padded (so every row's last prompt token
-sits at the same column and the KV cache is shared in one tensor), ``do_sample`` with the run's
-temperature and top-p (no top-k), at least one and at most ``max_new_tokens`` new tokens, the KV
-cache on. Sampling is seeded from (seed, step, rank, micro-batch) inside a forked RNG, so the
+Covers one batched ``generate`` call over a list of prompts: prompts left-padded (so every row's
+last prompt token sits at the same column and the KV cache is one tensor), ``do_sample`` with the
+run's temperature and top-p (no top-k), at least one and at most ``max_new_tokens`` new tokens,
+the KV cache on. Sampling is seeded from (seed, step, rank, call) inside a forked RNG, so the
 same step samples the same completions in a resumed run and the training RNG (dropout) is left
 untouched. The wrapped model is unwrapped for DDP (``module``); an FSDP2 model generates as it is,
 every rank together (``synced_gpus``: a rank whose rows have all stopped keeps stepping until
@@ -32,7 +32,8 @@ class _Generates(Protocol):
 
 
 def sampling_seed(seed: int, step: int, rank: int, micro: int) -> int:
-    """A 63-bit seed for one micro-batch's sampling, a pure function of where it is in the run."""
+    """A 63-bit seed for one ``generate`` call (``micro``: the call's number within the step), a
+    pure function of where it is in the run."""
     state = np.random.SeedSequence([seed, step, rank, micro, 0x0F]).generate_state(2, np.uint32)
     return (int(state[0]) << 31) ^ int(state[1])
 

@@ -103,9 +103,11 @@ def test_steps_alternate_and_on_policy_steps_train_on_completions(tiny_dirs, cor
 
 def test_the_loss_is_zero_gradient_on_prompt_tokens(tiny_dirs, corpus, tmp_path):
     """Changing the logits at prompt positions does not change the on-policy loss."""
-    run = make(onpolicy_settings(tiny_dirs, corpus, tmp_path, max_steps=2, on_policy=1.0))
+    settings = onpolicy_settings(tiny_dirs, corpus, tmp_path, max_steps=2, on_policy=1.0)
+    run = make({**settings, "generation_batch": 1})  # four generate calls, two micro-batches
     run.setup()
     rollout = run.onpolicy.rollout(run.model, 0, run.stream, run.worker.device)
+    assert len(rollout.samples) == 4 and len(rollout.micro_batches) == 2
     batch = rollout.micro_batches[0]
     ids, mask, labels = batch[0], batch[1], batch[2]
     logits = run.model(input_ids=ids, attention_mask=mask).logits.detach().requires_grad_(True)
