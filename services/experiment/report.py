@@ -354,7 +354,6 @@ def write_report(outcome: Outcome) -> dict:
     claims = check_claims(outcome, table)
     gaps = gap_closed(outcome, table)
     cross = crossings(outcome)
-    cross_table = format_crossings(cross)
     work = outcome.work_dir
     plots = {
         "curves": str(work / "bpb-vs-tokens.png"),
@@ -390,6 +389,14 @@ def write_report(outcome: Outcome) -> dict:
         "config": cfg.model_dump(mode="json", by_alias=True),
     }
     (work / "results.json").write_text(json.dumps(summary, indent=1))
+    md = _markdown(outcome, table, claims, gaps, format_crossings(cross))
+    (work / "results.md").write_text("\n".join(md))
+    return summary
+
+
+def _markdown(outcome: Outcome, table, claims: list[dict], gaps: dict, cross_table: str) -> list:
+    """The lines of results.md."""
+    cfg = outcome.config
     md = [
         f"# {cfg.name}",
         "",
@@ -429,8 +436,7 @@ def write_report(outcome: Outcome) -> dict:
         "![BPB per domain](bpb-per-domain.png)",
         "",
     ]
-    (work / "results.md").write_text("\n".join(md))
-    return summary
+    return md
 
 
 def plot_curves(outcome: Outcome, path: Path) -> None:

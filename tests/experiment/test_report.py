@@ -146,3 +146,16 @@ def test_figure_2_crossings_of_the_ensemble():
     text = format_crossings(cross)
     assert "| fused-spans | 50 tokens | 100 tokens |" in text
     assert "| clm-only | 150 tokens (2 of 3 seeds) | never |" in text
+
+
+def test_the_report_files_carry_both_held_out_means_and_the_gap(tmp_path):
+    from dataclasses import replace
+
+    from fuseserve.experiment.report import write_report
+
+    o = replace(ood_outcome(), work_dir=tmp_path)
+    summary = write_report(o)
+    md = (tmp_path / "results.md").read_text()
+    assert "| ood mean |" in md and "gap closed (mean, best: smollm2)" in md
+    assert summary["claims"][1]["heldout"] == "ood"
+    assert (tmp_path / "bpb-vs-tokens.png").exists()
