@@ -62,6 +62,7 @@ WHEELS = {
     "opentelemetry-api": "imported by fastapi",
     "starlette": "fastapi's base",
     "uvicorn": "the aligner's REST server",
+    "httptools": "the aligner's HTTP protocol is uvicorn's httptools one (http_guard)",
     "grpcio": "the generated stubs need grpcio >= the version they were made with",
     "grpcio-health-checking": "readiness of teachers and the aligner",
     "grpcio-reflection": "the teacher and aligner register reflection",
