@@ -118,8 +118,11 @@ def judge_model(spec, tokenizer, texts, address: str, sources: list[str], judge,
     sequences = [np.concatenate([p, c]) for p, c in zip(prompts, completions)]
     lens = [len(p) for p in prompts]
     n_bytes = sum(completion_bytes(tokenizer, p, c) for p, c in zip(prompts, completions))
+    from tqdm.auto import tqdm
+
     bpb = {}
-    for name, teachers in [*((s, [s]) for s in sources), (FUSED, [])]:
+    judges = [*((s, [s]) for s in sources), (FUSED, [])]
+    for name, teachers in tqdm(judges, desc="judges", unit="judge", leave=False):
         nll = judge_nll(address, sequences, lens, teachers, judge.preset, k)
         bpb[name] = nll / math.log(2) / max(n_bytes, 1)
     mean_len = sum(len(c) for c in completions) / len(completions)
