@@ -40,6 +40,9 @@ def test_cli_flags_for_eval_data_and_fusion_choices(tmp_path, monkeypatch):
         raise SystemExit(0)
 
     monkeypatch.setattr("fuseserve.trainer.job.run_training", fake_run)
+    monkeypatch.chdir(tmp_path)  # the data is read once before training starts
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.jsonl").write_text('{"text": "some text"}\n')
     args = build_parser().parse_args(
         [
             "train", "--model", "m", "--data", "a.jsonl", "--aligner", "h:1",
