@@ -34,10 +34,10 @@ def test_quick_table7_runs_every_stage_and_reuses_finished_work(tmp_path):
         "base", "expert-code", "expert-prose", "expert-c", "ensemble", "merge",
         "clm-only", "kd-best", "fused-default", "fused-spans",
     }  # fmt: skip
-    ood = {"ood-prose", "ood-code", "ood-c", "ood mean"}  # text from outside the corpus
     for row in rows:
         cells = results["table"][row]
-        assert set(cells) == {"code", "prose", "c", "mean"} | ood
+        in_corpus = {"code", "prose", "c", "mean"}
+        assert set(cells) == in_corpus | {"ood-prose", "ood-code", "ood-c", "ood mean"}
         assert all(0 < c["mean"] < 20 for c in cells.values())
     assert results["best_source"] in ("expert-code", "expert-prose", "expert-c")
     runs = {r["run"]: r for r in results["runs"]}
@@ -47,19 +47,16 @@ def test_quick_table7_runs_every_stage_and_reuses_finished_work(tmp_path):
     for r in runs.values():  # held-out BPB measured before, during and after training
         assert [p["step"] for p in r["curve"]] == [0, 2, 4]
         assert r["curve"][-1]["tokens_seen"] == 4 * 2 * 32
-        last = r["curve"][-1]["eval_bpb"]  # in distribution; the final row adds the OOD domains
-        assert {d: r["final"][d] for d in last} == last and ood - {"ood mean"} <= set(r["final"])
+        # the curve is on the test split; the final model is also scored outside the corpus
+        final_in = {d: v for d, v in r["final"].items() if not d.startswith("ood-")}
+        assert final_in == r["curve"][-1]["eval_bpb"]
+        assert {d for d in r["final"] if d.startswith("ood-")} == {"ood-prose", "ood-code", "ood-c"}
     # the base's BPB before training equals the curve's starting point
     start = runs["clm-only"]["curve"][0]["eval_bpb"]
     for d, value in start.items():
         assert value == pytest.approx(results["table"]["base"][d]["mean"], rel=1e-5)
-    # one seed: a claim on trained runs is untested (with one seed every difference is > 2 std)
-    assert {c["verdict"] for c in results["claims"]} <= {
-        "reproduced",
-        "NOT reproduced",
-        "same direction, not significant (within 2 std)",
-        "untested (1 seed)",
-    }
+    # one seed: no claim that involves a trained run is judged
+    assert {c["verdict"] for c in results["claims"]} == {"untested (1 seed)"}
     # the claims that name only rows of this run (not the two that need fused-fusellm)
     assert len(results["claims"]) == 5
     assert not any("original code" in c["claim"] for c in results["claims"])

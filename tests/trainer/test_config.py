@@ -40,9 +40,9 @@ def test_cli_flags_for_eval_data_and_fusion_choices(tmp_path, monkeypatch):
         raise SystemExit(0)
 
     monkeypatch.setattr("fuseserve.trainer.job.run_training", fake_run)
-    monkeypatch.chdir(tmp_path)  # train reads its data before Ray starts: give it some
-    for name in ("a.jsonl", "b.jsonl", "c.jsonl"):
-        (tmp_path / name).write_text('{"text": "some text to train on"}\n')
+    monkeypatch.chdir(tmp_path)  # the data is read once before training starts
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.jsonl").write_text('{"text": "some text"}\n')
     args = build_parser().parse_args(
         [
             "train", "--model", "m", "--data", "a.jsonl", "--aligner", "h:1",
@@ -56,7 +56,7 @@ def test_cli_flags_for_eval_data_and_fusion_choices(tmp_path, monkeypatch):
     assert cfg.eval_data == ["code=a.jsonl,b.jsonl", "prose=c.jsonl"]
     assert cfg.teachers == ["x", "y"] and cfg.preset == "spans"
     assert cfg.fusion_options == {"tail": False} and cfg.eval_every == 10
-    bad = ["train", "--model", "m", "--data", "a.jsonl", "--fusion-options", "{"]
+    bad = ["train", "--model", "m", "--data", "a", "--fusion-options", "{"]
     bad_args = build_parser().parse_args(bad)
     with pytest.raises(SettingsError, match="fusion_options"):
         bad_args.func(bad_args)
