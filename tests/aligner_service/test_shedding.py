@@ -241,3 +241,30 @@ def test_a_request_for_every_teacher_is_refused_early_when_one_is_behind(shedder
             held.result(60)
     finally:
         spm.backend.gate.set()
+
+
+def test_a_block_refused_at_its_second_admission_does_not_hang_the_next_caller(
+    aligner, service_loop, monkeypatch
+):
+    """A block that missed the cache is claimed (identical concurrent blocks wait for it), then
+    admitted again for the teachers; a refusal there must release the claim, or every later
+    request for the same block waits forever (seen as an export stuck at 1 block in flight)."""
+    from fuseserve.errors import Overloaded
+
+    service = aligner.service
+    real_admit = service._admit
+    refusals = []
+
+    def refuse_the_teachers_once(query, n, this_process=True):
+        if not this_process and not refusals:
+            refusals.append(n)
+            raise Overloaded("refused at the second admission (test)")
+        return real_admit(query, n, this_process)
+
+    monkeypatch.setattr(service, "_admit", refuse_the_teachers_once)
+    query = service.query([f"a block refused once, then asked again {time.time_ns()}"])
+    with pytest.raises(Overloaded):
+        service_loop.run(service.fuse(query), timeout=60)
+    assert refusals == [1]
+    (again,) = service_loop.run(service.fuse(query), timeout=60)  # no hang: computed this time
+    assert again.source == "computed" and service.inflight == 0

@@ -405,9 +405,10 @@ class FusionService:
                 owned.append(i)
             else:
                 waits[i] = future
-        if owned:  # the teachers again, for the blocks they must compute (this process: once)
-            self._admit(query, len(owned), this_process=False)
-            try:
+        if owned:
+            try:  # every claimed block is resolved, whatever happens: else its waiters hang
+                # the teachers again, for the blocks they must compute (this process: once)
+                self._admit(query, len(owned), this_process=False)
                 computed = await self._compute(query, [targets[i] for i in owned], owned)
             except BaseException as exc:
                 for i in owned:
