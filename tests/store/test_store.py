@@ -230,3 +230,16 @@ def test_the_cli_exports_and_train_refuses_a_mismatched_store_before_ray(
     train += ["--storage-path", str(tmp_path / "runs")]
     assert main([*train, "--block-size", "24"]) == 2
     assert "fused_from: the store's layout.block_size is 32" in capsys.readouterr().err
+    # the matching run, as a user starts it: a Ray Train job with no aligner named
+    import subprocess
+    import sys
+
+    metrics = tmp_path / "from-store.jsonl"
+    train += ["--block-size", "32", "--max-steps", "3", "--batch-size", "2", "--lam", "0.5"]
+    train += ["--torch-threads", "1", "--metrics-file", str(metrics), "--name", "from-store"]
+    done = subprocess.run(
+        [sys.executable, "-m", "fuseserve.cli", *train], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = read_metrics(metrics)
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["fusion_loss"] > 0 for r in rows)
