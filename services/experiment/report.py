@@ -87,7 +87,7 @@ def judged_claim(claim: ClaimConfig, table, judged) -> dict:
         pair = _verdict(run, a, other, b, min(a.n, b.n) if other != "base" else a.n)
         held, held_other = table[run]["mean"].mean, table[other]["mean"].mean
         pair["heldout_change"] = held / held_other - 1
-        if pair["verdict"] == REPRODUCED and pair["heldout_change"] > limit:
+        if pair["heldout_change"] > limit:  # the held-out guard fails whatever the judges say
             pair["verdict"] = REFUTED
         pairs.append(pair)
     return {"pairs": pairs, "verdict": _overall([p["verdict"] for p in pairs])}
