@@ -25,8 +25,14 @@ from pathlib import Path
 import grpc
 from pydantic import BaseModel, Field, SecretStr
 
-from fuseserve.errors import StartupError
-from fuseserve.wire.status import FIELD_KEY
+from fuseserve.errors import (
+    InvalidRequest,
+    PayloadTooLarge,
+    ServiceError,
+    StartupError,
+    Unauthorized,
+)
+from fuseserve.wire.status import abort_with
 
 OPEN_SERVICES = ("/grpc.health.v1.Health/",)
 
@@ -54,7 +60,7 @@ class ServerSecurity(BaseModel):
 
 @dataclass(frozen=True)
 class _Malformed:
-    message: str
+    error: ServiceError
 
 
 def _safe(
@@ -63,21 +69,23 @@ def _safe(
     def parse(data: bytes) -> object:
         if max_bytes is not None and len(data) > max_bytes:
             return _Malformed(
-                f"request: {len(data)} bytes exceed the server's max_message_bytes={max_bytes}; "
-                "send fewer or shorter texts per request"
+                PayloadTooLarge(
+                    "request",
+                    f"{len(data)} bytes exceed the server's max_message_bytes={max_bytes}; "
+                    "send fewer or shorter texts per request",
+                )
             )
         try:
             return deserializer(data)
         except Exception as exc:  # DecodeError, invalid UTF-8 in a string field, ...
-            return _Malformed(f"request: not a valid message ({str(exc) or type(exc).__name__})")
+            why = str(exc) or type(exc).__name__
+            return _Malformed(InvalidRequest("request", f"not a valid message ({why})"))
 
     return parse
 
 
 async def _reject(context, request: _Malformed) -> None:
-    await context.abort(
-        grpc.StatusCode.INVALID_ARGUMENT, request.message, ((FIELD_KEY, "request"),)
-    )
+    await abort_with(context, request.error)
 
 
 def _guard_handler(handler: grpc.RpcMethodHandler, max_bytes: int | None) -> grpc.RpcMethodHandler:
@@ -177,10 +185,8 @@ class TokenAuth(grpc.aio.ServerInterceptor):
 
 def _deny(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
     async def abort(request_or_iterator, context):
-        await context.abort(
-            grpc.StatusCode.UNAUTHENTICATED,
-            "a valid API key is required: metadata 'authorization: Bearer <key>'",
-        )
+        message = "a valid API key is required: metadata 'authorization: Bearer <key>'"
+        await abort_with(context, Unauthorized(message))
 
     async def abort_stream(request_or_iterator, context):
         await abort(request_or_iterator, context)

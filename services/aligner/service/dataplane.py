@@ -6,7 +6,7 @@ Covers validating a fuse query (texts, k, preset, option overrides, teacher subs
 computing identical concurrent blocks once, asking all teachers concurrently (one Score call per
 teacher for all of a request's missing texts), fusing each block with the core in a worker
 thread, each teacher's status (a frozen ``TeacherStatus``), and turning the pool's teacher-level
-faults into request errors (``request_error``: which field was at fault, or which status).
+faults into the request errors they mean (``faults.request_errors``).
 
 Leaves out: transport encoding (``rest``, ``grpc_api``) and teacher connections (``pool``).
 """
@@ -14,7 +14,6 @@ Leaves out: transport encoding (``rest``, ``grpc_api``) and teacher connections 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import time
 from collections.abc import Sequence
@@ -31,18 +30,11 @@ from fuseserve.aligner.idstext import adds_prefix_space, text_of_ids
 from fuseserve.aligner.options import PRESETS, FusionOptions, VocabAlign
 from fuseserve.aligner.pipeline import TeacherInput, fuse_block
 from fuseserve.aligner.service.cache import Cache, SingleFlight, fused_key, scores_key
-from fuseserve.aligner.service.faults import (
-    MapMissing,
-    TeacherFault,
-    TeacherOverloaded,
-    TeacherRejected,
-    TeacherUnavailable,
-    UnknownTeacher,
-)
+from fuseserve.aligner.service.faults import TeacherUnavailable, request_errors
 from fuseserve.aligner.service.metrics import AlignerMetrics
 from fuseserve.aligner.service.pool import Load, TeacherPool
 from fuseserve.aligner.tokenview import TokenizerView
-from fuseserve.errors import InvalidRequest, Overloaded, ServiceError, Unavailable
+from fuseserve.errors import InvalidRequest, Overloaded, Unavailable
 from fuseserve.wire.codec import CodecError
 from fuseserve.wire.descriptions import TeacherStatus
 from fuseserve.wire.messages import FusedBlock, TeacherScores
@@ -94,28 +86,6 @@ class _Target:
     offsets: np.ndarray  # [n, 2]
     # ids given that are not the tokenizer's own for their text: part of the fused cache key
     key_ids: bytes | None = None
-
-
-def request_error(fault: TeacherFault) -> ServiceError:
-    """What a teacher's fault means for the request that met it."""
-    if isinstance(fault, UnknownTeacher):
-        return InvalidRequest("teachers", str(fault))
-    if isinstance(fault, MapMissing):
-        return InvalidRequest("options.vocab", str(fault))
-    if isinstance(fault, TeacherRejected):  # the texts were sent as they came
-        return InvalidRequest("texts", str(fault))
-    if isinstance(fault, TeacherOverloaded):
-        return Overloaded(str(fault), fault.retry_after_s)
-    return Unavailable(str(fault))
-
-
-@contextlib.contextmanager
-def request_errors():
-    """Teacher faults raised inside become the request errors they mean."""
-    try:
-        yield
-    except TeacherFault as fault:
-        raise request_error(fault) from fault
 
 
 def validation_field(exc: ValidationError, prefix: str) -> tuple[str, str]:

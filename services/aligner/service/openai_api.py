@@ -32,10 +32,10 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import math
 import time
 import uuid
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -43,11 +43,12 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
 from fuseserve.aligner.service.dataplane import BlockResult, FusionService, check_token_ids
+from fuseserve.aligner.service.http_errors import error_headers
 from fuseserve.aligner.service.metrics import AlignerMetrics
 from fuseserve.aligner.service.openai_logprobs import prompt_logprobs, render_json
 from fuseserve.aligner.service.rest import ClientGone, cancel_on_disconnect
 from fuseserve.aligner.service.rest_schema import field_path
-from fuseserve.errors import InvalidRequest, Overloaded, ServiceError, Unavailable
+from fuseserve.errors import InvalidRequest, ServiceError, Unauthorized, UnknownModel
 
 JSON = "application/json"
 # the preset whose rows always give the actual next token its chain-rule probability (the
@@ -72,12 +73,24 @@ class CompletionBody(BaseModel):
     stream: StrictBool | None = False
 
 
-class OpenAIError(Exception):
-    """An error answered in OpenAI's shape."""
+# OpenAI's error type for each status it answers (its client raises one class per status)
+OPENAI_TYPES = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    404: "NotFoundError",
+    429: "RateLimitError",
+    503: "ServiceUnavailableError",
+}
 
-    def __init__(self, status: int, kind: str, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.kind, self.param = status, kind, param
+
+@dataclass(frozen=True)
+class OpenAIError:
+    """A service error as OpenAI's API answers it."""
+
+    status: int
+    kind: str
+    message: str
+    param: str | None
 
 
 def error_body(status: int, kind: str, message: str, param: str | None) -> bytes:
@@ -86,16 +99,15 @@ def error_body(status: int, kind: str, message: str, param: str | None) -> bytes
 
 
 def as_openai(exc: ServiceError, single: bool = False) -> OpenAIError:
-    """A service error as the OpenAI error it is; a field of the ids path renamed to ``prompt``."""
-    if isinstance(exc, InvalidRequest):
-        param = prompt_field(exc.field, single)
-        message = str(exc).replace(exc.field, param, 1)
-        return OpenAIError(400, "BadRequestError", message, param)
-    if isinstance(exc, Overloaded):
-        return OpenAIError(429, "RateLimitError", str(exc))
-    if isinstance(exc, Unavailable):
-        return OpenAIError(503, "ServiceUnavailableError", str(exc))
-    return OpenAIError(500, "InternalServerError", str(exc))
+    """A service error as the OpenAI error it is: its class's status (the caller's mistakes,
+    422 in the REST API, are OpenAI's 400) and the type OpenAI gives that status; a field of
+    the ids path renamed to ``prompt``."""
+    status = 400 if exc.http_status == 422 else exc.http_status
+    kind = OPENAI_TYPES.get(status, "BadRequestError" if status < 500 else "InternalServerError")
+    if exc.field is None:
+        return OpenAIError(status, kind, str(exc), None)
+    param = prompt_field(exc.field, single)
+    return OpenAIError(status, kind, str(exc).replace(exc.field, param, 1), param)
 
 
 def prompt_field(field: str, single: bool) -> str:
@@ -251,13 +263,12 @@ class OpenAIRoutes:
         self.model = model
         self.key = api_key.encode() if api_key else None
 
-    def error(self, exc: OpenAIError, retry_after_s: float | None = None) -> Response:
-        self.metrics.requests.labels("openai", exc.kind).inc()
-        headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if retry_after_s else None
-        if exc.status == 401:
-            headers = {"WWW-Authenticate": "Bearer"}
-        payload = error_body(exc.status, exc.kind, str(exc), exc.param)
-        return Response(payload, status_code=exc.status, media_type=JSON, headers=headers)
+    def error(self, exc: ServiceError, single: bool = False) -> Response:
+        answer = as_openai(exc, single)
+        self.metrics.requests.labels("openai", answer.kind).inc()
+        payload = error_body(answer.status, answer.kind, answer.message, answer.param)
+        headers = error_headers(exc) or None
+        return Response(payload, status_code=answer.status, media_type=JSON, headers=headers)
 
     def check_key(self, request: Request) -> None:
         if self.key is None:
@@ -265,7 +276,7 @@ class OpenAIRoutes:
         header = request.headers.get("authorization", "")
         token = header[len("Bearer ") :].strip() if header.startswith("Bearer ") else ""
         if not hmac.compare_digest(token.encode(), self.key):
-            raise OpenAIError(401, "AuthenticationError", "a valid bearer API key is required")
+            raise Unauthorized("a valid bearer API key is required")
 
     async def health(self) -> Response:
         if self.service.ready:
@@ -280,7 +291,7 @@ class OpenAIRoutes:
     async def models(self, request: Request) -> Response:
         try:
             self.check_key(request)
-        except OpenAIError as exc:
+        except Unauthorized as exc:
             return self.error(exc)
         card = {
             "id": self.model,
@@ -302,8 +313,7 @@ class OpenAIRoutes:
             body = await asyncio.to_thread(parse_body, await request.body())
             check_options(body)
             if body.model is not None and body.model != self.model:
-                message = f"The model `{body.model}` does not exist."
-                raise OpenAIError(404, "NotFoundError", message, "model")
+                raise UnknownModel(body.model)
             single = is_single(body.prompt)
             rows = await prompt_sequences(body.prompt, self.service)
             results: list[BlockResult | None] = [None] * len(rows)
@@ -316,13 +326,11 @@ class OpenAIRoutes:
             )
             for source, count in sources.items():
                 self.metrics.openai_positions.labels(source).inc(count)
-        except OpenAIError as exc:
-            return self.error(exc)
         except ClientGone:
             self.metrics.requests.labels("openai", "cancelled").inc()
             return Response(status_code=499)
         except ServiceError as exc:
-            return self.error(as_openai(exc, single), getattr(exc, "retry_after_s", None))
+            return self.error(exc, single)
         self.metrics.requests.labels("openai", "ok").inc()
         self.metrics.request_latency.labels("openai").observe(time.perf_counter() - start)
         return Response(payload, media_type=JSON)

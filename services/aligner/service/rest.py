@@ -3,12 +3,11 @@
 Covers ``POST /v1/fuse`` (JSON by default, the binary reply of ``wire.fuse_reply`` when the
 ``Accept`` header asks for it, 406 when it names neither), ``GET /v1/teachers``, ``/healthz``,
 ``/readyz``, ``/metrics``, the OpenAPI page (``/docs``), the optional bearer API key (constant-time
-comparison), the body-size and body-time limits (413, 408), parsing bodies off the event loop,
-cancelling a request's work when its caller disconnects, and one mapping of the error hierarchy to
-statuses.
+comparison), parsing bodies off the event loop, cancelling a request's work when its caller
+disconnects, and answering every error with its class's status (``http_errors``).
 
-Leaves out: the schema (``rest_schema``), rendering (``rest_render``) and the work
-(``dataplane.FusionService``); handlers only convert.
+Leaves out: the schema (``rest_schema``), rendering (``rest_render``), the body limits
+(``body_limit``) and the work (``dataplane.FusionService``); handlers only convert.
 """
 
 from __future__ import annotations
@@ -18,20 +17,21 @@ import contextlib
 import dataclasses
 import hmac
 import json
-import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fuseserve import __version__
+from fuseserve.aligner.service.body_limit import BodyLimit
 from fuseserve.aligner.service.dataplane import FusionService
 from fuseserve.aligner.service.early_shed import RefuseBeforeParsing
+from fuseserve.aligner.service.http_errors import envelope, error_response
 from fuseserve.aligner.service.metrics import AlignerMetrics
 from fuseserve.aligner.service.rest_render import JSON, Answer, Cut, is_json, negotiate, render
 from fuseserve.aligner.service.rest_schema import (
@@ -43,124 +43,18 @@ from fuseserve.aligner.service.rest_schema import (
     parse_fuse_body,
     validation_error,
 )
-from fuseserve.errors import InvalidRequest, Overloaded, ServiceError, Unavailable
+from fuseserve.errors import (
+    InvalidRequest,
+    NotAcceptable,
+    ServiceError,
+    Unauthorized,
+    UnsupportedMediaType,
+)
 from fuseserve.wire.fuse_reply import MEDIA_TYPE
 
-STATUS = {InvalidRequest: 422, Overloaded: 429, Unavailable: 503}
 T = TypeVar("T")
 
 BEARER = HTTPBearer(auto_error=False, description="the aligner's --api-key")
-
-
-class SafeJSONResponse(JSONResponse):
-    """JSON with non-ASCII escaped: a lone surrogate echoed in a message cannot break it."""
-
-    def render(self, content: Any) -> bytes:
-        return json.dumps(content, ensure_ascii=True, allow_nan=False).encode()
-
-
-def envelope(
-    status: int, kind: str, message: str, field: str | None = None, headers=None
-) -> JSONResponse:
-    body: dict[str, Any] = {"error": {"type": kind, "message": message}}
-    if field is not None:
-        body["error"]["field"] = field
-    return SafeJSONResponse(body, status_code=status, headers=headers)
-
-
-def error_response(exc: ServiceError, retry_after_s: float = 1.0) -> JSONResponse:
-    status = next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 500)
-    field = exc.field if isinstance(exc, InvalidRequest) else None
-    headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if status == 429 else None
-    return envelope(status, type(exc).__name__, str(exc), field, headers)
-
-
-class BodyLimit:
-    """ASGI middleware: the whole body is read here, before any handler, within ``timeout_s``
-    and ``max_bytes``: larger bodies get 413 (by Content-Length at once, or when chunks pass
-    the limit), bodies that do not arrive in time 408; both close the connection."""
-
-    def __init__(self, app, max_bytes: int, timeout_s: float = 30.0) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-        self.timeout_s = timeout_s
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
-        loop = asyncio.get_running_loop()
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            # read on (discarding, briefly) before answering: closing on a caller that is still
-            # sending resets the connection, and the reset can destroy the 413 in flight
-            await self._drain(receive, loop.time() + 2.0, 4 * self.max_bytes)
-            return await self._too_large(send)
-        deadline = loop.time() + self.timeout_s
-        chunks: list[bytes] = []
-        seen = 0
-        while True:
-            try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
-            except TimeoutError:
-                return await self._reject(
-                    send,
-                    408,
-                    "RequestTimeout",
-                    f"body: not received within body_timeout_s={self.timeout_s:g}",
-                )
-            if message["type"] == "http.disconnect":
-                return None  # the caller left: nothing to answer
-            chunk = message.get("body", b"")
-            seen += len(chunk)
-            if seen > self.max_bytes:
-                # read on (discarding, briefly) so the caller, still sending, can read the 413
-                await self._drain(receive, min(deadline, loop.time() + 2.0), 4 * self.max_bytes)
-                return await self._too_large(send)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        sent = False
-
-        async def replay():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return await self.app(scope, replay, send)
-
-    @staticmethod
-    async def _drain(receive, until: float, budget: int) -> None:
-        loop = asyncio.get_running_loop()
-        with contextlib.suppress(TimeoutError):
-            while budget > 0 and loop.time() < until:
-                message = await asyncio.wait_for(receive(), until - loop.time())
-                budget -= len(message.get("body", b""))
-                if message["type"] != "http.request" or not message.get("more_body", False):
-                    return
-
-    async def _too_large(self, send) -> None:
-        await self._reject(
-            send, 413, "PayloadTooLarge", f"body: larger than max_body_bytes={self.max_bytes}"
-        )
-
-    async def _reject(self, send, status: int, kind: str, message: str) -> None:
-        body = json.dumps({"error": {"type": kind, "message": message}}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
 
 
 class ClientGone(Exception):
@@ -208,7 +102,7 @@ def early_refusal(
         if exc is None:
             return None
         metrics.requests.labels("rest", "Overloaded").inc()
-        return error_response(exc, exc.retry_after_s)
+        return error_response(exc)
 
     return refusal
 
@@ -224,40 +118,30 @@ def key_check(api_key: str | None) -> Callable[..., None]:
             return
         token = credentials.credentials.encode() if credentials else b""
         if not hmac.compare_digest(token, expected):
-            raise _Unauthorized
+            raise Unauthorized("a valid bearer API key is required")
 
     return require_key
 
 
 def add_error_handlers(app: FastAPI, metrics: AlignerMetrics) -> None:
-    """Every error as an ``ErrorEnvelope``; caller mistakes never a 500."""
+    """Every error as an ``ErrorEnvelope`` with its class's status; caller mistakes never a 500."""
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError):
         metrics.requests.labels("rest", type(exc).__name__).inc()
-        return error_response(exc, getattr(exc, "retry_after_s", 1.0))  # Overloaded has one
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        metrics.requests.labels("rest", "InvalidRequest").inc()
-        return error_response(validation_error(list(exc.errors())))
+        return await _service_error(request, validation_error(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         if exc.status_code == 400:  # FastAPI's "error parsing the body": a caller's mistake
-            metrics.requests.labels("rest", "InvalidRequest").inc()
-            return envelope(422, "InvalidRequest", "body: could not be parsed", "body")
+            return await _service_error(request, InvalidRequest("body", "could not be parsed"))
         kind = {404: "NotFound", 405: "MethodNotAllowed"}.get(exc.status_code, "HTTPError")
-        return envelope(exc.status_code, kind, str(exc.detail), headers=exc.headers)
-
-    @app.exception_handler(_Unauthorized)
-    async def _unauthorized(request: Request, exc: _Unauthorized):
-        return envelope(
-            401,
-            "Unauthorized",
-            "a valid bearer API key is required",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+        body = envelope(kind, str(exc.detail))
+        return Response(body, exc.status_code, exc.headers, media_type=JSON)
 
 
 FUSE_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -285,13 +169,9 @@ def add_fuse_route(
         start = time.perf_counter()
         kind = negotiate(request.headers.get("accept"))
         if kind is None:
-            metrics.requests.labels("rest", "NotAcceptable").inc()
-            message = f"Accept: names neither {JSON} nor {MEDIA_TYPE}"
-            return envelope(406, "NotAcceptable", message)
+            raise NotAcceptable(f"Accept: names neither {JSON} nor {MEDIA_TYPE}")
         if not is_json(request.headers.get("content-type")):
-            metrics.requests.labels("rest", "UnsupportedMediaType").inc()
-            message = f"content-type: the body must be {JSON}"
-            return envelope(415, "UnsupportedMediaType", message, "content-type")
+            raise UnsupportedMediaType("content-type", f"the body must be {JSON}")
         # parsing and validating a body of up to max_body_bytes takes tens of milliseconds:
         # keep the event loop (health checks, other requests) free meanwhile
         body: FuseBody = await asyncio.to_thread(parse_fuse_body, await request.body())
@@ -342,10 +222,8 @@ def add_info_routes(
         cache = service.cache.status()
         if service.ready:
             return {"status": "ready", "cache": cache}
-        return SafeJSONResponse(
-            {"status": "not ready", "teachers": service.problems(), "cache": cache},
-            status_code=503,
-        )
+        body = {"status": "not ready", "teachers": service.problems(), "cache": cache}
+        return Response(json.dumps(body, ensure_ascii=True), 503, media_type=JSON)
 
     @app.get(
         "/metrics",
@@ -393,7 +271,3 @@ def create_app(
 
     app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented override
     return app
-
-
-class _Unauthorized(Exception):
-    pass

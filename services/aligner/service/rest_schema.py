@@ -86,7 +86,9 @@ class FuseBody(BaseModel):
 class ErrorDetail(BaseModel):
     type: str = Field(description="InvalidRequest, Overloaded, Unavailable, Unauthorized, ...")
     message: str = Field(description="what is wrong, starting with the field when there is one")
-    field: str | None = Field(None, description="the request field at fault (422 only)")
+    field: str | None = Field(
+        None, description="the request field at fault (422; 413: body; 415: content-type)"
+    )
 
 
 class ErrorEnvelope(BaseModel):
