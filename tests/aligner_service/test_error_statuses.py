@@ -106,7 +106,10 @@ class FailingService:
     def refusal_before_parsing(self, every_teacher: bool = False):
         return None
 
-    def query(self, *args, **kwargs):
+    async def answer(self, call, transport, streamed=False):
+        return (await self.answer_all([call], transport, streamed))[0]
+
+    async def answer_all(self, calls, transport, streamed=False):
         with request_errors():
             raise self.error
 

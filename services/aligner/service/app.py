@@ -194,6 +194,27 @@ def build_service(
     )
 
 
+def rest_server(
+    settings: AlignerSettings, service: FusionService, metrics: AlignerMetrics
+) -> _Uvicorn:
+    """uvicorn serving the REST API and the vLLM-compatible routes, behind ``http_guard``."""
+    api_key = settings.key()
+    app = create_app(
+        service,
+        metrics,
+        settings.target_tokenizer,
+        api_key,
+        settings.max_body_bytes,
+        settings.body_timeout_s,
+    )
+    model = f"fuseserve/{settings.target_tokenizer}"
+    add_openai_routes(app, service, metrics, model, api_key)  # the vLLM-compatible teacher
+    http = guarded_http(settings.header_timeout_s, settings.max_connections)
+    level = settings.log_level.lower()
+    config = uvicorn.Config(app, http=http, log_level=level, access_log=False, lifespan="off")
+    return _Uvicorn(config)
+
+
 async def start_servers(
     settings: AlignerSettings, service: FusionService, metrics: AlignerMetrics, server_tls
 ) -> RunningAligner:
@@ -224,22 +245,7 @@ async def start_servers(
         sock.close()
         await pool.close()
         raise StartupError(f"grpc_{exc}") from None
-    app = create_app(
-        service,
-        metrics,
-        settings.target_tokenizer,
-        api_key,
-        settings.max_body_bytes,
-        settings.body_timeout_s,
-    )
-    model = f"fuseserve/{settings.target_tokenizer}"
-    add_openai_routes(app, service, metrics, model, api_key)  # the vLLM-compatible teacher
-    http = guarded_http(settings.header_timeout_s, settings.max_connections)
-    rest = _Uvicorn(
-        uvicorn.Config(
-            app, http=http, log_level=settings.log_level.lower(), access_log=False, lifespan="off"
-        )
-    )
+    rest = rest_server(settings, service, metrics)
     running = RunningAligner(
         settings, service, metrics, grpc_server, grpc_port, sock.getsockname()[1], rest, health
     )

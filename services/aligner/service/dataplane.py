@@ -1,14 +1,17 @@
-"""The aligner's data plane: one object both transports call (REST and gRPC handlers stay thin).
+"""The aligner's data plane: one object every transport calls (REST, gRPC, vLLM-compatible).
 
-Covers validating a fuse query (texts, k, preset, option overrides, teacher subset) into
-``InvalidRequest`` naming the field, admission control (``Overloaded`` past
+Covers answering a transport's ``FuseCall`` with one ``FuseAnswer`` (metadata and blocks) and
+counting the request (``answer``; transports only convert), validating a fuse query (texts, k,
+preset, option overrides, teacher subset) into ``InvalidRequest`` naming the field, admission
+control (``Overloaded`` past
 ``max_inflight_blocks``), the two cache levels (fused blocks, then each teacher's raw scores),
 computing identical concurrent blocks once, asking all teachers concurrently (one Score call per
 teacher for all of a request's missing texts), fusing each block with the core in a worker
 thread, each teacher's status (a frozen ``TeacherStatus``), and turning the pool's teacher-level
 faults into the request errors they mean (``faults.request_errors``).
 
-Leaves out: transport encoding (``rest``, ``grpc_api``) and teacher connections (``pool``).
+Leaves out: transport encoding (``rest``, ``grpc_api``, ``openai_api``) and teacher connections
+(``pool``).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from fuseserve.errors import InvalidRequest, Overloaded, Unavailable
 from fuseserve.wire.codec import CodecError
 from fuseserve.wire.descriptions import TeacherStatus
 from fuseserve.wire.messages import FusedBlock, TeacherScores
+from fuseserve.wire.requests import FuseCall
 
 SELF = "(aligner)"  # the shed metric's label when this process, not a teacher, is behind
 
@@ -78,6 +82,19 @@ class BlockResult:
     @property
     def cache_hit(self) -> bool:
         return self.block.cache_hit
+
+
+@dataclass(frozen=True)
+class FuseAnswer:
+    """A fuse request's whole answer: what decided it (the target tokenizer's fingerprint, k,
+    the resolved options, the teachers) and its blocks, in request order. Transports convert
+    it; they add nothing but their own encoding."""
+
+    target_fingerprint: str
+    k: int
+    options: FusionOptions
+    teachers: tuple[str, ...]
+    blocks: list[BlockResult]
 
 
 @dataclass(frozen=True)
@@ -200,6 +217,45 @@ class FusionService:
     def query_options_json(self) -> str:
         """The service's default FusionOptions as JSON."""
         return FusionOptions.preset(self.preset, **self.option_overrides).model_dump_json()
+
+    # ------------------------------------------------------------------ answering
+    async def answer(self, call: FuseCall, transport: str, streamed: bool = False) -> FuseAnswer:
+        """Validate and answer one request of ``transport`` (counted in the request metrics)."""
+        (answer,) = await self.answer_all([call], transport, streamed)
+        return answer
+
+    async def answer_all(
+        self, calls: Sequence[FuseCall], transport: str, streamed: bool = False
+    ) -> list[FuseAnswer]:
+        """Answer the queries of one request of ``transport`` (the vLLM-compatible route
+        splits its prompts into several of at most ``max_texts``) concurrently; counted once:
+        ``requests_total{outcome="ok"}`` and its latency (not for a FuseStream request, which
+        waits on the stream's flow control), or ``outcome="cancelled"`` when the caller left or
+        its deadline passed. Errors are counted where each transport answers them."""
+        start = time.perf_counter()
+        try:
+            queries = [self.query_of(call, streamed) for call in calls]
+            if len(queries) == 1:  # no task to make
+                answers = [await self._answer(queries[0])]
+            else:
+                answers = await asyncio.gather(*(self._answer(query) for query in queries))
+        except asyncio.CancelledError:
+            self.metrics.requests.labels(transport, "cancelled").inc()
+            raise
+        self.metrics.requests.labels(transport, "ok").inc()
+        if not streamed:
+            self.metrics.request_latency.labels(transport).observe(time.perf_counter() - start)
+        return list(answers)
+
+    async def _answer(self, query: FuseQuery) -> FuseAnswer:
+        blocks = await self.fuse(query)
+        return FuseAnswer(self.target.fingerprint, query.k, query.options, query.teachers, blocks)
+
+    def query_of(self, call: FuseCall, streamed: bool = False) -> FuseQuery:
+        """The validated query of a transport's request."""
+        return self.query(
+            call.texts, call.k, call.preset, call.options, call.teachers, call.token_ids, streamed
+        )
 
     # ------------------------------------------------------------------ validation
     def query(

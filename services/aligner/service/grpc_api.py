@@ -5,15 +5,15 @@ admits at most ``max_stream_inflight`` requests of one stream at a time (it stop
 caller stops consuming), and replies go out in request order; an error in a stream names the
 request it concerns.
 
-Leaves out: the work itself (``dataplane``), protobuf conversion (``fuseserve.wire.convert``) and
-the error -> status mapping (``fuseserve.wire.status.ErrorStatus``, installed on the server).
+Leaves out: the work itself and the request metrics (``dataplane``), protobuf conversion
+(``fuseserve.wire.convert``) and the error -> status mapping (``fuseserve.wire.status``'s
+``ErrorStatus``, installed on the server).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -47,15 +47,11 @@ class AlignerServicer(aligner_pb2_grpc.AlignerServicer):
 
     async def _answer(self, request, streamed: bool = False) -> list[aligner_pb2.FusedBlock]:
         call = convert.fuse_call_from_pb(request)
-        query = self.service.query(
-            call.texts, call.k, call.preset, call.options, call.teachers, call.token_ids,
-            streamed=streamed,
-        )  # fmt: skip
-        results = await self.service.fuse(query)
-        fp = self.service.target.fingerprint
+        answer = await self.service.answer(call, "grpc", streamed)
+        fp = answer.target_fingerprint
         return [
             convert.fused_block_to_pb(call.id, i, r.block, call.float_dtype, fp)
-            for i, r in enumerate(results)
+            for i, r in enumerate(answer.blocks)
         ]
 
     async def Info(self, request, context):
@@ -72,15 +68,7 @@ class AlignerServicer(aligner_pb2_grpc.AlignerServicer):
         )
 
     async def Fuse(self, request, context):
-        start = time.perf_counter()
-        try:
-            blocks = await self._answer(request)
-        except asyncio.CancelledError:  # the caller cancelled, or its deadline passed
-            self.metrics.requests.labels("grpc", "cancelled").inc()
-            raise
-        self.metrics.requests.labels("grpc", "ok").inc()
-        self.metrics.request_latency.labels("grpc").observe(time.perf_counter() - start)
-        return aligner_pb2.FuseReply(blocks=blocks)
+        return aligner_pb2.FuseReply(blocks=await self._answer(request))
 
     async def FuseStream(self, request_iterator, context) -> AsyncIterator[aligner_pb2.FusedBlock]:
         pending: asyncio.Queue = asyncio.Queue(maxsize=self.max_stream_inflight)
@@ -97,10 +85,7 @@ class AlignerServicer(aligner_pb2_grpc.AlignerServicer):
         try:
             async for block in self._stream_replies(pending, reader):
                 yield block
-        except asyncio.CancelledError:  # the caller cancelled the stream, or its deadline passed
-            self.metrics.requests.labels("grpc", "cancelled").inc()
-            raise
-        finally:
+        finally:  # the caller cancelled, or its deadline passed: each request in flight counts
             reader.cancel()
             while not pending.empty():
                 item = pending.get_nowait()
@@ -120,7 +105,6 @@ class AlignerServicer(aligner_pb2_grpc.AlignerServicer):
                 blocks = await task
             except ServiceError as exc:
                 raise exc.prefixed(f"request {request_id!r}: ") from exc
-            self.metrics.requests.labels("grpc", "ok").inc()
             for block in blocks:
                 yield block
         await reader  # surfaces a failed read (e.g. the caller cancelled)

@@ -49,6 +49,7 @@ from fuseserve.aligner.service.openai_logprobs import prompt_logprobs, render_js
 from fuseserve.aligner.service.rest import ClientGone, cancel_on_disconnect
 from fuseserve.aligner.service.rest_schema import field_path
 from fuseserve.errors import InvalidRequest, ServiceError, Unauthorized, UnknownModel
+from fuseserve.wire.requests import FuseCall
 
 JSON = "application/json"
 # the preset whose rows always give the actual next token its chain-rule probability (the
@@ -184,23 +185,22 @@ async def prompt_sequences(prompt: Any, service: FusionService) -> list[list[int
 
 
 async def fuse_sequences(
-    service: FusionService, rows: list[list[int]], k: int, request: Request
+    service: FusionService, rows: list[list[int]], k: int | None, request: Request
 ) -> list[BlockResult | None]:
-    """Fused blocks of every row of two or more ids (None for a one-id row), in chunks of the
-    service's ``max_texts``, all at once; a caller that leaves cancels them."""
-    scored = [i for i, row in enumerate(rows) if len(row) > 1]
+    """Fused blocks of every row of two or more ids (None for a one-id row; every row when
+    ``k`` is None: nothing asked), in queries of the service's ``max_texts``, all answered at
+    once as one request; a caller that leaves cancels them."""
+    scored = [i for i, row in enumerate(rows) if len(row) > 1] if k is not None else []
     step = max(1, service.max_texts)
     chunks = [scored[at : at + step] for at in range(0, len(scored), step)]
-
-    async def one(chunk: list[int]) -> list[BlockResult]:
-        query = service.query(None, k=k, preset=PRESET, token_ids=[rows[i] for i in chunk])
-        return await service.fuse(query)
-
-    work = asyncio.gather(*(one(c) for c in chunks))
-    answers = await cancel_on_disconnect(request.receive, work)
+    calls = [
+        FuseCall("", (), k=k, preset=PRESET, token_ids=tuple(tuple(rows[i]) for i in chunk))
+        for chunk in chunks
+    ]
+    answers = await cancel_on_disconnect(request.receive, service.answer_all(calls, "openai"))
     out: list[BlockResult | None] = [None] * len(rows)
-    for chunk, results in zip(chunks, answers):
-        for i, result in zip(chunk, results):
+    for chunk, answer in zip(chunks, answers):
+        for i, result in zip(chunk, answer.blocks):
             out[i] = result
     return out
 
@@ -306,7 +306,6 @@ class OpenAIRoutes:
         return Response(json.dumps({"object": "list", "data": [card]}), media_type=JSON)
 
     async def completions(self, request: Request) -> Response:
-        start = time.perf_counter()
         single = False
         try:
             self.check_key(request)
@@ -316,23 +315,20 @@ class OpenAIRoutes:
                 raise UnknownModel(body.model)
             single = is_single(body.prompt)
             rows = await prompt_sequences(body.prompt, self.service)
-            results: list[BlockResult | None] = [None] * len(rows)
+            k = None  # no prompt_logprobs: nothing to fuse (still answered, and counted, as one)
             if body.prompt_logprobs is not None:
                 k = max(body.prompt_logprobs, self.service.default_k)
-                results = await fuse_sequences(self.service, rows, k, request)
+            results = await fuse_sequences(self.service, rows, k, request)
             sources: Counter[str] = Counter()
             payload = await asyncio.to_thread(
                 completion_json, body, rows, results, self.service, self.model, sources
             )
             for source, count in sources.items():
                 self.metrics.openai_positions.labels(source).inc(count)
-        except ClientGone:
-            self.metrics.requests.labels("openai", "cancelled").inc()
+        except ClientGone:  # counted by the data plane
             return Response(status_code=499)
         except ServiceError as exc:
             return self.error(exc, single)
-        self.metrics.requests.labels("openai", "ok").inc()
-        self.metrics.request_latency.labels("openai").observe(time.perf_counter() - start)
         return Response(payload, media_type=JSON)
 
 

@@ -17,13 +17,12 @@ import contextlib
 import dataclasses
 import hmac
 import json
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -33,7 +32,7 @@ from fuseserve.aligner.service.dataplane import FusionService
 from fuseserve.aligner.service.early_shed import RefuseBeforeParsing
 from fuseserve.aligner.service.http_errors import envelope, error_response
 from fuseserve.aligner.service.metrics import AlignerMetrics
-from fuseserve.aligner.service.rest_render import JSON, Answer, Cut, is_json, negotiate, render
+from fuseserve.aligner.service.rest_render import JSON, Cut, is_json, negotiate, render
 from fuseserve.aligner.service.rest_schema import (
     ERRORS,
     FuseBody,
@@ -123,25 +122,22 @@ def key_check(api_key: str | None) -> Callable[..., None]:
     return require_key
 
 
-def add_error_handlers(app: FastAPI, metrics: AlignerMetrics) -> None:
-    """Every error as an ``ErrorEnvelope`` with its class's status; caller mistakes never a 500."""
+async def service_error(request: Request, exc: ServiceError) -> Response:
+    """Every service error as an ``ErrorEnvelope`` with its class's status, counted."""
+    request.app.state.metrics.requests.labels("rest", type(exc).__name__).inc()
+    return error_response(exc)
 
-    @app.exception_handler(ServiceError)
-    async def _service_error(request: Request, exc: ServiceError):
-        metrics.requests.labels("rest", type(exc).__name__).inc()
-        return error_response(exc)
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError):
-        return await _service_error(request, validation_error(list(exc.errors())))
+async def request_invalid(request: Request, exc: RequestValidationError) -> Response:
+    return await service_error(request, validation_error(list(exc.errors())))
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException):
-        if exc.status_code == 400:  # FastAPI's "error parsing the body": a caller's mistake
-            return await _service_error(request, InvalidRequest("body", "could not be parsed"))
-        kind = {404: "NotFound", 405: "MethodNotAllowed"}.get(exc.status_code, "HTTPError")
-        body = envelope(kind, str(exc.detail))
-        return Response(body, exc.status_code, exc.headers, media_type=JSON)
+
+async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """Starlette's own errors in the envelope; caller mistakes never a 500."""
+    if exc.status_code == 400:  # FastAPI's "error parsing the body": a caller's mistake
+        return await service_error(request, InvalidRequest("body", "could not be parsed"))
+    kind = {404: "NotFound", 405: "MethodNotAllowed"}.get(exc.status_code, "HTTPError")
+    return Response(envelope(kind, str(exc.detail)), exc.status_code, exc.headers, media_type=JSON)
 
 
 FUSE_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -154,86 +150,78 @@ FUSE_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def add_fuse_route(
-    app: FastAPI, service: FusionService, metrics: AlignerMetrics, target_name: str, require_key
-) -> None:
-    @app.post(
-        "/v1/fuse",
-        response_model=FuseResponse,
-        dependencies=[Depends(require_key)],
-        responses=FUSE_RESPONSES,
-        openapi_extra=fuse_body_openapi(),
+async def fuse(request: Request) -> Response:
+    """Fused next-token distributions for each text, per target position."""
+    state = request.app.state
+    kind = negotiate(request.headers.get("accept"))
+    if kind is None:
+        raise NotAcceptable(f"Accept: names neither {JSON} nor {MEDIA_TYPE}")
+    if not is_json(request.headers.get("content-type")):
+        raise UnsupportedMediaType("content-type", f"the body must be {JSON}")
+    # parsing and validating a body of up to max_body_bytes takes tens of milliseconds:
+    # keep the event loop (health checks, other requests) free meanwhile
+    body: FuseBody = await asyncio.to_thread(parse_fuse_body, await request.body())
+    service: FusionService = state.service
+    try:
+        answer = await cancel_on_disconnect(request.receive, service.answer(body.call(), "rest"))
+    except ClientGone:  # counted by the data plane
+        return Response(status_code=499)  # nobody reads it: the caller is gone
+    cut = Cut(body.top, body.start, body.end)
+    tokens = service.target.tokens
+    payload = await asyncio.to_thread(
+        render, kind, answer, state.target_name, tokens, cut, body.float_dtype
     )
-    async def fuse(request: Request) -> Response:
-        """Fused next-token distributions for each text, per target position."""
-        start = time.perf_counter()
-        kind = negotiate(request.headers.get("accept"))
-        if kind is None:
-            raise NotAcceptable(f"Accept: names neither {JSON} nor {MEDIA_TYPE}")
-        if not is_json(request.headers.get("content-type")):
-            raise UnsupportedMediaType("content-type", f"the body must be {JSON}")
-        # parsing and validating a body of up to max_body_bytes takes tens of milliseconds:
-        # keep the event loop (health checks, other requests) free meanwhile
-        body: FuseBody = await asyncio.to_thread(parse_fuse_body, await request.body())
-        query = service.query(
-            body.all_texts(), body.k, body.preset, body.options, body.teachers, body.token_ids
-        )
-        try:
-            results = await cancel_on_disconnect(request.receive, service.fuse(query))
-        except ClientGone:
-            metrics.requests.labels("rest", "cancelled").inc()
-            return Response(status_code=499)  # nobody reads it: the caller is gone
-        answer = Answer(
-            target_name, service.target.fingerprint, query.k, query.options.model_dump(mode="json")
-        )
-        cut = Cut(body.top, body.start, body.end)
-        tokens = service.target.tokens
-        payload = await asyncio.to_thread(
-            render, kind, answer, results, tokens, cut, body.float_dtype
-        )
-        metrics.requests.labels("rest", "ok").inc()
-        metrics.request_latency.labels("rest").observe(time.perf_counter() - start)
-        media = MEDIA_TYPE if kind == "binary" else JSON
-        return Response(payload, media_type=media, headers={"Vary": "Accept"})
+    media = MEDIA_TYPE if kind == "binary" else JSON
+    return Response(payload, media_type=media, headers={"Vary": "Accept"})
 
 
-def add_info_routes(
-    app: FastAPI, service: FusionService, metrics: AlignerMetrics, require_key
-) -> None:
-    @app.get(
-        "/v1/teachers",
-        dependencies=[Depends(require_key)],
+async def teachers(request: Request) -> list[dict[str, Any]]:
+    return [dataclasses.asdict(status) for status in request.app.state.service.teacher_statuses()]
+
+
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+async def readyz(request: Request) -> Response:
+    # the cache is optional (a dead one costs misses, not errors), so it is reported here
+    # and in fuseserve_aligner_cache_up but never makes the aligner unready
+    service: FusionService = request.app.state.service
+    await service.cache.ping()
+    cache = service.cache.status()
+    if service.ready:
+        return JSONResponse({"status": "ready", "cache": cache})
+    body = {"status": "not ready", "teachers": service.problems(), "cache": cache}
+    return Response(json.dumps(body, ensure_ascii=True), 503, media_type=JSON)
+
+
+async def prometheus(request: Request) -> PlainTextResponse:
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    registry = request.app.state.metrics.registry
+    return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def add_routes(app: FastAPI, require_key) -> None:
+    """Mount the routes above (``require_key`` on ``/v1/*``)."""
+    keyed = [Depends(require_key)]
+    app.add_api_route(
+        "/v1/fuse", fuse, methods=["POST"], response_model=FuseResponse, dependencies=keyed,
+        responses=FUSE_RESPONSES, openapi_extra=fuse_body_openapi(),
+    )  # fmt: skip
+    app.add_api_route(
+        "/v1/teachers", teachers, methods=["GET"], dependencies=keyed,
         responses={401: ERRORS[401]},
-    )
-    async def teachers() -> list[dict[str, Any]]:
-        return [dataclasses.asdict(status) for status in service.teacher_statuses()]
-
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/readyz")
-    async def readyz():
-        # the cache is optional (a dead one costs misses, not errors), so it is reported here
-        # and in fuseserve_aligner_cache_up but never makes the aligner unready
-        ping = getattr(service.cache, "ping", None)
-        if ping is not None:
-            await ping()
-        cache = service.cache.status()
-        if service.ready:
-            return {"status": "ready", "cache": cache}
-        body = {"status": "not ready", "teachers": service.problems(), "cache": cache}
-        return Response(json.dumps(body, ensure_ascii=True), 503, media_type=JSON)
-
-    @app.get(
-        "/metrics",
-        response_class=PlainTextResponse,
-        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text"}},
-    )
-    async def prometheus() -> PlainTextResponse:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    )  # fmt: skip
+    app.add_api_route("/healthz", healthz, methods=["GET"])
+    app.add_api_route("/readyz", readyz, methods=["GET"])
+    prometheus_text: dict[int | str, dict[str, Any]] = {
+        200: {"content": {"text/plain": {}}, "description": "Prometheus text"}
+    }
+    app.add_api_route(
+        "/metrics", prometheus, methods=["GET"], response_class=PlainTextResponse,
+        responses=prometheus_text,
+    )  # fmt: skip
 
 
 def create_app(
@@ -244,6 +232,8 @@ def create_app(
     max_body_bytes: int = 8 * 1024 * 1024,
     body_timeout_s: float = 30.0,
 ) -> FastAPI:
+    """The REST app over ``service`` (kept in ``app.state`` with the metrics and the target
+    tokenizer's name, where the module-level routes find them)."""
     app = FastAPI(
         title="fuseserve aligner",
         version=__version__,
@@ -251,15 +241,16 @@ def create_app(
         "With an API key set, /v1/* need `Authorization: Bearer <key>`; /healthz, /readyz and "
         "/metrics never do. Every error response is an ErrorEnvelope.",
     )
+    app.state.service, app.state.metrics, app.state.target_name = service, metrics, target_name
     # added first, so it runs inside BodyLimit: the body is read, nothing is parsed yet
     app.add_middleware(
         RefuseBeforeParsing, path="/v1/fuse", refusal=early_refusal(service, metrics, api_key)
     )
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes, timeout_s=body_timeout_s)
-    require_key = key_check(api_key)
-    add_error_handlers(app, metrics)
-    add_fuse_route(app, service, metrics, target_name, require_key)
-    add_info_routes(app, service, metrics, require_key)
+    app.add_exception_handler(ServiceError, service_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, request_invalid)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
+    add_routes(app, key_check(api_key))
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
