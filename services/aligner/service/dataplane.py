@@ -33,9 +33,9 @@ from fuseserve.aligner.idstext import adds_prefix_space, text_of_ids
 from fuseserve.aligner.options import PRESETS, FusionOptions, VocabAlign
 from fuseserve.aligner.pipeline import TeacherInput, fuse_block
 from fuseserve.aligner.service.cache import Cache, SingleFlight, fused_key, scores_key
-from fuseserve.aligner.service.faults import TeacherUnavailable, request_errors
+from fuseserve.aligner.service.faults import request_errors
 from fuseserve.aligner.service.metrics import AlignerMetrics
-from fuseserve.aligner.service.pool import Load, TeacherPool
+from fuseserve.aligner.service.pool import Load, TeacherHandle, TeacherPool
 from fuseserve.aligner.tokenview import TokenizerView
 from fuseserve.errors import InvalidRequest, Overloaded, Unavailable
 from fuseserve.wire.codec import CodecError
@@ -55,7 +55,8 @@ class FuseQuery:
     texts: tuple[str, ...]
     k: int
     options: FusionOptions
-    teachers: tuple[str, ...]
+    # the teachers asked, picked once (``TeacherPool.pick``), in the order the request named them
+    handles: tuple[TeacherHandle, ...]
     # target ids given instead of texts ([n_i] int64 each); ``texts`` is filled from them when
     # the query is answered
     token_ids: tuple[np.ndarray, ...] | None = None
@@ -63,6 +64,10 @@ class FuseQuery:
     # the setting that says so (named in a refusal)
     horizon_s: float = 30.0
     horizon_setting: str = "request_deadline_s"
+
+    @property
+    def teachers(self) -> tuple[str, ...]:
+        return tuple(h.name for h in self.handles)
 
     @property
     def size(self) -> int:
@@ -292,17 +297,17 @@ class FusionService:
         if len(set(names)) != len(names):
             raise InvalidRequest("teachers", f"duplicate names in {list(names)}")
         with request_errors():
-            chosen = [self.pool.status(n) for n in names]
-        not_ready = [t for t in chosen if not t.ready]
+            handles = self.pool.pick(names)
+        not_ready = [h for h in handles if not h.ready]
         if not_ready:
-            raise Unavailable("; ".join(t.problem or "" for t in not_ready))
+            raise Unavailable("; ".join(h.why for h in not_ready))
         k = self.default_k if k in (None, 0) else k
-        max_k = min(t.max_k for t in chosen)
+        max_k = min(h.max_k for h in handles)
         if not 1 <= k <= max_k:
             raise InvalidRequest("k", f"must be in [1, {max_k}] (the teachers' limit), got {k}")
         horizon_s, setting = self.horizon(streamed)
         return FuseQuery(
-            tuple(texts or ()), k, resolved, names, ids,
+            tuple(texts or ()), k, resolved, handles, ids,
             horizon_s=horizon_s, horizon_setting=setting,
         )  # fmt: skip
 
@@ -411,7 +416,7 @@ class FusionService:
         )
 
     def _fused_key(self, query: FuseQuery, text: str, ids: bytes | None = None) -> str:
-        prints = [f"{n}={self.pool.fingerprint(n)}" for n in query.teachers]
+        prints = [f"{h.name}={h.fingerprint}" for h in query.handles]
         options = query.options.cache_key()
         return fused_key(self.target.fingerprint, prints, query.k, options, text, ids)
 
@@ -458,10 +463,10 @@ class FusionService:
         within the query's horizon at the rate each has been answering (idle ones always may).
         """
         horizon = (query.horizon_s, query.horizon_setting)
-        waits = {name: self.pool.load(name).wait_s(n) for name in query.teachers}
-        name, wait = max(waits.items(), key=lambda kv: kv[1])
+        waits = {h: h.load.wait_s(n) for h in query.handles}
+        handle, wait = max(waits.items(), key=lambda kv: kv[1])
         if wait > query.horizon_s:
-            raise self._shed(name, self.pool.load(name), n, wait, horizon)
+            raise self._shed(handle.name, handle.load, n, wait, horizon)
         wait = self.load.wait_s(n) if this_process else 0.0
         if wait > query.horizon_s:
             raise self._shed(SELF, self.load, n, wait, horizon)
@@ -479,13 +484,14 @@ class FusionService:
         wait = self.load.wait_s(1)
         if wait > horizon[0]:
             return self._shed(SELF, self.load, 1, wait, horizon)
-        waits = {name: self.pool.load(name).wait_s(1) for name in self.pool.names}
+        loads = self.pool.loads()
+        waits = {name: load.wait_s(1) for name, load in loads.items()}
         if not waits:
             return None
         pick = max if every_teacher else min
         name, wait = pick(waits.items(), key=lambda kv: kv[1])
         if wait > horizon[0]:
-            return self._shed(name, self.pool.load(name), 1, wait, horizon)
+            return self._shed(name, loads[name], 1, wait, horizon)
         return None
 
     def _shed(
@@ -529,22 +535,23 @@ class FusionService:
         try:
             async with asyncio.TaskGroup() as group:
                 calls = [
-                    group.create_task(self._teacher_scores(name, texts, query.k))
-                    for name in query.teachers
+                    group.create_task(self._teacher_scores(handle, texts, query.k))
+                    for handle in query.handles
                 ]
         except BaseExceptionGroup as failed:
             raise failed.exceptions[0] from None
         per_teacher = [call.result() for call in calls]
         cooc = query.options.vocab is VocabAlign.COOC
-        maps = [await self.pool.vocab_map(n, query.options.strings, cooc) for n in query.teachers]
-        tables: list = [None] * len(query.teachers)
+        maps = [await h.map_for(query.options.strings, cooc) for h in query.handles]
+        tables: list = [None] * len(query.handles)
         if query.options.alignment is AlignMethod.SPANS:
-            tables = [await self.pool.continuation_table(n) for n in query.teachers]
+            tables = [await h.continuation_table() for h in query.handles]
+        views = [h.tokenizer() for h in query.handles]
         blocks = []
         for j, (text, target) in enumerate(zip(texts, targets)):
             inputs = [
-                TeacherInput(name, self._view(name), vmap, s[j], table)
-                for name, vmap, table, s in zip(query.teachers, maps, tables, per_teacher)
+                TeacherInput(h.name, view, vmap, s[j], table)
+                for h, view, vmap, table, s in zip(query.handles, views, maps, tables, per_teacher)
             ]
             start = time.perf_counter()
             block = await asyncio.to_thread(
@@ -554,10 +561,12 @@ class FusionService:
             blocks.append(block)
         return blocks
 
-    async def _teacher_scores(self, name: str, texts: list[str], k: int) -> list[TeacherScores]:
+    async def _teacher_scores(
+        self, handle: TeacherHandle, texts: list[str], k: int
+    ) -> list[TeacherScores]:
         """One teacher's scores of ``texts``: cached where possible, one call for the rest."""
-        dtype = self.pool.float_dtype
-        keys = [scores_key(self.pool.fingerprint(name), k, dtype, text) for text in texts]
+        dtype = handle.float_dtype
+        keys = [scores_key(handle.fingerprint, k, dtype, text) for text in texts]
         values = await asyncio.gather(*(self.cache.get(key) for key in keys))
         out: list[TeacherScores | None] = []
         for value in values:
@@ -577,20 +586,13 @@ class FusionService:
             out.append(scores)
         missing = [i for i, s in enumerate(out) if s is None]
         if missing:
-            fresh = await self.pool.score(name, [texts[i] for i in missing], k)
+            fresh = await handle.score([texts[i] for i in missing], k)
             for i, scores in zip(missing, fresh):
                 out[i] = scores
             await asyncio.gather(
                 *(self.cache.set(keys[i], s.to_bytes(dtype)) for i, s in zip(missing, fresh))
             )
-        return _filled(out, f"scores of teacher {name!r}")
-
-    def _view(self, name: str) -> TokenizerView:
-        """The teacher's tokenizer view; ``TeacherUnavailable`` while it has none."""
-        view = self.pool.view(name)
-        if view is None:
-            raise TeacherUnavailable(name, self.pool.get(name).why)
-        return view
+        return _filled(out, f"scores of teacher {handle.name!r}")
 
 
 def _filled(items: Sequence[T | None], what: str) -> list[T]:
