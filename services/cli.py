@@ -250,8 +250,7 @@ def _probe(args: argparse.Namespace) -> int:
     """Exit 0 when the target is ready: gRPC health SERVING, or HTTP 200."""
     if args.grpc:
         from fuseserve.errors import StartupError
-        from fuseserve.wire.grpc_guard import channel_credentials
-        from fuseserve.wire.grpc_service import health_status
+        from fuseserve.wire.grpc_channel import channel_credentials, health_status
 
         try:
             credentials = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)

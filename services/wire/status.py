@@ -10,7 +10,7 @@ message is the status details, unchanged; gRPC's own refusal of an oversize mess
 ``PayloadTooLarge``), and ``retryable``, whether a failed call is worth sending again.
 
 Leaves out: which status each error has (the classes in ``fuseserve.errors`` say it), REST
-(the aligner's ``http_errors``), authentication and malformed payloads (``grpc_guard``), and what
+(the aligner's ``http_errors``), authentication and malformed payloads (``grpc_server``), and what
 a caller does about an error (retry or not).
 """
 

@@ -34,8 +34,8 @@ from fuseserve.aligner.service.settings import AlignerSettings
 from fuseserve.aligner.tokenview import TokenizerView
 from fuseserve.aligner.vocabmap_store import VocabMapStore
 from fuseserve.errors import StartupError
-from fuseserve.wire.grpc_guard import channel_credentials
-from fuseserve.wire.grpc_service import Health
+from fuseserve.wire.grpc_channel import channel_credentials
+from fuseserve.wire.grpc_server import Health
 
 log = logging.getLogger(__name__)
 

@@ -20,11 +20,9 @@ import grpc
 
 from fuseserve.aligner.service.dataplane import FusionService
 from fuseserve.aligner.service.metrics import AlignerMetrics
-from fuseserve.errors import ServiceError, StartupError
+from fuseserve.errors import ServiceError
 from fuseserve.wire import convert
-from fuseserve.wire.grpc_guard import TokenAuth, add_guarded, add_port
-from fuseserve.wire.grpc_service import Health, add_health_and_reflection, new_server
-from fuseserve.wire.status import ErrorStatus
+from fuseserve.wire.grpc_server import Health, start_server
 from fuseserve.wire.v1 import aligner_pb2, aligner_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -121,14 +119,9 @@ async def start_grpc(
     """Start the aligner's gRPC server (health NOT_SERVING until ``Health.set_serving``);
     ``api_key``: every call but health needs it; ``credentials``: TLS."""
     requests = servicer.metrics.requests
-    errors = ErrorStatus(lambda exc: requests.labels("grpc", type(exc).__name__).inc())
-    server = new_server(max_message_bytes, [TokenAuth(api_key), errors] if api_key else [errors])
-    add_guarded(aligner_pb2_grpc.add_AlignerServicer_to_server, servicer, server, max_message_bytes)
-    health = await add_health_and_reflection(server, SERVICE)
-    try:
-        bound = add_port(server, f"{host}:{port}", credentials)
-    except StartupError:
-        await server.stop(None)
-        raise
-    await server.start()
-    return server, bound, health
+    running = await start_server(
+        SERVICE, aligner_pb2_grpc.add_AlignerServicer_to_server, servicer, f"{host}:{port}",
+        max_message_bytes, api_key, credentials,
+        on_error=lambda exc: requests.labels("grpc", type(exc).__name__).inc(),
+    )  # fmt: skip
+    return running.server, running.port, running.health

@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fuseserve.aligner.options import FusionOptions
 from fuseserve.config_file import load_settings_file
-from fuseserve.wire.grpc_guard import ServerSecurity
+from fuseserve.wire.grpc_server import ServerSecurity
 
 
 def default_vocab_map_dir() -> str:
