@@ -101,7 +101,7 @@ class FailingService:
     def __init__(self) -> None:
         self.error: Exception = ServiceError("unset")
         self.target = types.SimpleNamespace(fingerprint="f" * 32, vocab_size=10)
-        self.max_block_tokens, self.max_texts, self.default_k = 64, 4, 2
+        self.settings = types.SimpleNamespace(max_block_tokens=64, max_texts=4, k=2, max_prompts=8)
 
     def refusal_before_parsing(self, every_teacher: bool = False):
         return None

@@ -36,6 +36,7 @@ from fuseserve.aligner.service.cache import Cache, SingleFlight, fused_key, scor
 from fuseserve.aligner.service.faults import request_errors
 from fuseserve.aligner.service.metrics import AlignerMetrics
 from fuseserve.aligner.service.pool import Load, TeacherHandle, TeacherPool
+from fuseserve.aligner.service.settings import AlignerSettings
 from fuseserve.aligner.tokenview import TokenizerView
 from fuseserve.errors import InvalidRequest, Overloaded, Unavailable
 from fuseserve.wire.codec import CodecError
@@ -137,15 +138,21 @@ def check_text(text: object, field: str, max_chars: int, max_bytes: int) -> None
 
 
 def check_token_ids(
-    rows: object, vocab_size: int, max_texts: int, max_tokens: int, min_tokens: int = 2
+    rows: object,
+    vocab_size: int,
+    max_texts: int,
+    max_tokens: int,
+    min_tokens: int = 2,
+    texts_setting: str = "max_texts",
 ) -> tuple[np.ndarray, ...]:
-    """Target id sequences as [n_i] int64 arrays: 1..``max_texts`` lists of
-    ``min_tokens``..``max_tokens`` ints in ``[0, vocab_size)``; else ``InvalidRequest`` naming
-    ``token_ids[i][j]``."""
+    """Target id sequences as [n_i] int64 arrays: 1..``max_texts`` lists (the setting named
+    ``texts_setting``) of ``min_tokens``..``max_tokens`` ints in ``[0, vocab_size)``; else
+    ``InvalidRequest`` naming ``token_ids[i][j]``."""
     if not isinstance(rows, Sequence) or isinstance(rows, str | bytes) or not rows:
         raise InvalidRequest("token_ids", "must hold at least one list of token ids")
     if len(rows) > max_texts:
-        raise InvalidRequest("token_ids", f"{len(rows)} sequences exceed max_texts={max_texts}")
+        message = f"{len(rows)} sequences exceed {texts_setting}={max_texts}"
+        raise InvalidRequest("token_ids", message)
     out = []
     for i, row in enumerate(rows):
         field = f"token_ids[{i}]"
@@ -169,39 +176,24 @@ def check_token_ids(
 
 
 class FusionService:
+    """The data plane over ``settings`` (read where each is used: a new setting needs no
+    plumbing), the target tokenizer and its view, the teacher pool, the cache and the metrics."""
+
     def __init__(
         self,
+        settings: AlignerSettings,
         target_tokenizer,
         target_view: TokenizerView,
         pool: TeacherPool,
         cache: Cache,
         metrics: AlignerMetrics,
-        default_k: int = 10,
-        preset: str = "default",
-        option_overrides: dict[str, Any] | None = None,
-        max_block_tokens: int = 4096,
-        max_texts: int = 32,
-        max_inflight_blocks: int = 256,
-        max_text_chars: int = 262144,
-        max_text_bytes: int = 512 * 1024,
-        request_deadline_s: float = 30.0,
-        interactive_deadline_s: float = 5.0,
     ) -> None:
+        self.settings = settings
         self.tokenizer = target_tokenizer
         self.target = target_view
         self.pool = pool
         self.cache = cache
         self.metrics = metrics
-        self.default_k = default_k
-        self.preset = preset
-        self.option_overrides = dict(option_overrides or {})
-        self.max_block_tokens = max_block_tokens
-        self.max_texts = max_texts
-        self.max_inflight_blocks = max_inflight_blocks
-        self.max_text_chars = max_text_chars
-        self.max_text_bytes = max_text_bytes
-        self.request_deadline_s = request_deadline_s
-        self.interactive_deadline_s = interactive_deadline_s
         # one thread tokenises (a fast tokenizer must not be called from two threads at once);
         # the event loop stays free for health checks and other requests meanwhile
         self._tokenize = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
@@ -221,7 +213,7 @@ class FusionService:
 
     def query_options_json(self) -> str:
         """The service's default FusionOptions as JSON."""
-        return FusionOptions.preset(self.preset, **self.option_overrides).model_dump_json()
+        return FusionOptions.preset(self.settings.preset, **self.settings.options).model_dump_json()
 
     # ------------------------------------------------------------------ answering
     async def answer(self, call: FuseCall, transport: str, streamed: bool = False) -> FuseAnswer:
@@ -281,16 +273,19 @@ class FusionService:
             if texts:
                 raise InvalidRequest("token_ids", "give exactly one of texts and token_ids")
             ids = check_token_ids(
-                token_ids, self.target.vocab_size, self.max_texts, self.max_block_tokens
+                token_ids,
+                self.target.vocab_size,
+                self.settings.max_texts,
+                self.settings.max_block_tokens,
             )
             texts = ()
         else:
             self._check_texts(texts)
-        preset = preset or self.preset
+        preset = preset or self.settings.preset
         if preset not in PRESETS:
             raise InvalidRequest("preset", f"unknown preset {preset!r}; choose {sorted(PRESETS)}")
         try:
-            resolved = FusionOptions.preset(preset, **{**self.option_overrides, **(options or {})})
+            resolved = FusionOptions.preset(preset, **{**self.settings.options, **(options or {})})
         except ValidationError as exc:
             raise InvalidRequest(*validation_field(exc, "options")) from exc
         names = tuple(teachers) if teachers else self.pool.names
@@ -301,7 +296,7 @@ class FusionService:
         not_ready = [h for h in handles if not h.ready]
         if not_ready:
             raise Unavailable("; ".join(h.why for h in not_ready))
-        k = self.default_k if k in (None, 0) else k
+        k = self.settings.k if k in (None, 0) else k
         max_k = min(h.max_k for h in handles)
         if not 1 <= k <= max_k:
             raise InvalidRequest("k", f"must be in [1, {max_k}] (the teachers' limit), got {k}")
@@ -313,24 +308,29 @@ class FusionService:
 
     def horizon(self, streamed: bool) -> tuple[float, str]:
         """(seconds of backlog a request may wait behind, the setting that says so)."""
+        settings = self.settings
         if streamed:
-            return self.request_deadline_s, "request_deadline_s"
-        return min(self.interactive_deadline_s, self.request_deadline_s), "interactive_deadline_s"
+            return settings.request_deadline_s, "request_deadline_s"
+        interactive = min(settings.interactive_deadline_s, settings.request_deadline_s)
+        return interactive, "interactive_deadline_s"
 
     def _check_texts(self, texts: Sequence[str] | None) -> None:
+        settings = self.settings
         if texts is None or isinstance(texts, str) or not texts:
             raise InvalidRequest("texts", "must hold at least one text")
-        if len(texts) > self.max_texts:
-            raise InvalidRequest("texts", f"{len(texts)} texts exceed max_texts={self.max_texts}")
+        if len(texts) > settings.max_texts:
+            raise InvalidRequest(
+                "texts", f"{len(texts)} texts exceed max_texts={settings.max_texts}"
+            )
         for i, text in enumerate(texts):
-            check_text(text, f"texts[{i}]", self.max_text_chars, self.max_text_bytes)
+            check_text(text, f"texts[{i}]", settings.max_text_chars, settings.max_text_bytes)
 
     def tokenize_target(self, text: str, field: str) -> _Target:
         enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
         n = len(enc["input_ids"])
-        if n > self.max_block_tokens:
+        if n > self.settings.max_block_tokens:
             raise InvalidRequest(
-                field, f"{n} target tokens exceed max_block_tokens={self.max_block_tokens}"
+                field, f"{n} target tokens exceed max_block_tokens={self.settings.max_block_tokens}"
             )
         if n < 2:
             raise InvalidRequest(field, "needs at least 2 target tokens (one next-token label)")
@@ -351,7 +351,9 @@ class FusionService:
         recovered = text_of_ids(ids, self.target, self.prefix_space)
         if not recovered.text:
             raise InvalidRequest(field, "stands for no text (special tokens only)")
-        check_text(recovered.text, field, self.max_text_chars, self.max_text_bytes)
+        check_text(
+            recovered.text, field, self.settings.max_text_chars, self.settings.max_text_bytes
+        )
         enc = self.tokenizer(recovered.text, return_offsets_mapping=True, add_special_tokens=False)
         if np.array_equal(np.asarray(enc["input_ids"], dtype=np.int64), ids):
             offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
@@ -408,11 +410,11 @@ class FusionService:
 
     def _no_slots(self, n: int) -> Overloaded | None:
         """The refusal when ``n`` more blocks would pass ``max_inflight_blocks``."""
-        if self.inflight + n <= self.max_inflight_blocks:
+        if self.inflight + n <= self.settings.max_inflight_blocks:
             return None
         return Overloaded(
             f"{self.inflight} blocks in flight (max_inflight_blocks="
-            f"{self.max_inflight_blocks}); retry later"
+            f"{self.settings.max_inflight_blocks}); retry later"
         )
 
     def _fused_key(self, query: FuseQuery, text: str, ids: bytes | None = None) -> str:

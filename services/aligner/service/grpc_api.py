@@ -59,10 +59,10 @@ class AlignerServicer(aligner_pb2_grpc.AlignerServicer):
             target_fingerprint=svc.target.fingerprint,
             target_vocab_size=svc.target.vocab_size,
             teachers=[convert.teacher_status_to_pb(s) for s in svc.teacher_statuses()],
-            default_k=svc.default_k,
+            default_k=svc.settings.k,
             default_options_json=svc.query_options_json(),
-            max_block_tokens=svc.max_block_tokens,
-            max_texts=svc.max_texts,
+            max_block_tokens=svc.settings.max_block_tokens,
+            max_texts=svc.settings.max_texts,
         )
 
     async def Fuse(self, request, context):

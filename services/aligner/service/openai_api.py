@@ -55,7 +55,6 @@ JSON = "application/json"
 # the preset whose rows always give the actual next token its chain-rule probability (the
 # service's option overrides still apply)
 PRESET = "spans"
-MAX_PROMPTS = 4096  # sequences per request (fused in chunks of the service's max_texts)
 
 
 class CompletionBody(BaseModel):
@@ -179,8 +178,10 @@ async def prompt_sequences(prompt: Any, service: FusionService) -> list[list[int
     if not isinstance(prompt, list) or not prompt:
         raise InvalidRequest("prompt", "must be a list of token ids, a list of such lists, or text")
     rows = [prompt] if is_single(prompt) else prompt
-    size = service.target.vocab_size
-    checked = check_token_ids(rows, size, MAX_PROMPTS, service.max_block_tokens, min_tokens=1)
+    settings, size = service.settings, service.target.vocab_size
+    checked = check_token_ids(
+        rows, size, settings.max_prompts, settings.max_block_tokens, 1, "max_prompts"
+    )
     return [row.tolist() for row in checked]
 
 
@@ -191,7 +192,7 @@ async def fuse_sequences(
     ``k`` is None: nothing asked), in queries of the service's ``max_texts``, all answered at
     once as one request; a caller that leaves cancels them."""
     scored = [i for i, row in enumerate(rows) if len(row) > 1] if k is not None else []
-    step = max(1, service.max_texts)
+    step = max(1, service.settings.max_texts)
     chunks = [scored[at : at + step] for at in range(0, len(scored), step)]
     calls = [
         FuseCall("", (), k=k, preset=PRESET, token_ids=tuple(tuple(rows[i]) for i in chunk))
@@ -300,7 +301,7 @@ class OpenAIRoutes:
             "owned_by": "fuseserve",
             "root": self.model,
             "parent": None,
-            "max_model_len": self.service.max_block_tokens,
+            "max_model_len": self.service.settings.max_block_tokens,
             "permission": [],
         }
         return Response(json.dumps({"object": "list", "data": [card]}), media_type=JSON)
@@ -317,7 +318,7 @@ class OpenAIRoutes:
             rows = await prompt_sequences(body.prompt, self.service)
             k = None  # no prompt_logprobs: nothing to fuse (still answered, and counted, as one)
             if body.prompt_logprobs is not None:
-                k = max(body.prompt_logprobs, self.service.default_k)
+                k = max(body.prompt_logprobs, self.service.settings.k)
             results = await fuse_sequences(self.service, rows, k, request)
             sources: Counter[str] = Counter()
             payload = await asyncio.to_thread(

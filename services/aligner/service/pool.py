@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from fuseserve.aligner.alignment import AlignMethod
 from fuseserve.aligner.continuation import ContinuationTable, FirstTokens
 from fuseserve.aligner.service.faults import (
     MapMissing,
@@ -28,12 +29,14 @@ from fuseserve.aligner.service.faults import (
     TeacherUnavailable,
     UnknownTeacher,
 )
+from fuseserve.aligner.service.settings import AlignerSettings
 from fuseserve.aligner.tokenview import TokenizerView
 from fuseserve.aligner.vocabmap import StringMode, VocabMap
 from fuseserve.aligner.vocabmap_store import VocabMapStore
 from fuseserve.errors import DeadlineExceeded, InvalidRequest, Overloaded, ServiceError
 from fuseserve.teacher.client import TeacherClient
 from fuseserve.wire.descriptions import TeacherInfo, TeacherStatus
+from fuseserve.wire.grpc_channel import channel_credentials
 from fuseserve.wire.messages import TeacherScores
 
 log = logging.getLogger(__name__)
@@ -219,46 +222,47 @@ class TeacherHandle:
 
 
 class TeacherPool:
+    """The teachers of ``settings`` (read where each is used: the teachers and their
+    addresses, the call deadline, retries and backoff, TLS and key, the payload float width,
+    the vocabulary-map folder, the string mode and alignment of the service's options, the
+    readiness policy), mapped onto ``target``; ``first_tokens``: the target tokenizer's, for
+    continuation tables."""
+
     def __init__(
         self,
-        endpoints,
+        settings: AlignerSettings,
         target: TokenizerView,
-        store: VocabMapStore,
-        mode: StringMode,
-        timeout_s: float = 120.0,
-        retries: int = 2,
-        backoff_s: float = 0.2,
-        max_message_bytes: int = 64 * 1024 * 1024,
-        float_dtype: str = "f32",
         metrics=None,
         first_tokens: FirstTokens | None = None,
-        continuations_at_start: bool = False,
-        credentials=None,
-        api_key: str | None = None,
-        min_ready: int = 0,
     ) -> None:
+        self.settings = settings
         self.target = target
-        self.store = store
-        self.mode = mode
-        self.first_tokens = first_tokens
-        self.continuations_at_start = continuations_at_start
-        self.retries = retries
-        self.backoff_s = backoff_s
-        self.float_dtype = float_dtype
         self.metrics = metrics
-        self.min_ready = min_ready
+        self.first_tokens = first_tokens
+        self.store = VocabMapStore(settings.vocab_map_dir)
+        options = settings.fusion_options()
+        self.mode = options.strings
+        self.continuations_at_start = options.alignment is AlignMethod.SPANS
         self.teachers: dict[str, Teacher] = {
             e.name: Teacher(
-                e.name,
-                tuple(e.addresses),
-                [
-                    TeacherClient(a, timeout_s, max_message_bytes, credentials, api_key)
-                    for a in e.addresses
-                ],
-                on_change=self._publish,
+                e.name, tuple(e.addresses), self._clients(e.addresses), on_change=self._publish
             )
-            for e in endpoints
+            for e in settings.teachers
         }
+
+    def _clients(self, addresses: Sequence[str]) -> list[TeacherClient]:
+        """One client per replica, with the deadline, TLS and key the settings give."""
+        s = self.settings
+        tls = channel_credentials(s.teacher_tls_ca, s.teacher_tls_cert, s.teacher_tls_key)
+        key = s.teacher_api_key.get_secret_value() if s.teacher_api_key else None
+        return [
+            TeacherClient(a, s.teacher_timeout_s, s.max_message_bytes, tls, key) for a in addresses
+        ]
+
+    @property
+    def float_dtype(self) -> str:
+        """The float width teachers answer in (part of the scores' cache key)."""
+        return self.settings.teacher_float_dtype
 
     # ------------------------------------------------------------------ start-up and refresh
     async def start(self, timeout_s: float) -> None:
@@ -429,7 +433,7 @@ class TeacherPool:
     @property
     def ready(self) -> bool:
         """The readiness policy: at least ``min_ready`` teachers ready (0: every teacher)."""
-        wanted = self.min_ready or len(self.teachers)
+        wanted = self.settings.ready_min_teachers or len(self.teachers)
         return bool(self.teachers) and self.ready_count >= min(wanted, len(self.teachers))
 
     @property
@@ -505,7 +509,7 @@ class TeacherPool:
         name = teacher.name
         if not teacher.ready:
             raise TeacherUnavailable(name, teacher.why)
-        delay = self.backoff_s
+        delay, retries = self.settings.teacher_backoff_s, self.settings.teacher_retries
         exhausted: set[str] = set()
         attempt = 0
         while True:
@@ -517,7 +521,7 @@ class TeacherPool:
                 raise TeacherRejected(name, f"teacher {name!r}: {exc}", exc.field) from exc
             except Overloaded as exc:
                 exhausted.add(client.address)
-                if len(exhausted) < len(teacher.clients) and attempt < self.retries:
+                if len(exhausted) < len(teacher.clients) and attempt < retries:
                     attempt += 1
                     continue  # another replica, at once
                 raise TeacherOverloaded(
@@ -527,7 +531,7 @@ class TeacherPool:
                 message = f"{where} did not answer within {client.timeout_s:g}s"
                 raise TeacherUnavailable(name, message) from exc
             except ServiceError as exc:
-                if exc.remote_status not in RETRYABLE or attempt >= self.retries:
+                if exc.remote_status not in RETRYABLE or attempt >= retries:
                     raise TeacherUnavailable(name, f"{where}: {exc.remote_status} {exc}") from exc
             attempt += 1
             await asyncio.sleep(delay)
