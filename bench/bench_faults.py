@@ -8,7 +8,8 @@ so nothing is a cache hit unless said so. Scenarios, in one run:
 2. overload: open loop at ``--overload`` x capacity for 30 s: answers by status, p99 latency of
    the refusals, goodput (200s per second during the load / capacity), recovery (requests one at
    a time from the end of the load: when the first is answered, and when one is answered within
-   twice the capacity run's median) and the aligner's RSS before and after;
+   twice the capacity run's median), the aligner's RSS before and after, each process's CPU
+   share and the load generator's own event-loop lag (where a refusal's time goes);
 3. teacher SIGKILL under 150 concurrent requests: how many hung (no answer in 60 s), how long
    until ``/v1/teachers`` shows it not ready, then success rate after a restart;
 4. Redis SIGKILL / restart / SIGSTOP: added p99 on misses, hits right after a restart, and whether
@@ -70,6 +71,21 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def loop_lag(stop: asyncio.Event, lags: list[float], tick: float = 0.01) -> None:
+    """How late this process's event loop wakes from a ``tick`` sleep, until ``stop`` is set: a
+    refusal measured here waits at least this long in the load generator itself."""
+    while not stop.is_set():
+        start = time.perf_counter()
+        await asyncio.sleep(tick)
+        lags.append(time.perf_counter() - start - tick)
 
 
 async def post(raw: RawPool, body, timeout=60.0) -> tuple[int, float, float]:
@@ -196,7 +212,18 @@ async def main_async(args, work: Path) -> list[tuple[str, str]]:
             rss0 = rss_mib(aligner.popen.pid)
             rate = args.overload * cap
             normal = 2 * base  # "normal latency": within twice the capacity run's median
+            pids = {"aligner": aligner.popen.pid, "load generator": os.getpid()}
+            pids.update({f"teacher {n}": t.popen.pid for n, t in teachers.items()})
+            cpu0 = {n: cpu_s(pid) for n, pid in pids.items()}
+            lags: list[float] = []
+            stop_lag = asyncio.Event()
+            lag_task = asyncio.ensure_future(loop_lag(stop_lag, lags))
             results, t0, t1, (first, back) = await overload(raw, rate, 30, normal)
+            stop_lag.set()
+            await lag_task
+            wall = time.perf_counter() - t0
+            used = {n: (cpu_s(pid) - cpu0[n]) / wall for n, pid in pids.items()}
+            shares = ", ".join(f"{n} {share:.0%}" for n, share in used.items())
             by = {}
             for status, _, _ in results:
                 by[status] = by.get(status, 0) + 1
@@ -220,6 +247,15 @@ async def main_async(args, work: Path) -> list[tuple[str, str]]:
                     f"{first:.1f} / {back:.1f} s",
                 ),
                 ("aligner RSS before / after the overload", f"{rss0:.0f} / {rss1:.0f} MiB"),
+                (
+                    "overload: where the CPU went (share of one core, load and recovery)",
+                    shares,
+                ),
+                (
+                    "overload: load generator's event-loop lag p50 / p99 / max",
+                    f"{p(lags, 0.5) * ms:.0f} / {p(lags, 0.99) * ms:.0f} / "
+                    f"{max(lags, default=float('nan')) * ms:.0f} ms",
+                ),
             ]
 
             # ---- teacher SIGKILL under 150 concurrent requests
