@@ -66,6 +66,27 @@ def make_blocks(tokenizer, count: int) -> list[str]:
     return blocks
 
 
+def three_tokenizers() -> dict:
+    """The teachers' tokenizers: SentencePiece (the target's), byte-level BPE, WordPiece."""
+    return {
+        "spm": shipped.mistral_v1_tokenizer(),
+        "bpe": shipped.smollm2_tokenizer(),
+        "wp": shipped.minilm_tokenizer(),
+    }
+
+
+def start_tiny_teachers(work: Path, toks: dict, procs: dict) -> list:
+    """One tiny-Llama teacher process per tokenizer (into ``procs``, for the caller to stop),
+    serving; their endpoints."""
+    for i, (name, tok) in enumerate(toks.items()):
+        folder = save_tiny_llama(tok, work / name, seed=i)
+        extra = ["--max-sequence-length", "8192", "--max-k", "32"]
+        procs[name] = launch.start_teacher(name, str(folder), work / "logs", extra=extra)
+    for proc in procs.values():
+        launch.wait_grpc_serving(proc, 300)
+    return [parse_teacher_flag(f"{n}=127.0.0.1:{p.port}") for n, p in procs.items()]
+
+
 async def timed_fuse(service, texts, **kw) -> float:
     start = time.perf_counter()
     for text in texts:
@@ -220,27 +241,13 @@ def main() -> int:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-aligner-"))
-    toks = {
-        "spm": shipped.mistral_v1_tokenizer(),
-        "bpe": shipped.smollm2_tokenizer(),
-        "wp": shipped.minilm_tokenizer(),
-    }
+    toks = three_tokenizers()
     blocks = make_blocks(toks["spm"], args.blocks)
     print(f"{platform.machine()}, {len(blocks)} blocks of {BLOCK} Mistral v1 tokens, 3 teachers")
     procs = {}
     redis_proc = None
     try:
-        for i, (name, tok) in enumerate(toks.items()):
-            folder = save_tiny_llama(tok, work / name, seed=i)
-            procs[name] = launch.start_teacher(
-                name,
-                str(folder),
-                work / "logs",
-                extra=["--max-sequence-length", "8192", "--max-k", "32"],
-            )
-        for proc in procs.values():
-            launch.wait_grpc_serving(proc, 300)
-        teachers = [parse_teacher_flag(f"{n}=127.0.0.1:{p.port}") for n, p in procs.items()]
+        teachers = start_tiny_teachers(work, toks, procs)
         results = [asyncio.run(run_backend("lru", teachers, str(work / "maps"), blocks, args))]
         if not args.no_redis and launch.redis_server_path():
             redis_proc = launch.start_redis(work / "logs", maxmemory="1gb")

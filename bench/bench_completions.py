@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 
 import httpx
+from bench_aligner import start_tiny_teachers
 
 from fuseserve import launch, shipped
-from fuseserve.teacher.tiny import save_tiny_llama
 from fuseserve.wire.fuse_reply import MEDIA_TYPE
 
 LENGTH = 2048
@@ -86,13 +86,8 @@ def measure(port: int, seqs: list[list[int]], k: int, repeats: int) -> dict[str,
 
 def start(work: Path) -> tuple[dict, launch.ServiceProcess]:
     toks = {"spm": shipped.mistral_v1_tokenizer(), "bpe": shipped.smollm2_tokenizer()}
-    procs = {}
-    for i, (name, tok) in enumerate(toks.items()):
-        folder = save_tiny_llama(tok, work / name, seed=i)
-        extra = ["--max-sequence-length", "8192", "--max-k", "32"]
-        procs[name] = launch.start_teacher(name, str(folder), work / "logs", extra=extra)
-    for proc in procs.values():
-        launch.wait_grpc_serving(proc, 300)
+    procs: dict = {}
+    start_tiny_teachers(work, toks, procs)
     teachers = {n: [f"127.0.0.1:{p.port}"] for n, p in procs.items()}
     extra = ["--preset", "spans", "--vocab-map-dir", str(work / "maps"), "--info-refresh-s", "0"]
     aligner = launch.start_aligner(teachers, work / "logs", extra=extra)

@@ -1,7 +1,9 @@
 """The ``fuseserve`` command line: one subcommand per job, each with its own ``--help``.
 
 Covers argument parsing and dispatch only; every subcommand builds its settings and calls into
-the module that does the work.
+the module that does the work. Errors have one style: a caller's mistake is a ``SettingsError``
+(one line ``error: ...``, exit status 2), a service that cannot start a ``StartupError`` (exit
+status 1, a traceback only with FUSESERVE_DEBUG=1).
 """
 
 from __future__ import annotations
@@ -23,8 +25,7 @@ def _vocab_map(args: argparse.Namespace) -> int:
         teacher = TokenizerView.from_hf(load_tokenizer(args.teacher), args.teacher)
         target = TokenizerView.from_hf(load_tokenizer(args.target), args.target)
     except TokenizerSpecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise SettingsError(str(exc)) from None
     store = VocabMapStore(args.out_dir)
     vmap = store.get_or_build(teacher, target, StringMode(args.mode))
     path = store.path_for(teacher.fingerprint, target.fingerprint, vmap.mode)
@@ -33,25 +34,20 @@ def _vocab_map(args: argparse.Namespace) -> int:
         f"mode {vmap.mode}: {vmap.exact_fraction:.1%} exact, stored at {path}"
     )
     if args.cooc_corpus:
-        from fuseserve.aligner.cooccurrence import build_refined_map
         from fuseserve.trainer.data import read_documents
 
-        if vmap.mode is not StringMode.SURFACE:
-            print("error: --cooc-corpus refines the surface map (--mode surface)", file=sys.stderr)
-            return 2
         try:
             texts = read_documents(args.cooc_corpus)
         except (FileNotFoundError, ValueError) as exc:
-            print(f"error: cooc_corpus: {exc}", file=sys.stderr)
-            return 2
-        refined = build_refined_map(
-            vmap, texts, load_tokenizer(args.teacher), load_tokenizer(args.target), teacher, target
-        )
-        store.save(refined)
-        changed = int((refined.target_ids != vmap.target_ids).sum())
+            raise SettingsError(f"cooc_corpus: {exc}") from None
+        toks = load_tokenizer(args.teacher), load_tokenizer(args.target)
+        try:
+            _, changed, where = store.refine(vmap, texts, *toks, teacher, target)
+        except ValueError as exc:  # not the surface map
+            raise SettingsError(str(exc)) from None
         print(
             f"co-occurrence over {len(texts)} documents re-ranked {changed} MinED entries, "
-            f"stored at {store.path_for(teacher.fingerprint, target.fingerprint, vmap.mode, True)}"
+            f"stored at {where}"
         )
     return 0
 
@@ -152,10 +148,14 @@ def _train(args: argparse.Namespace) -> int:
         try:
             check_store_settings(cfg)
         except (StoreMismatch, FileNotFoundError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+            raise SettingsError(str(exc)) from None
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    _check_train_data(cfg)
+    from fuseserve.trainer.data import check_training_data
+
+    try:
+        check_training_data(cfg)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
     from fuseserve.trainer.job import run_training
 
     result = run_training(cfg)
@@ -187,59 +187,26 @@ def _export(args: argparse.Namespace) -> int:
     try:
         report = run_export(cfg)
     except (StoreMismatch, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise SettingsError(str(exc)) from None
     print(report.summary())
     return 0
-
-
-def _check_train_data(cfg) -> None:
-    """Read ``data`` and ``eval_data`` once before Ray starts, so a missing path or an empty
-    data set is one line naming the field, not a traceback from a worker."""
-    from fuseserve.trainer.data import read_conversations, read_documents
-    from fuseserve.trainer.heldout import HeldOut
-
-    try:
-        if cfg.chat:
-            read_conversations(cfg.data)
-        else:
-            read_documents(cfg.data, cfg.data_field)
-    except (FileNotFoundError, ValueError) as exc:
-        raise SettingsError(f"data: {exc}") from None
-    try:
-        HeldOut.load(cfg)
-    except (FileNotFoundError, ValueError) as exc:
-        raise SettingsError(str(exc)) from None
 
 
 def _eval(args: argparse.Namespace) -> int:
     import json
 
-    from fuseserve.trainer.data import read_conversations, read_documents
-    from fuseserve.trainer.evaluate import evaluate_domains
+    from fuseserve.trainer.data import read_domains
+    from fuseserve.trainer.evaluate import evaluate_domains, markdown_table
 
-    domains = {}
-    for spec in args.data:
-        name, sep, paths = spec.partition("=")
-        if not sep or not paths:
-            print(f"error: data: expected domain=path[,path], got {spec!r}", file=sys.stderr)
-            return 2
-        try:
-            read = read_conversations if args.chat else read_documents
-            domains[name] = read(paths.split(","))
-        except (FileNotFoundError, ValueError) as exc:
-            kind = " (--chat)" if args.chat else ""
-            print(f"error: data{kind}: domain {name!r}: {exc}", file=sys.stderr)
-            return 2
+    try:
+        domains = read_domains(args.data, args.chat)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
     rows = {}
     for model in args.model:
         results = evaluate_domains(model, domains, args.max_length, chat=args.chat)
         rows[model] = {d: r.value for d, r in results.items()}
-    names = list(domains)
-    print("| model | " + " | ".join(names) + " |")
-    print("|---|" + "---|" * len(names))
-    for model, row in rows.items():
-        print(f"| {model} | " + " | ".join(f"{row[d]:.4f}" for d in names) + " |")
+    print(markdown_table(rows, list(domains)))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
@@ -250,14 +217,12 @@ def _probe(args: argparse.Namespace) -> int:
     """Exit 0 when the target is ready: gRPC health SERVING, or HTTP 200."""
     if args.grpc:
         from fuseserve.errors import StartupError
-        from fuseserve.wire.grpc_guard import channel_credentials
-        from fuseserve.wire.grpc_service import health_status
+        from fuseserve.wire.grpc_channel import channel_credentials, health_status
 
         try:
             credentials = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
         except StartupError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+            raise SettingsError(str(exc)) from None
         status = health_status(args.grpc, args.timeout, credentials)
         ok = status == "SERVING"
         print(f"{'ready' if ok else 'not ready'}: {args.grpc}: {status}")
@@ -291,30 +256,12 @@ def _experiment(args: argparse.Namespace) -> int:
     from fuseserve.experiment.config import ConfigError, load_experiment
 
     try:
-        cfg = load_experiment(args.config, quick=args.quick)
-        if args.seeds:
-            try:
-                seeds = tuple(int(s) for s in args.seeds.split(","))
-            except ValueError:
-                raise ConfigError(
-                    f"--seeds: expected integers like 0,1,2, got {args.seeds!r}"
-                ) from None
-            cfg = cfg.model_copy(update={"seeds": seeds})
-        if args.runs:
-            wanted = args.runs.split(",")
-            unknown = [r for r in wanted if r not in cfg.runs]
-            if unknown:
-                raise ConfigError(f"--runs: no run {unknown} in the file; runs: {list(cfg.runs)}")
-            cfg = cfg.model_copy(update={"runs": {r: cfg.runs[r] for r in wanted}})
-            rows = set(cfg.row_names()) | {"sources"}
-            kept = tuple(c for c in cfg.claims if set(c.rows_named()) <= rows)
-            cfg = cfg.model_copy(update={"claims": kept})
+        cfg = load_experiment(args.config, quick=args.quick).select(args.seeds, args.runs)
         from fuseserve.experiment.corpus import deal_corpus
 
         deal_corpus(cfg.corpus)  # too little text for the splits asked: one line, before anything
     except (ConfigError, ValueError) as exc:
-        print(f"error: {args.config}: {exc}", file=sys.stderr)
-        return 2
+        raise SettingsError(f"{args.config}: {exc}") from None
     from fuseserve.experiment.report import format_claims, format_table, row_summaries, write_report
     from fuseserve.experiment.runner import ExperimentRunner
 

@@ -134,7 +134,7 @@ def wait_until(condition, timeout_s: float, what: str, interval_s: float = 0.05,
 
 def wait_grpc_serving(proc: ServiceProcess, timeout_s: float, host: str = "127.0.0.1") -> None:
     """Wait for grpc.health.v1 SERVING; raise ProcessDied or TimeoutError with the log tail."""
-    from fuseserve.wire.grpc_service import health_status
+    from fuseserve.wire.grpc_channel import health_status
 
     address = f"{host}:{proc.port}"
     try:

@@ -132,3 +132,18 @@ class VocabMapStore:
             f.write(table.to_bytes())
         os.replace(tmp, path)
         return table
+
+    def refine(
+        self, vmap: VocabMap, texts: list[str], teacher_tok, target_tok, teacher, target
+    ) -> tuple[VocabMap, int, Path]:
+        """The co-occurrence refinement of a surface map over ``texts``, stored: (the refined
+        map, how many entries it re-ranked, where it is stored)."""
+        from fuseserve.aligner.cooccurrence import build_refined_map
+
+        if vmap.mode is not StringMode.SURFACE:
+            raise ValueError("--cooc-corpus refines the surface map (--mode surface)")
+        refined = build_refined_map(vmap, texts, teacher_tok, target_tok, teacher, target)
+        self.save(refined)
+        changed = int((refined.target_ids != vmap.target_ids).sum())
+        where = self.path_for(teacher.fingerprint, target.fingerprint, vmap.mode, True)
+        return refined, changed, where

@@ -20,13 +20,13 @@ from fuseserve.client.params import FuseError, FuseParams, call_texts
 from fuseserve.errors import InvalidRequest, Overloaded
 from fuseserve.wire import convert
 from fuseserve.wire.fuse_reply import FuseReply
-from fuseserve.wire.grpc_guard import (
+from fuseserve.wire.grpc_channel import (
     aio_channel,
     auth_metadata,
+    channel_options,
     client_security_from_env,
     sync_channel,
 )
-from fuseserve.wire.grpc_service import channel_options
 from fuseserve.wire.status import error_from_rpc
 from fuseserve.wire.v1 import aligner_pb2, aligner_pb2_grpc
 
@@ -62,7 +62,7 @@ def reply_of(reply: aligner_pb2.FuseReply, params: FuseParams) -> FuseReply:
 
 class _GrpcBase:
     """``timeout_s``: the deadline of each unary call; ``credentials``: TLS
-    (``grpc_guard.channel_credentials``); neither it nor ``api_key`` given: both from the
+    (``grpc_channel.channel_credentials``); neither it nor ``api_key`` given: both from the
     environment."""
 
     def __init__(

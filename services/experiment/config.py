@@ -293,6 +293,27 @@ class ExperimentConfig(Strict):
             rows += list(self.sources) if baseline == "sources" else [baseline]
         return list(dict.fromkeys(rows + list(self.runs)))  # a source may be the base too
 
+    def select(self, seeds: str | None = None, runs: str | None = None) -> ExperimentConfig:
+        """This experiment limited to ``seeds`` ("0,1,2") and ``runs`` ("a,b": the claims that
+        name other runs go too); ``ConfigError`` naming the flag for a bad value."""
+        cfg = self
+        if seeds:
+            try:
+                chosen = tuple(int(s) for s in seeds.split(","))
+            except ValueError:
+                raise ConfigError(f"--seeds: expected integers like 0,1,2, got {seeds!r}") from None
+            cfg = cfg.model_copy(update={"seeds": chosen})
+        if runs:
+            wanted = runs.split(",")
+            unknown = [r for r in wanted if r not in cfg.runs]
+            if unknown:
+                raise ConfigError(f"--runs: no run {unknown} in the file; runs: {list(cfg.runs)}")
+            cfg = cfg.model_copy(update={"runs": {r: cfg.runs[r] for r in wanted}})
+            rows = set(cfg.row_names()) | {"sources"}
+            kept = tuple(c for c in cfg.claims if set(c.rows_named()) <= rows)
+            cfg = cfg.model_copy(update={"claims": kept})
+        return cfg
+
     @property
     def fused_runs(self) -> list[str]:
         return [r for r in self.runs if self.run_settings(r).fused]

@@ -3,7 +3,8 @@
 Covers, in order: the domain corpus; the models the file describes (``models``); held-out bits
 per byte of the baselines (the target before training, each source, the ensemble of the sources,
 the merge of their weights); then the grid of the target's training runs, every run once per
-seed, each a ``fuseserve train`` process (Ray Train) that streams fused targets from a real
+seed, each a ``fuseserve train --config train.yaml`` process (Ray Train; the runner writes the
+run's settings into that file in the run's folder) that streams fused targets from a real
 aligner asking real teacher processes, with a persistent redis-server as the aligner's cache, and
 that evaluates held-out BPB at fixed intervals while it trains; finally the report (``report``).
 
@@ -26,7 +27,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fuseserve.experiment.config import ExperimentConfig, TrainingConfig
 from fuseserve.experiment.corpus import Corpus, build_corpus
@@ -314,33 +315,13 @@ class ExperimentRunner:
         assert self.corpus is not None
         folder.mkdir(parents=True, exist_ok=True)
         metrics = folder / "metrics.jsonl"
-        eval_specs = [f"{d}={self.corpus.files('test', d)[0]}" for d in self.corpus.domains]
-        args = [
-            "train",
-            "--model", self.models[self.cfg.target].spec,
-            "--data", ",".join(str(p) for p in self.corpus.files("fusion")),
-            "--block-size", str(settings.block_size),
-            "--batch-size", str(settings.batch_size),
-            "--max-steps", str(settings.steps),
-            "--lr", str(settings.lr),
-            "--warmup-ratio", str(settings.warmup_ratio),
-            "--seed", str(seed),
-            "--num-workers", "1",
-            "--torch-threads", str(os.cpu_count() or 1),
-            "--storage-path", str(self.work / "ray"),
-            "--name", folder.name,
-            "--checkpoint-every", str(settings.eval_every or settings.steps),
-            "--keep-checkpoints", "1",
-            "--log-every", str(settings.steps),
-            "--metrics-file", str(metrics),
-            "--export-dir", str(folder / "model"),
-            "--eval-data", ",".join(eval_specs),
-            "--eval-every", str(settings.eval_every),
-            "--eval-max-length", str(settings.eval_max_length),
-        ]  # fmt: skip
-        args += fusion_args(settings, teachers, aligner)
+        values = self.train_values(seed, settings, folder, metrics)
+        values.update(fusion_values(settings, teachers, aligner))
+        config = write_train_config(folder / "train.yaml", values)
+        args = ["train", "--config", str(config)]
         label = f"{run} (seed {seed})"
-        follow_training(args, metrics, settings.steps, self.logs / f"train-{run}-{seed}.log", label)
+        log = self.logs / f"train-{run}-{seed}.log"
+        follow_training(args, metrics, settings.steps, log, label, train_env(config))
         (folder / "run.json").write_text(
             json.dumps(
                 {"run": run, "seed": seed, "teachers": teachers, "settings": settings.model_dump()},
@@ -349,6 +330,35 @@ class ExperimentRunner:
         )
         shutil.rmtree(self.work / "ray" / folder.name, ignore_errors=True)
         (folder / "DONE").touch()
+
+    def train_values(
+        self, seed: int, settings: TrainingConfig, folder: Path, metrics: Path
+    ) -> dict[str, Any]:
+        """A run's ``fuseserve train`` settings (``TrainConfig`` field names), all but the
+        fusion ones (``fusion_values``)."""
+        assert self.corpus is not None
+        return {
+            "model": self.models[self.cfg.target].spec,
+            "data": [str(p) for p in self.corpus.files("fusion")],
+            "block_size": settings.block_size,
+            "batch_size": settings.batch_size,
+            "max_steps": settings.steps,
+            "lr": settings.lr,
+            "warmup_ratio": settings.warmup_ratio,
+            "seed": seed,
+            "num_workers": 1,
+            "torch_threads": os.cpu_count() or 1,
+            "storage_path": str(self.work / "ray"),
+            "name": folder.name,
+            "checkpoint_every": settings.eval_every or settings.steps,
+            "keep_checkpoints": 1,
+            "log_every": settings.steps,
+            "metrics_file": str(metrics),
+            "export_dir": str(folder / "model"),
+            "eval_data": [f"{d}={self.corpus.files('test', d)[0]}" for d in self.corpus.domains],
+            "eval_every": settings.eval_every,
+            "eval_max_length": settings.eval_max_length,
+        }
 
     def load_record(
         self, run: str, seed: int, key: str, folder: Path, teachers: list[str]
@@ -365,46 +375,58 @@ class ExperimentRunner:
         )
 
 
-def fusion_args(settings: TrainingConfig, teachers: list[str], aligner: str | None) -> list[str]:
-    """The ``fuseserve train`` flags of a run's fusion and on-policy settings."""
-    args: list[str] = []
-    if settings.fused:
-        args += [
-            "--aligner",
-            aligner or "",
-            "--lam",
-            str(settings.lam),
-            "--k",
-            str(settings.k),
-            "--teachers",
-            ",".join(teachers),
-            "--preset",
-            settings.preset,
-            "--fusion-loss",
-            settings.fusion_loss,
-        ]
-        if settings.lam_end is not None:
-            args += ["--lam-end", str(settings.lam_end)]
-        if settings.on_policy > 0:
-            args += onpolicy_args(settings)
-        if settings.options:
-            args += ["--fusion-options", json.dumps(settings.options)]
-    else:
-        args += ["--lam", "1.0"]
-    return args
+def fusion_values(settings: TrainingConfig, teachers: list[str], aligner: str | None) -> dict:
+    """The ``fuseserve train`` settings of a run's fusion and on-policy settings."""
+    if not settings.fused:
+        return {"lam": 1.0}
+    values: dict[str, Any] = {
+        "aligner": aligner or "",
+        "lam": settings.lam,
+        "k": settings.k,
+        "preset": settings.preset,
+        "fusion_loss": settings.fusion_loss,
+    }
+    if teachers:
+        values["teachers"] = list(teachers)
+    if settings.lam_end is not None:
+        values["lam_end"] = settings.lam_end
+    if settings.on_policy > 0:
+        values.update(onpolicy_values(settings))
+    if settings.options:
+        values["fusion_options"] = dict(settings.options)
+    return values
 
 
-def onpolicy_args(settings: TrainingConfig) -> list[str]:
-    """The ``fuseserve train`` flags of a run's on-policy settings."""
-    return [
-        "--on-policy", str(settings.on_policy),
-        "--onpolicy-loss", settings.onpolicy_loss,
-        "--jsd-beta", str(settings.jsd_beta),
-        "--prompt-tokens", str(settings.prompt_tokens),
-        "--max-new-tokens", str(settings.max_new_tokens),
-        "--sampling-temperature", str(settings.sampling_temperature),
-        "--top-p", str(settings.top_p),
-    ]  # fmt: skip
+def onpolicy_values(settings: TrainingConfig) -> dict[str, Any]:
+    """The ``fuseserve train`` settings of a run's on-policy settings."""
+    return {
+        "on_policy": settings.on_policy,
+        "onpolicy_loss": settings.onpolicy_loss,
+        "jsd_beta": settings.jsd_beta,
+        "prompt_tokens": settings.prompt_tokens,
+        "max_new_tokens": settings.max_new_tokens,
+        "sampling_temperature": settings.sampling_temperature,
+        "top_p": settings.top_p,
+    }
+
+
+def write_train_config(path: Path, values: dict[str, Any]) -> Path:
+    """``values`` as the YAML file ``fuseserve train --config`` reads; returns ``path``."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
+    return path
+
+
+def train_env(config: Path, environ=None) -> dict[str, str]:
+    """The environment of a training process: this one's, less the ``FUSESERVE_TRAIN_*``
+    variables of the settings the file gives (the environment wins over a config file, and the
+    run's own settings must win, as flags did)."""
+    import yaml
+
+    given = {f"FUSESERVE_TRAIN_{name}".upper() for name in yaml.safe_load(config.read_text())}
+    env = os.environ if environ is None else environ
+    return {key: value for key, value in env.items() if key.upper() not in given}
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -413,16 +435,20 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def follow_training(args: list[str], metrics: Path, steps: int, log_path: Path, label: str):
-    """Run ``fuseserve train`` with a progress bar over its metrics file; raise with the log's
-    tail when it fails."""
+def follow_training(
+    args: list[str], metrics: Path, steps: int, log_path: Path, label: str, env=None
+):
+    """Run ``fuseserve train`` (in ``env``; None: this process's) with a progress bar over its
+    metrics file; raise with the log's tail when it fails."""
     from tqdm.auto import tqdm
 
     from fuseserve import launch
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as logf:
-        proc = subprocess.Popen(launch.fuseserve_cmd(*args), stdout=logf, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            launch.fuseserve_cmd(*args), stdout=logf, stderr=subprocess.STDOUT, env=env
+        )
     bar = tqdm(total=steps, desc=f"train {label}", unit="step", leave=False)
     try:
         while proc.poll() is None:

@@ -17,8 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fuseserve.wire import convert
 from fuseserve.wire.descriptions import TeacherInfo
-from fuseserve.wire.grpc_guard import aio_channel, auth_metadata
-from fuseserve.wire.grpc_service import channel_options
+from fuseserve.wire.grpc_channel import aio_channel, auth_metadata, channel_options
 from fuseserve.wire.messages import TeacherScores
 from fuseserve.wire.requests import ScoreQuery
 from fuseserve.wire.status import error_from_rpc
@@ -44,7 +43,7 @@ class TeacherClient:
         credentials: grpc.ChannelCredentials | None = None,
         api_key: str | None = None,
     ) -> None:
-        """``credentials``: TLS (``grpc_guard.channel_credentials``; None: plaintext);
+        """``credentials``: TLS (``grpc_channel.channel_credentials``; None: plaintext);
         ``api_key``: sent as ``authorization: Bearer`` on every call."""
         self.address = address
         self.timeout_s = timeout_s

@@ -31,10 +31,9 @@ from fuseserve.teacher.metrics import TeacherMetrics
 from fuseserve.teacher.settings import TeacherSettings
 from fuseserve.wire import convert
 from fuseserve.wire.descriptions import TeacherInfo
-from fuseserve.wire.grpc_guard import TokenAuth, add_guarded, add_port
-from fuseserve.wire.grpc_service import Health, add_health_and_reflection, new_server
+from fuseserve.wire.grpc_server import Health
+from fuseserve.wire.grpc_server import start_server as start_grpc_server
 from fuseserve.wire.requests import ScoreQuery
-from fuseserve.wire.status import ErrorStatus
 from fuseserve.wire.v1 import teacher_pb2, teacher_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -159,22 +158,14 @@ class RunningTeacher:
 async def start_server(settings: TeacherSettings) -> RunningTeacher:
     """Start serving (health NOT_SERVING) before any model is attached."""
     metrics = TeacherMetrics()
-    credentials = settings.grpc_credentials()
-    key = settings.key()
-    errors = ErrorStatus(lambda exc: metrics.failures.labels(type(exc).__name__).inc())
-    server = new_server(settings.max_message_bytes, [TokenAuth(key), errors] if key else [errors])
     servicer = TeacherServicer(settings, metrics)
-    add_guarded(
-        teacher_pb2_grpc.add_TeacherServicer_to_server, servicer, server, settings.max_message_bytes
-    )
-    health = await add_health_and_reflection(server, SERVICE)
-    try:
-        port = add_port(server, f"{settings.host}:{settings.port}", credentials)
-    except StartupError:
-        await server.stop(None)
-        raise
-    await server.start()
-    return RunningTeacher(server, port, servicer, health, metrics)
+    running = await start_grpc_server(
+        SERVICE, teacher_pb2_grpc.add_TeacherServicer_to_server, servicer,
+        f"{settings.host}:{settings.port}", settings.max_message_bytes, settings.key(),
+        settings.grpc_credentials(),
+        on_error=lambda exc: metrics.failures.labels(type(exc).__name__).inc(),
+    )  # fmt: skip
+    return RunningTeacher(running.server, running.port, servicer, running.health, metrics)
 
 
 def load_backend(settings: TeacherSettings) -> ScoringBackend:

@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from fuseserve.wire.grpc_guard import ServerSecurity
+from fuseserve.wire.grpc_server import ServerSecurity
 
 
 class TeacherSettings(BaseSettings, ServerSecurity):

@@ -298,3 +298,39 @@ def data_fingerprint(blocks: list[Block]) -> str:
     for b in blocks:
         h.update(b.text.encode("utf-8", "surrogatepass"))
     return h.hexdigest()[:16]
+
+
+def read_domains(specs: Sequence[str], chat: bool = False) -> dict[str, list]:
+    """``domain=path[,path]`` specs -> each domain's documents (its conversations with
+    ``chat``); ``ValueError`` naming the spec or the domain."""
+    domains: dict[str, list] = {}
+    for spec in specs:
+        name, sep, paths = spec.partition("=")
+        if not sep or not paths:
+            raise ValueError(f"data: expected domain=path[,path], got {spec!r}")
+        try:
+            read = read_conversations if chat else read_documents
+            domains[name] = read(paths.split(","))
+        except (FileNotFoundError, ValueError) as exc:
+            kind = " (--chat)" if chat else ""
+            raise ValueError(f"data{kind}: domain {name!r}: {exc}") from None
+    return domains
+
+
+def check_training_data(cfg) -> None:
+    """Read a training run's ``data`` and ``eval_data`` once, before Ray starts, so a missing
+    path or an empty data set is one ``ValueError`` naming the field, not a traceback from a
+    worker."""
+    from fuseserve.trainer.heldout import HeldOut
+
+    try:
+        if cfg.chat:
+            read_conversations(cfg.data)
+        else:
+            read_documents(cfg.data, cfg.data_field)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ValueError(f"data: {exc}") from None
+    try:
+        HeldOut.load(cfg)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ValueError(str(exc)) from None

@@ -18,7 +18,7 @@ Leaves out: training; choosing the held-out text (``fuseserve.demo`` builds one)
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -190,3 +190,11 @@ def _has_text(item: str | list[dict[str, str]]) -> bool:
     if isinstance(item, str):
         return bool(item.strip())
     return any(m.get("role") == "assistant" and m.get("content", "").strip() for m in item)
+
+
+def markdown_table(rows: Mapping[str, Mapping[str, float]], domains: Sequence[str]) -> str:
+    """Bits per byte by model (rows) and domain (columns), as a Markdown table."""
+    lines = ["| model | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
+    for model, row in rows.items():
+        lines.append(f"| {model} | " + " | ".join(f"{row[d]:.4f}" for d in domains) + " |")
+    return "\n".join(lines)

@@ -119,7 +119,7 @@ class FusedTargetStream:
         self._generation = 0  # one per stream opened; see _requests
         self._closed = threading.Event()
         self._call: StreamCall | None = None
-        # credentials: TLS (grpc_guard.channel_credentials); api_key: the aligner's bearer key;
+        # credentials: TLS (grpc_channel.channel_credentials); api_key: the aligner's bearer key;
         # neither given: both from FUSESERVE_CLIENT_* (how a Ray worker's pod configures them)
         self._client = GrpcClient(
             address, credentials, api_key, timeout_s=timeout_s, max_message_bytes=max_message_bytes

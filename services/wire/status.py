@@ -1,23 +1,22 @@
 """gRPC status for the shared error hierarchy, both ways: one server interceptor, one translator.
 
-Covers the one table from error class to status code (matched with ``isinstance``, most specific
-class first, so a subclass gets its parent's status; any other ``ServiceError`` is INTERNAL), the
-trailing metadata that goes with a status (``retry-after`` in whole seconds on RESOURCE_EXHAUSTED,
-like the REST header; ``fuseserve-field`` naming the bad field on INVALID_ARGUMENT),
+Covers the status of an error (its class's ``grpc_code``, inherited by subclasses), the trailing
+metadata that goes with it (``retry-after`` in whole seconds when the error says when to retry,
+like the REST header; ``fuseserve-field`` naming the bad field when it names one),
 ``ErrorStatus``, a server interceptor that answers every ``ServiceError`` a handler raises (unary
 or streaming, replies yielded or written with ``context.write``, any service) with that status,
 ``error_from_rpc``, which turns a gRPC error a client received back into the error class (its
-message is the status details, unchanged; gRPC's own refusal of an oversize message is an
-``InvalidRequest``), and ``retryable``, whether a failed call is worth sending again.
+message is the status details, unchanged; gRPC's own refusal of an oversize message is a
+``PayloadTooLarge``), and ``retryable``, whether a failed call is worth sending again.
 
-Leaves out: REST statuses (the aligner's ``rest``), authentication and malformed payloads
-(``grpc_guard``), and what a caller does about an error (retry or not).
+Leaves out: which status each error has (the classes in ``fuseserve.errors`` say it), REST
+(the aligner's ``http_errors``), authentication and malformed payloads (``grpc_server``), and what
+a caller does about an error (retry or not).
 """
 
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable
 
 import grpc
@@ -26,16 +25,17 @@ from fuseserve.errors import (
     DeadlineExceeded,
     InvalidRequest,
     Overloaded,
+    PayloadTooLarge,
     ServiceError,
+    Unauthorized,
     Unavailable,
 )
 
-STATUS: tuple[tuple[type[ServiceError], grpc.StatusCode], ...] = (
-    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
-    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (Unavailable, grpc.StatusCode.UNAVAILABLE),
-)
+# the class a client raises for a peer's status: the most general class with that code
+CLIENT_CLASSES = (InvalidRequest, Overloaded, Unavailable, DeadlineExceeded, Unauthorized)
+REMOTE: dict[grpc.StatusCode, type[ServiceError]] = {
+    grpc.StatusCode[cls.grpc_code]: cls for cls in CLIENT_CLASSES
+}
 FIELD_KEY = "fuseserve-field"
 RETRY_KEY = "retry-after"
 # gRPC's own refusal of a message over a size limit (sent or received): RESOURCE_EXHAUSTED, but
@@ -46,17 +46,24 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXH
 
 
 def status_of(exc: ServiceError) -> grpc.StatusCode:
-    """The status code of an error: its own class's, or its nearest listed ancestor's."""
-    return next((code for cls, code in STATUS if isinstance(exc, cls)), grpc.StatusCode.INTERNAL)
+    """The status code of an error: the one its class (or its nearest ancestor) names."""
+    return grpc.StatusCode[exc.grpc_code]
 
 
 def trailing_metadata(exc: ServiceError) -> tuple[tuple[str, str], ...]:
-    """``retry-after`` on RESOURCE_EXHAUSTED; the bad field's name on INVALID_ARGUMENT."""
-    if isinstance(exc, Overloaded):
-        return ((RETRY_KEY, str(max(1, math.ceil(exc.retry_after_s)))),)
-    if isinstance(exc, InvalidRequest):
-        return ((FIELD_KEY, exc.field),)
-    return ()
+    """``retry-after`` when the error says when to retry; the bad field's name when it has one."""
+    pairs = []
+    retry = exc.retry_after()
+    if retry is not None:
+        pairs.append((RETRY_KEY, retry))
+    if exc.field is not None:
+        pairs.append((FIELD_KEY, exc.field))
+    return tuple(pairs)
+
+
+async def abort_with(context: grpc.aio.ServicerContext, exc: ServiceError) -> None:
+    """End a call with ``exc``'s status, its message as the details, and its metadata."""
+    await context.abort(status_of(exc), str(exc), trailing_metadata(exc))
 
 
 class ErrorStatus(grpc.aio.ServerInterceptor):
@@ -73,7 +80,7 @@ class ErrorStatus(grpc.aio.ServerInterceptor):
     async def abort(self, context: grpc.aio.ServicerContext, exc: ServiceError) -> None:
         if self.on_error is not None:
             self.on_error(exc)
-        await context.abort(status_of(exc), str(exc), trailing_metadata(exc))
+        await abort_with(context, exc)
 
     def wrap(self, handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
         if handler is None:
@@ -125,29 +132,30 @@ def _metadata(exc: grpc.RpcError) -> dict[str, str]:
 
 
 def error_from_rpc(exc: grpc.RpcError) -> ServiceError:
-    """The error class a gRPC error stands for; ``str()`` of it is the status details and
-    ``remote_status`` the status name. Codes outside the table give a plain ``ServiceError``."""
+    """The error class a gRPC error stands for (``REMOTE``); ``str()`` of it is the status
+    details and ``remote_status`` the status name. Codes outside the table give a plain
+    ``ServiceError``."""
     code = exc.code()
     details = exc.details() or code.name
     meta = _metadata(exc)
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        head, sep, _ = details.partition(": ")
-        error: ServiceError = InvalidRequest(meta.get(FIELD_KEY) or (head if sep else ""), "")
-    elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and OVERSIZE in details.lower():
-        error = InvalidRequest("request", "")
+    cls = REMOTE.get(code, ServiceError)
+    error: ServiceError
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and OVERSIZE in details.lower():
+        error = PayloadTooLarge("request", "")
         details = f"request: {details} (the gRPC max_message_bytes limit)"
-    elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+    elif issubclass(cls, InvalidRequest):
+        head, sep, _ = details.partition(": ")
+        error = cls(meta.get(FIELD_KEY) or (head if sep else ""), "")
+    elif issubclass(cls, Overloaded):
         try:
             retry_after_s = float(meta.get(RETRY_KEY, 1.0))
         except ValueError:
             retry_after_s = 1.0
-        error = Overloaded(details, retry_after_s)
-    elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        error = DeadlineExceeded(details)
-    elif code == grpc.StatusCode.UNAVAILABLE:
-        error = Unavailable(details)
+        error = cls(details, retry_after_s)
     else:
-        error = ServiceError(details)
+        error = cls(details)
+    if error.field is None and FIELD_KEY in meta:  # a field named with another status
+        error.field = meta[FIELD_KEY]
     error.args = (details,)
     error.remote_status = code.name
     return error

@@ -12,9 +12,11 @@ import httpx
 import numpy as np
 import pytest
 from fastapi import FastAPI
+from pydantic import ValidationError
 
 from fuseserve.aligner.service.openai_api import add_openai_routes, as_openai
 from fuseserve.aligner.service.openai_logprobs import prompt_logprobs, tempered
+from fuseserve.aligner.service.settings import load_settings
 from fuseserve.client import FuseParams, RestClient
 from fuseserve.errors import InvalidRequest, Overloaded, Unavailable
 
@@ -146,6 +148,17 @@ def test_errors_have_openais_shape_and_name_the_field(aligner, body, status, par
     error = answer.json()["error"]
     assert error["param"] == param and error["code"] == status
     assert error["message"] and error["type"]
+
+
+def test_prompts_per_request_are_the_max_prompts_setting(aligner, monkeypatch):
+    answer = complete(aligner, prompt=[[500]] * 4097)
+    error = answer.json()["error"]
+    assert answer.status_code == 400 and error["param"] == "prompt"
+    assert "4097 sequences exceed max_prompts=4096" in error["message"]
+    monkeypatch.setenv("FUSESERVE_ALIGNER_MAX_PROMPTS", "2")
+    assert load_settings().max_prompts == 2
+    with pytest.raises(ValidationError, match="max_prompts"):
+        load_settings(max_prompts=0)
 
 
 def test_a_body_that_is_not_json_is_400(aligner):

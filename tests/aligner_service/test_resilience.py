@@ -89,11 +89,12 @@ def test_teacher_killed_gives_503_naming_it_then_recovers(aligner, teacher_procs
     assert grpc_view() == ({"spm": True, "bpe": False}, False)
     readyz = aligner.rest.get("/readyz")
     assert readyz.status_code == 503 and "bpe" in readyz.json()["teachers"]
-    aligner.service.pool.min_ready = 1  # the policy "ready while >= 1 teacher serves"
+    settings = aligner.service.pool.settings  # read where used: a change applies at once
+    settings.ready_min_teachers = 1  # the policy "ready while >= 1 teacher serves"
     try:
         assert aligner.rest.get("/readyz").status_code == 200
     finally:
-        aligner.service.pool.min_ready = 0
+        settings.ready_min_teachers = 0
 
     down = aligner.rest.post("/v1/fuse", json={"text": "A teacher has gone away."})
     assert down.status_code == 503, down.text

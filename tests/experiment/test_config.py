@@ -103,3 +103,16 @@ def test_a_corpus_too_small_for_the_splits_is_one_line_before_training(tmp_path)
     (line,) = done.stderr.strip().splitlines()
     assert "corpus.fusion_chars" in line and "[domain " in line
     assert not cache.exists()
+
+
+def test_select_limits_seeds_and_runs_and_drops_the_claims_on_other_runs():
+    cfg = load_experiment(ROOT / "experiments" / "table7.yaml")
+    run = next(iter(cfg.runs))
+    chosen = cfg.select("0,1", run)
+    assert chosen.seeds == (0, 1) and list(chosen.runs) == [run]
+    rows = set(chosen.row_names()) | {"sources"}
+    assert all(set(c.rows_named()) <= rows for c in chosen.claims)
+    with pytest.raises(ConfigError, match="--seeds"):
+        cfg.select("0,x")
+    with pytest.raises(ConfigError, match="--runs: no run"):
+        cfg.select(None, "nope")

@@ -121,3 +121,14 @@ def test_no_bytes_scored_is_nan_not_zero():
     assert math.isnan(BPB(0.0, 0, 0).value)
     with pytest.raises(ValueError, match=r"domains \['c'\]: no text"):
         evaluate_domains("shipped:smollm2", {"c": ["   "], "prose": ["words"]})
+
+
+def test_read_domains_names_the_spec_or_the_domain(tmp_path):
+    from fuseserve.trainer.data import read_domains
+
+    (tmp_path / "a.txt").write_text("one document")
+    assert read_domains([f"code={tmp_path / 'a.txt'}"]) == {"code": ["one document"]}
+    with pytest.raises(ValueError, match="expected domain=path"):
+        read_domains(["no-equals-sign"])
+    with pytest.raises(ValueError, match="domain 'prose'"):
+        read_domains([f"prose={tmp_path / 'missing.txt'}"])

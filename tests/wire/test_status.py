@@ -52,7 +52,7 @@ class FailingService:
         self.error: ServiceError = ServiceError("unset")
         self.target = types.SimpleNamespace(fingerprint="f" * 32, vocab_size=10)
 
-    def query(self, *args, **kwargs):
+    async def answer(self, *args, **kwargs):
         raise self.error
 
 

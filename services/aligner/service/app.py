@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 import grpc
 import uvicorn
 
-from fuseserve.aligner.alignment import AlignMethod
 from fuseserve.aligner.continuation import hf_first_tokens
 from fuseserve.aligner.service.cache import LRUCache, RedisCache
 from fuseserve.aligner.service.dataplane import FusionService
@@ -32,10 +31,8 @@ from fuseserve.aligner.service.pool import TeacherPool
 from fuseserve.aligner.service.rest import create_app
 from fuseserve.aligner.service.settings import AlignerSettings
 from fuseserve.aligner.tokenview import TokenizerView
-from fuseserve.aligner.vocabmap_store import VocabMapStore
 from fuseserve.errors import StartupError
-from fuseserve.wire.grpc_guard import channel_credentials
-from fuseserve.wire.grpc_service import Health
+from fuseserve.wire.grpc_server import Health
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +78,6 @@ class RunningAligner:
         await self.service.cache.close()
 
 
-def secret(value) -> str | None:
-    return value.get_secret_value() if value else None
-
-
 def one_line(exc: BaseException) -> str:
     """An exception as one line: its first line of text, or its type."""
     text = str(exc).strip().splitlines()
@@ -128,28 +121,8 @@ async def load_target(settings: AlignerSettings):
 def build_pool(
     settings: AlignerSettings, tokenizer, target: TokenizerView, metrics: AlignerMetrics
 ) -> TeacherPool:
-    """The teacher pool (not connected yet), with the TLS and key it calls teachers with."""
-    teacher_tls = channel_credentials(
-        settings.teacher_tls_ca, settings.teacher_tls_cert, settings.teacher_tls_key
-    )
-    options = settings.fusion_options()
-    return TeacherPool(
-        settings.teachers,
-        target,
-        VocabMapStore(settings.vocab_map_dir),
-        options.strings,
-        timeout_s=settings.teacher_timeout_s,
-        retries=settings.teacher_retries,
-        backoff_s=settings.teacher_backoff_s,
-        max_message_bytes=settings.max_message_bytes,
-        float_dtype=settings.teacher_float_dtype,
-        metrics=metrics,
-        first_tokens=hf_first_tokens(tokenizer),
-        continuations_at_start=options.alignment is AlignMethod.SPANS,
-        credentials=teacher_tls,
-        api_key=secret(settings.teacher_api_key),
-        min_ready=settings.ready_min_teachers,
-    )
+    """The teacher pool (not connected yet)."""
+    return TeacherPool(settings, target, metrics, hf_first_tokens(tokenizer))
 
 
 def build_cache(settings: AlignerSettings, metrics: AlignerMetrics):
@@ -175,23 +148,28 @@ def build_cache(settings: AlignerSettings, metrics: AlignerMetrics):
 def build_service(
     settings: AlignerSettings, tokenizer, target, pool, cache, metrics
 ) -> FusionService:
-    return FusionService(
-        tokenizer,
-        target,
-        pool,
-        cache,
+    return FusionService(settings, tokenizer, target, pool, cache, metrics)
+
+
+def rest_server(
+    settings: AlignerSettings, service: FusionService, metrics: AlignerMetrics
+) -> _Uvicorn:
+    """uvicorn serving the REST API and the vLLM-compatible routes, behind ``http_guard``."""
+    api_key = settings.key()
+    app = create_app(
+        service,
         metrics,
-        default_k=settings.k,
-        preset=settings.preset,
-        option_overrides=settings.options,
-        max_block_tokens=settings.max_block_tokens,
-        max_texts=settings.max_texts,
-        max_inflight_blocks=settings.max_inflight_blocks,
-        max_text_chars=settings.max_text_chars,
-        max_text_bytes=settings.max_text_bytes,
-        request_deadline_s=settings.request_deadline_s,
-        interactive_deadline_s=settings.interactive_deadline_s,
+        settings.target_tokenizer,
+        api_key,
+        settings.max_body_bytes,
+        settings.body_timeout_s,
     )
+    model = f"fuseserve/{settings.target_tokenizer}"
+    add_openai_routes(app, service, metrics, model, api_key)  # the vLLM-compatible teacher
+    http = guarded_http(settings.header_timeout_s, settings.max_connections)
+    level = settings.log_level.lower()
+    config = uvicorn.Config(app, http=http, log_level=level, access_log=False, lifespan="off")
+    return _Uvicorn(config)
 
 
 async def start_servers(
@@ -224,22 +202,7 @@ async def start_servers(
         sock.close()
         await pool.close()
         raise StartupError(f"grpc_{exc}") from None
-    app = create_app(
-        service,
-        metrics,
-        settings.target_tokenizer,
-        api_key,
-        settings.max_body_bytes,
-        settings.body_timeout_s,
-    )
-    model = f"fuseserve/{settings.target_tokenizer}"
-    add_openai_routes(app, service, metrics, model, api_key)  # the vLLM-compatible teacher
-    http = guarded_http(settings.header_timeout_s, settings.max_connections)
-    rest = _Uvicorn(
-        uvicorn.Config(
-            app, http=http, log_level=settings.log_level.lower(), access_log=False, lifespan="off"
-        )
-    )
+    rest = rest_server(settings, service, metrics)
     running = RunningAligner(
         settings, service, metrics, grpc_server, grpc_port, sock.getsockname()[1], rest, health
     )

@@ -117,6 +117,10 @@ class Cache(Protocol):
 
     async def close(self) -> None: ...
 
+    async def ping(self) -> bool:
+        """Whether the store answers now (refreshes ``status``; always True in process)."""
+        ...
+
     def request_budget(self) -> contextlib.AbstractContextManager[None]:
         """A context bounding what the cache may cost one request (a no-op where it is free)."""
         ...
@@ -155,6 +159,9 @@ class LRUCache:
 
     def status(self) -> str:
         return "ok" if self.max_bytes > 0 else "off"
+
+    async def ping(self) -> bool:
+        return True
 
     def request_budget(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()

@@ -1,20 +1,22 @@
-"""The aligner's data plane: one object both transports call (REST and gRPC handlers stay thin).
+"""The aligner's data plane: one object every transport calls (REST, gRPC, vLLM-compatible).
 
-Covers validating a fuse query (texts, k, preset, option overrides, teacher subset) into
-``InvalidRequest`` naming the field, admission control (``Overloaded`` past
+Covers answering a transport's ``FuseCall`` with one ``FuseAnswer`` (metadata and blocks) and
+counting the request (``answer``; transports only convert), validating a fuse query (texts, k,
+preset, option overrides, teacher subset) into ``InvalidRequest`` naming the field, admission
+control (``Overloaded`` past
 ``max_inflight_blocks``), the two cache levels (fused blocks, then each teacher's raw scores),
 computing identical concurrent blocks once, asking all teachers concurrently (one Score call per
 teacher for all of a request's missing texts), fusing each block with the core in a worker
 thread, each teacher's status (a frozen ``TeacherStatus``), and turning the pool's teacher-level
-faults into request errors (``request_error``: which field was at fault, or which status).
+faults into the request errors they mean (``faults.request_errors``).
 
-Leaves out: transport encoding (``rest``, ``grpc_api``) and teacher connections (``pool``).
+Leaves out: transport encoding (``rest``, ``grpc_api``, ``openai_api``) and teacher connections
+(``pool``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import time
 from collections.abc import Sequence
@@ -31,21 +33,16 @@ from fuseserve.aligner.idstext import adds_prefix_space, text_of_ids
 from fuseserve.aligner.options import PRESETS, FusionOptions, VocabAlign
 from fuseserve.aligner.pipeline import TeacherInput, fuse_block
 from fuseserve.aligner.service.cache import Cache, SingleFlight, fused_key, scores_key
-from fuseserve.aligner.service.faults import (
-    MapMissing,
-    TeacherFault,
-    TeacherOverloaded,
-    TeacherRejected,
-    TeacherUnavailable,
-    UnknownTeacher,
-)
+from fuseserve.aligner.service.faults import request_errors
 from fuseserve.aligner.service.metrics import AlignerMetrics
-from fuseserve.aligner.service.pool import Load, TeacherPool
+from fuseserve.aligner.service.pool import Load, TeacherHandle, TeacherPool
+from fuseserve.aligner.service.settings import AlignerSettings
 from fuseserve.aligner.tokenview import TokenizerView
-from fuseserve.errors import InvalidRequest, Overloaded, ServiceError, Unavailable
+from fuseserve.errors import InvalidRequest, Overloaded, Unavailable
 from fuseserve.wire.codec import CodecError
 from fuseserve.wire.descriptions import TeacherStatus
 from fuseserve.wire.messages import FusedBlock, TeacherScores
+from fuseserve.wire.requests import FuseCall
 
 SELF = "(aligner)"  # the shed metric's label when this process, not a teacher, is behind
 
@@ -59,7 +56,8 @@ class FuseQuery:
     texts: tuple[str, ...]
     k: int
     options: FusionOptions
-    teachers: tuple[str, ...]
+    # the teachers asked, picked once (``TeacherPool.pick``), in the order the request named them
+    handles: tuple[TeacherHandle, ...]
     # target ids given instead of texts ([n_i] int64 each); ``texts`` is filled from them when
     # the query is answered
     token_ids: tuple[np.ndarray, ...] | None = None
@@ -67,6 +65,10 @@ class FuseQuery:
     # the setting that says so (named in a refusal)
     horizon_s: float = 30.0
     horizon_setting: str = "request_deadline_s"
+
+    @property
+    def teachers(self) -> tuple[str, ...]:
+        return tuple(h.name for h in self.handles)
 
     @property
     def size(self) -> int:
@@ -89,33 +91,24 @@ class BlockResult:
 
 
 @dataclass(frozen=True)
+class FuseAnswer:
+    """A fuse request's whole answer: what decided it (the target tokenizer's fingerprint, k,
+    the resolved options, the teachers) and its blocks, in request order. Transports convert
+    it; they add nothing but their own encoding."""
+
+    target_fingerprint: str
+    k: int
+    options: FusionOptions
+    teachers: tuple[str, ...]
+    blocks: list[BlockResult]
+
+
+@dataclass(frozen=True)
 class _Target:
     ids: np.ndarray  # [n]
     offsets: np.ndarray  # [n, 2]
     # ids given that are not the tokenizer's own for their text: part of the fused cache key
     key_ids: bytes | None = None
-
-
-def request_error(fault: TeacherFault) -> ServiceError:
-    """What a teacher's fault means for the request that met it."""
-    if isinstance(fault, UnknownTeacher):
-        return InvalidRequest("teachers", str(fault))
-    if isinstance(fault, MapMissing):
-        return InvalidRequest("options.vocab", str(fault))
-    if isinstance(fault, TeacherRejected):  # the texts were sent as they came
-        return InvalidRequest("texts", str(fault))
-    if isinstance(fault, TeacherOverloaded):
-        return Overloaded(str(fault), fault.retry_after_s)
-    return Unavailable(str(fault))
-
-
-@contextlib.contextmanager
-def request_errors():
-    """Teacher faults raised inside become the request errors they mean."""
-    try:
-        yield
-    except TeacherFault as fault:
-        raise request_error(fault) from fault
 
 
 def validation_field(exc: ValidationError, prefix: str) -> tuple[str, str]:
@@ -145,15 +138,21 @@ def check_text(text: object, field: str, max_chars: int, max_bytes: int) -> None
 
 
 def check_token_ids(
-    rows: object, vocab_size: int, max_texts: int, max_tokens: int, min_tokens: int = 2
+    rows: object,
+    vocab_size: int,
+    max_texts: int,
+    max_tokens: int,
+    min_tokens: int = 2,
+    texts_setting: str = "max_texts",
 ) -> tuple[np.ndarray, ...]:
-    """Target id sequences as [n_i] int64 arrays: 1..``max_texts`` lists of
-    ``min_tokens``..``max_tokens`` ints in ``[0, vocab_size)``; else ``InvalidRequest`` naming
-    ``token_ids[i][j]``."""
+    """Target id sequences as [n_i] int64 arrays: 1..``max_texts`` lists (the setting named
+    ``texts_setting``) of ``min_tokens``..``max_tokens`` ints in ``[0, vocab_size)``; else
+    ``InvalidRequest`` naming ``token_ids[i][j]``."""
     if not isinstance(rows, Sequence) or isinstance(rows, str | bytes) or not rows:
         raise InvalidRequest("token_ids", "must hold at least one list of token ids")
     if len(rows) > max_texts:
-        raise InvalidRequest("token_ids", f"{len(rows)} sequences exceed max_texts={max_texts}")
+        message = f"{len(rows)} sequences exceed {texts_setting}={max_texts}"
+        raise InvalidRequest("token_ids", message)
     out = []
     for i, row in enumerate(rows):
         field = f"token_ids[{i}]"
@@ -177,39 +176,24 @@ def check_token_ids(
 
 
 class FusionService:
+    """The data plane over ``settings`` (read where each is used: a new setting needs no
+    plumbing), the target tokenizer and its view, the teacher pool, the cache and the metrics."""
+
     def __init__(
         self,
+        settings: AlignerSettings,
         target_tokenizer,
         target_view: TokenizerView,
         pool: TeacherPool,
         cache: Cache,
         metrics: AlignerMetrics,
-        default_k: int = 10,
-        preset: str = "default",
-        option_overrides: dict[str, Any] | None = None,
-        max_block_tokens: int = 4096,
-        max_texts: int = 32,
-        max_inflight_blocks: int = 256,
-        max_text_chars: int = 262144,
-        max_text_bytes: int = 512 * 1024,
-        request_deadline_s: float = 30.0,
-        interactive_deadline_s: float = 5.0,
     ) -> None:
+        self.settings = settings
         self.tokenizer = target_tokenizer
         self.target = target_view
         self.pool = pool
         self.cache = cache
         self.metrics = metrics
-        self.default_k = default_k
-        self.preset = preset
-        self.option_overrides = dict(option_overrides or {})
-        self.max_block_tokens = max_block_tokens
-        self.max_texts = max_texts
-        self.max_inflight_blocks = max_inflight_blocks
-        self.max_text_chars = max_text_chars
-        self.max_text_bytes = max_text_bytes
-        self.request_deadline_s = request_deadline_s
-        self.interactive_deadline_s = interactive_deadline_s
         # one thread tokenises (a fast tokenizer must not be called from two threads at once);
         # the event loop stays free for health checks and other requests meanwhile
         self._tokenize = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
@@ -229,7 +213,46 @@ class FusionService:
 
     def query_options_json(self) -> str:
         """The service's default FusionOptions as JSON."""
-        return FusionOptions.preset(self.preset, **self.option_overrides).model_dump_json()
+        return FusionOptions.preset(self.settings.preset, **self.settings.options).model_dump_json()
+
+    # ------------------------------------------------------------------ answering
+    async def answer(self, call: FuseCall, transport: str, streamed: bool = False) -> FuseAnswer:
+        """Validate and answer one request of ``transport`` (counted in the request metrics)."""
+        (answer,) = await self.answer_all([call], transport, streamed)
+        return answer
+
+    async def answer_all(
+        self, calls: Sequence[FuseCall], transport: str, streamed: bool = False
+    ) -> list[FuseAnswer]:
+        """Answer the queries of one request of ``transport`` (the vLLM-compatible route
+        splits its prompts into several of at most ``max_texts``) concurrently; counted once:
+        ``requests_total{outcome="ok"}`` and its latency (not for a FuseStream request, which
+        waits on the stream's flow control), or ``outcome="cancelled"`` when the caller left or
+        its deadline passed. Errors are counted where each transport answers them."""
+        start = time.perf_counter()
+        try:
+            queries = [self.query_of(call, streamed) for call in calls]
+            if len(queries) == 1:  # no task to make
+                answers = [await self._answer(queries[0])]
+            else:
+                answers = await asyncio.gather(*(self._answer(query) for query in queries))
+        except asyncio.CancelledError:
+            self.metrics.requests.labels(transport, "cancelled").inc()
+            raise
+        self.metrics.requests.labels(transport, "ok").inc()
+        if not streamed:
+            self.metrics.request_latency.labels(transport).observe(time.perf_counter() - start)
+        return list(answers)
+
+    async def _answer(self, query: FuseQuery) -> FuseAnswer:
+        blocks = await self.fuse(query)
+        return FuseAnswer(self.target.fingerprint, query.k, query.options, query.teachers, blocks)
+
+    def query_of(self, call: FuseCall, streamed: bool = False) -> FuseQuery:
+        """The validated query of a transport's request."""
+        return self.query(
+            call.texts, call.k, call.preset, call.options, call.teachers, call.token_ids, streamed
+        )
 
     # ------------------------------------------------------------------ validation
     def query(
@@ -250,56 +273,64 @@ class FusionService:
             if texts:
                 raise InvalidRequest("token_ids", "give exactly one of texts and token_ids")
             ids = check_token_ids(
-                token_ids, self.target.vocab_size, self.max_texts, self.max_block_tokens
+                token_ids,
+                self.target.vocab_size,
+                self.settings.max_texts,
+                self.settings.max_block_tokens,
             )
             texts = ()
         else:
             self._check_texts(texts)
-        preset = preset or self.preset
+        preset = preset or self.settings.preset
         if preset not in PRESETS:
             raise InvalidRequest("preset", f"unknown preset {preset!r}; choose {sorted(PRESETS)}")
         try:
-            resolved = FusionOptions.preset(preset, **{**self.option_overrides, **(options or {})})
+            resolved = FusionOptions.preset(preset, **{**self.settings.options, **(options or {})})
         except ValidationError as exc:
             raise InvalidRequest(*validation_field(exc, "options")) from exc
         names = tuple(teachers) if teachers else self.pool.names
         if len(set(names)) != len(names):
             raise InvalidRequest("teachers", f"duplicate names in {list(names)}")
         with request_errors():
-            chosen = [self.pool.status(n) for n in names]
-        not_ready = [t for t in chosen if not t.ready]
+            handles = self.pool.pick(names)
+        not_ready = [h for h in handles if not h.ready]
         if not_ready:
-            raise Unavailable("; ".join(t.problem or "" for t in not_ready))
-        k = self.default_k if k in (None, 0) else k
-        max_k = min(t.max_k for t in chosen)
+            raise Unavailable("; ".join(h.why for h in not_ready))
+        k = self.settings.k if k in (None, 0) else k
+        max_k = min(h.max_k for h in handles)
         if not 1 <= k <= max_k:
             raise InvalidRequest("k", f"must be in [1, {max_k}] (the teachers' limit), got {k}")
         horizon_s, setting = self.horizon(streamed)
         return FuseQuery(
-            tuple(texts or ()), k, resolved, names, ids,
+            tuple(texts or ()), k, resolved, handles, ids,
             horizon_s=horizon_s, horizon_setting=setting,
         )  # fmt: skip
 
     def horizon(self, streamed: bool) -> tuple[float, str]:
         """(seconds of backlog a request may wait behind, the setting that says so)."""
+        settings = self.settings
         if streamed:
-            return self.request_deadline_s, "request_deadline_s"
-        return min(self.interactive_deadline_s, self.request_deadline_s), "interactive_deadline_s"
+            return settings.request_deadline_s, "request_deadline_s"
+        interactive = min(settings.interactive_deadline_s, settings.request_deadline_s)
+        return interactive, "interactive_deadline_s"
 
     def _check_texts(self, texts: Sequence[str] | None) -> None:
+        settings = self.settings
         if texts is None or isinstance(texts, str) or not texts:
             raise InvalidRequest("texts", "must hold at least one text")
-        if len(texts) > self.max_texts:
-            raise InvalidRequest("texts", f"{len(texts)} texts exceed max_texts={self.max_texts}")
+        if len(texts) > settings.max_texts:
+            raise InvalidRequest(
+                "texts", f"{len(texts)} texts exceed max_texts={settings.max_texts}"
+            )
         for i, text in enumerate(texts):
-            check_text(text, f"texts[{i}]", self.max_text_chars, self.max_text_bytes)
+            check_text(text, f"texts[{i}]", settings.max_text_chars, settings.max_text_bytes)
 
     def tokenize_target(self, text: str, field: str) -> _Target:
         enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
         n = len(enc["input_ids"])
-        if n > self.max_block_tokens:
+        if n > self.settings.max_block_tokens:
             raise InvalidRequest(
-                field, f"{n} target tokens exceed max_block_tokens={self.max_block_tokens}"
+                field, f"{n} target tokens exceed max_block_tokens={self.settings.max_block_tokens}"
             )
         if n < 2:
             raise InvalidRequest(field, "needs at least 2 target tokens (one next-token label)")
@@ -320,7 +351,9 @@ class FusionService:
         recovered = text_of_ids(ids, self.target, self.prefix_space)
         if not recovered.text:
             raise InvalidRequest(field, "stands for no text (special tokens only)")
-        check_text(recovered.text, field, self.max_text_chars, self.max_text_bytes)
+        check_text(
+            recovered.text, field, self.settings.max_text_chars, self.settings.max_text_bytes
+        )
         enc = self.tokenizer(recovered.text, return_offsets_mapping=True, add_special_tokens=False)
         if np.array_equal(np.asarray(enc["input_ids"], dtype=np.int64), ids):
             offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
@@ -377,15 +410,15 @@ class FusionService:
 
     def _no_slots(self, n: int) -> Overloaded | None:
         """The refusal when ``n`` more blocks would pass ``max_inflight_blocks``."""
-        if self.inflight + n <= self.max_inflight_blocks:
+        if self.inflight + n <= self.settings.max_inflight_blocks:
             return None
         return Overloaded(
             f"{self.inflight} blocks in flight (max_inflight_blocks="
-            f"{self.max_inflight_blocks}); retry later"
+            f"{self.settings.max_inflight_blocks}); retry later"
         )
 
     def _fused_key(self, query: FuseQuery, text: str, ids: bytes | None = None) -> str:
-        prints = [f"{n}={self.pool.fingerprint(n)}" for n in query.teachers]
+        prints = [f"{h.name}={h.fingerprint}" for h in query.handles]
         options = query.options.cache_key()
         return fused_key(self.target.fingerprint, prints, query.k, options, text, ids)
 
@@ -433,10 +466,10 @@ class FusionService:
         within the query's horizon at the rate each has been answering (idle ones always may).
         """
         horizon = (query.horizon_s, query.horizon_setting)
-        waits = {name: self.pool.load(name).wait_s(n) for name in query.teachers}
-        name, wait = max(waits.items(), key=lambda kv: kv[1])
+        waits = {h: h.load.wait_s(n) for h in query.handles}
+        handle, wait = max(waits.items(), key=lambda kv: kv[1])
         if wait > query.horizon_s:
-            raise self._shed(name, self.pool.load(name), n, wait, horizon)
+            raise self._shed(handle.name, handle.load, n, wait, horizon)
         wait = self.load.wait_s(n) if this_process else 0.0
         if wait > query.horizon_s:
             raise self._shed(SELF, self.load, n, wait, horizon)
@@ -454,13 +487,14 @@ class FusionService:
         wait = self.load.wait_s(1)
         if wait > horizon[0]:
             return self._shed(SELF, self.load, 1, wait, horizon)
-        waits = {name: self.pool.load(name).wait_s(1) for name in self.pool.names}
+        loads = self.pool.loads()
+        waits = {name: load.wait_s(1) for name, load in loads.items()}
         if not waits:
             return None
         pick = max if every_teacher else min
         name, wait = pick(waits.items(), key=lambda kv: kv[1])
         if wait > horizon[0]:
-            return self._shed(name, self.pool.load(name), 1, wait, horizon)
+            return self._shed(name, loads[name], 1, wait, horizon)
         return None
 
     def _shed(
@@ -504,22 +538,23 @@ class FusionService:
         try:
             async with asyncio.TaskGroup() as group:
                 calls = [
-                    group.create_task(self._teacher_scores(name, texts, query.k))
-                    for name in query.teachers
+                    group.create_task(self._teacher_scores(handle, texts, query.k))
+                    for handle in query.handles
                 ]
         except BaseExceptionGroup as failed:
             raise failed.exceptions[0] from None
         per_teacher = [call.result() for call in calls]
         cooc = query.options.vocab is VocabAlign.COOC
-        maps = [await self.pool.vocab_map(n, query.options.strings, cooc) for n in query.teachers]
-        tables: list = [None] * len(query.teachers)
+        maps = [await h.map_for(query.options.strings, cooc) for h in query.handles]
+        tables: list = [None] * len(query.handles)
         if query.options.alignment is AlignMethod.SPANS:
-            tables = [await self.pool.continuation_table(n) for n in query.teachers]
+            tables = [await h.continuation_table() for h in query.handles]
+        views = [h.tokenizer() for h in query.handles]
         blocks = []
         for j, (text, target) in enumerate(zip(texts, targets)):
             inputs = [
-                TeacherInput(name, self._view(name), vmap, s[j], table)
-                for name, vmap, table, s in zip(query.teachers, maps, tables, per_teacher)
+                TeacherInput(h.name, view, vmap, s[j], table)
+                for h, view, vmap, table, s in zip(query.handles, views, maps, tables, per_teacher)
             ]
             start = time.perf_counter()
             block = await asyncio.to_thread(
@@ -529,10 +564,12 @@ class FusionService:
             blocks.append(block)
         return blocks
 
-    async def _teacher_scores(self, name: str, texts: list[str], k: int) -> list[TeacherScores]:
+    async def _teacher_scores(
+        self, handle: TeacherHandle, texts: list[str], k: int
+    ) -> list[TeacherScores]:
         """One teacher's scores of ``texts``: cached where possible, one call for the rest."""
-        dtype = self.pool.float_dtype
-        keys = [scores_key(self.pool.fingerprint(name), k, dtype, text) for text in texts]
+        dtype = handle.float_dtype
+        keys = [scores_key(handle.fingerprint, k, dtype, text) for text in texts]
         values = await asyncio.gather(*(self.cache.get(key) for key in keys))
         out: list[TeacherScores | None] = []
         for value in values:
@@ -552,20 +589,13 @@ class FusionService:
             out.append(scores)
         missing = [i for i, s in enumerate(out) if s is None]
         if missing:
-            fresh = await self.pool.score(name, [texts[i] for i in missing], k)
+            fresh = await handle.score([texts[i] for i in missing], k)
             for i, scores in zip(missing, fresh):
                 out[i] = scores
             await asyncio.gather(
                 *(self.cache.set(keys[i], s.to_bytes(dtype)) for i, s in zip(missing, fresh))
             )
-        return _filled(out, f"scores of teacher {name!r}")
-
-    def _view(self, name: str) -> TokenizerView:
-        """The teacher's tokenizer view; ``TeacherUnavailable`` while it has none."""
-        view = self.pool.view(name)
-        if view is None:
-            raise TeacherUnavailable(name, self.pool.get(name).why)
-        return view
+        return _filled(out, f"scores of teacher {handle.name!r}")
 
 
 def _filled(items: Sequence[T | None], what: str) -> list[T]:

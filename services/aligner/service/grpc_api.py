@@ -5,26 +5,24 @@ admits at most ``max_stream_inflight`` requests of one stream at a time (it stop
 caller stops consuming), and replies go out in request order; an error in a stream names the
 request it concerns.
 
-Leaves out: the work itself (``dataplane``), protobuf conversion (``fuseserve.wire.convert``) and
-the error -> status mapping (``fuseserve.wire.status.ErrorStatus``, installed on the server).
+Leaves out: the work itself and the request metrics (``dataplane``), protobuf conversion
+(``fuseserve.wire.convert``) and the error -> status mapping (``fuseserve.wire.status``'s
+``ErrorStatus``, installed on the server).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator
 
 import grpc
 
 from fuseserve.aligner.service.dataplane import FusionService
 from fuseserve.aligner.service.metrics import AlignerMetrics
-from fuseserve.errors import ServiceError, StartupError
+from fuseserve.errors import ServiceError
 from fuseserve.wire import convert
-from fuseserve.wire.grpc_guard import TokenAuth, add_guarded, add_port
-from fuseserve.wire.grpc_service import Health, add_health_and_reflection, new_server
-from fuseserve.wire.status import ErrorStatus
+from fuseserve.wire.grpc_server import Health, start_server
 from fuseserve.wire.v1 import aligner_pb2, aligner_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -47,15 +45,11 @@ class AlignerServicer(aligner_pb2_grpc.AlignerServicer):
 
     async def _answer(self, request, streamed: bool = False) -> list[aligner_pb2.FusedBlock]:
         call = convert.fuse_call_from_pb(request)
-        query = self.service.query(
-            call.texts, call.k, call.preset, call.options, call.teachers, call.token_ids,
-            streamed=streamed,
-        )  # fmt: skip
-        results = await self.service.fuse(query)
-        fp = self.service.target.fingerprint
+        answer = await self.service.answer(call, "grpc", streamed)
+        fp = answer.target_fingerprint
         return [
             convert.fused_block_to_pb(call.id, i, r.block, call.float_dtype, fp)
-            for i, r in enumerate(results)
+            for i, r in enumerate(answer.blocks)
         ]
 
     async def Info(self, request, context):
@@ -65,22 +59,14 @@ class AlignerServicer(aligner_pb2_grpc.AlignerServicer):
             target_fingerprint=svc.target.fingerprint,
             target_vocab_size=svc.target.vocab_size,
             teachers=[convert.teacher_status_to_pb(s) for s in svc.teacher_statuses()],
-            default_k=svc.default_k,
+            default_k=svc.settings.k,
             default_options_json=svc.query_options_json(),
-            max_block_tokens=svc.max_block_tokens,
-            max_texts=svc.max_texts,
+            max_block_tokens=svc.settings.max_block_tokens,
+            max_texts=svc.settings.max_texts,
         )
 
     async def Fuse(self, request, context):
-        start = time.perf_counter()
-        try:
-            blocks = await self._answer(request)
-        except asyncio.CancelledError:  # the caller cancelled, or its deadline passed
-            self.metrics.requests.labels("grpc", "cancelled").inc()
-            raise
-        self.metrics.requests.labels("grpc", "ok").inc()
-        self.metrics.request_latency.labels("grpc").observe(time.perf_counter() - start)
-        return aligner_pb2.FuseReply(blocks=blocks)
+        return aligner_pb2.FuseReply(blocks=await self._answer(request))
 
     async def FuseStream(self, request_iterator, context) -> AsyncIterator[aligner_pb2.FusedBlock]:
         pending: asyncio.Queue = asyncio.Queue(maxsize=self.max_stream_inflight)
@@ -97,10 +83,7 @@ class AlignerServicer(aligner_pb2_grpc.AlignerServicer):
         try:
             async for block in self._stream_replies(pending, reader):
                 yield block
-        except asyncio.CancelledError:  # the caller cancelled the stream, or its deadline passed
-            self.metrics.requests.labels("grpc", "cancelled").inc()
-            raise
-        finally:
+        finally:  # the caller cancelled, or its deadline passed: each request in flight counts
             reader.cancel()
             while not pending.empty():
                 item = pending.get_nowait()
@@ -120,7 +103,6 @@ class AlignerServicer(aligner_pb2_grpc.AlignerServicer):
                 blocks = await task
             except ServiceError as exc:
                 raise exc.prefixed(f"request {request_id!r}: ") from exc
-            self.metrics.requests.labels("grpc", "ok").inc()
             for block in blocks:
                 yield block
         await reader  # surfaces a failed read (e.g. the caller cancelled)
@@ -137,14 +119,9 @@ async def start_grpc(
     """Start the aligner's gRPC server (health NOT_SERVING until ``Health.set_serving``);
     ``api_key``: every call but health needs it; ``credentials``: TLS."""
     requests = servicer.metrics.requests
-    errors = ErrorStatus(lambda exc: requests.labels("grpc", type(exc).__name__).inc())
-    server = new_server(max_message_bytes, [TokenAuth(api_key), errors] if api_key else [errors])
-    add_guarded(aligner_pb2_grpc.add_AlignerServicer_to_server, servicer, server, max_message_bytes)
-    health = await add_health_and_reflection(server, SERVICE)
-    try:
-        bound = add_port(server, f"{host}:{port}", credentials)
-    except StartupError:
-        await server.stop(None)
-        raise
-    await server.start()
-    return server, bound, health
+    running = await start_server(
+        SERVICE, aligner_pb2_grpc.add_AlignerServicer_to_server, servicer, f"{host}:{port}",
+        max_message_bytes, api_key, credentials,
+        on_error=lambda exc: requests.labels("grpc", type(exc).__name__).inc(),
+    )  # fmt: skip
+    return running.server, running.port, running.health

@@ -5,28 +5,21 @@ arrive within ``header_timeout_s`` of the connection opening or of the request's
 (else ``408`` and the connection closes; uvicorn itself waits forever for a slow sender, so a few
 thousand connections that dribble header bytes would hold as many file descriptors), and at most
 ``max_connections`` connections are open at once (a connection past the cap gets ``503`` with
-``Retry-After`` and is closed at once, before it can cost a request's worth of work).
+``Retry-After`` and is closed at once, before it can cost a request's worth of work); both
+answers are the REST error envelope (``http_errors``).
 
-Leaves out: body limits and body deadlines (``rest.BodyLimit``), request admission (the data
+Leaves out: body limits and body deadlines (``body_limit.BodyLimit``), request admission (the data
 plane's 429s) and everything the app does.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-
-def _reply(status: str, kind: str, message: str, extra: str = "") -> bytes:
-    """A whole HTTP/1.1 response in the REST API's error envelope; the connection closes."""
-    body = json.dumps({"error": {"type": kind, "message": message}}).encode()
-    head = (
-        f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(body)}\r\nconnection: close\r\n{extra}\r\n"
-    )
-    return head.encode("latin-1") + body
+from fuseserve.aligner.service.http_errors import raw_response
+from fuseserve.errors import RequestTimeout, TooManyConnections
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
@@ -41,8 +34,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         if len(self.connections) > self.max_connections:
             message = f"{self.max_connections} connections open (max_connections); retry later"
-            retry = "retry-after: 1\r\n"
-            transport.write(_reply("503 Service Unavailable", "TooManyConnections", message, retry))
+            transport.write(raw_response(TooManyConnections(message)))
             transport.close()
             return
         self._arm()
@@ -74,7 +66,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return
         limit = f"header_timeout_s={self.header_timeout_s:g}"
         message = f"request headers did not arrive within {limit}"
-        self.transport.write(_reply("408 Request Timeout", "RequestTimeout", message))
+        self.transport.write(raw_response(RequestTimeout(message)))
         self.transport.close()
 
 

@@ -10,7 +10,12 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 class AlignerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
-        r = self.registry
+        self._add_request_metrics(self.registry)
+        self._add_block_metrics(self.registry)
+        self._add_teacher_metrics(self.registry)
+
+    def _add_request_metrics(self, r: CollectorRegistry) -> None:
+        """Requests by transport (counted by the data plane and the transports' error hooks)."""
         self.requests = Counter(
             "fuseserve_aligner_requests",
             "requests by transport and outcome",
@@ -32,6 +37,9 @@ class AlignerMetrics:
             ["actual"],
             registry=r,
         )
+
+    def _add_block_metrics(self, r: CollectorRegistry) -> None:
+        """Blocks, the cache and this process's work."""
         self.blocks = Counter(
             "fuseserve_aligner_blocks",
             "blocks answered, by source: hit (fused cache), shared (identical request in "
@@ -51,17 +59,9 @@ class AlignerMetrics:
             ["op"],
             registry=r,
         )
-        self.teacher_calls = Counter(
-            "fuseserve_aligner_teacher_calls",
-            "teacher Score calls by teacher and outcome",
-            ["teacher", "outcome"],
-            registry=r,
-        )
-        self.teacher_latency = Histogram(
-            "fuseserve_aligner_teacher_seconds",
-            "teacher Score call latency",
-            ["teacher"],
-            buckets=LATENCY_BUCKETS,
+        self.cache_up = Gauge(
+            "fuseserve_aligner_cache_up",
+            "1 while the cache answers (Redis: its latest command succeeded); 0 while it fails",
             registry=r,
         )
         self.fuse_seconds = Histogram(
@@ -73,9 +73,20 @@ class AlignerMetrics:
         self.inflight = Gauge(
             "fuseserve_aligner_inflight_blocks", "blocks being answered", registry=r
         )
-        self.cache_up = Gauge(
-            "fuseserve_aligner_cache_up",
-            "1 while the cache answers (Redis: its latest command succeeded); 0 while it fails",
+
+    def _add_teacher_metrics(self, r: CollectorRegistry) -> None:
+        """The teachers as this aligner sees them."""
+        self.teacher_calls = Counter(
+            "fuseserve_aligner_teacher_calls",
+            "teacher Score calls by teacher and outcome",
+            ["teacher", "outcome"],
+            registry=r,
+        )
+        self.teacher_latency = Histogram(
+            "fuseserve_aligner_teacher_seconds",
+            "teacher Score call latency",
+            ["teacher"],
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.shed = Counter(

@@ -32,10 +32,10 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import math
 import time
 import uuid
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -43,17 +43,18 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
 from fuseserve.aligner.service.dataplane import BlockResult, FusionService, check_token_ids
+from fuseserve.aligner.service.http_errors import error_headers
 from fuseserve.aligner.service.metrics import AlignerMetrics
 from fuseserve.aligner.service.openai_logprobs import prompt_logprobs, render_json
 from fuseserve.aligner.service.rest import ClientGone, cancel_on_disconnect
 from fuseserve.aligner.service.rest_schema import field_path
-from fuseserve.errors import InvalidRequest, Overloaded, ServiceError, Unavailable
+from fuseserve.errors import InvalidRequest, ServiceError, Unauthorized, UnknownModel
+from fuseserve.wire.requests import FuseCall
 
 JSON = "application/json"
 # the preset whose rows always give the actual next token its chain-rule probability (the
 # service's option overrides still apply)
 PRESET = "spans"
-MAX_PROMPTS = 4096  # sequences per request (fused in chunks of the service's max_texts)
 
 
 class CompletionBody(BaseModel):
@@ -72,12 +73,24 @@ class CompletionBody(BaseModel):
     stream: StrictBool | None = False
 
 
-class OpenAIError(Exception):
-    """An error answered in OpenAI's shape."""
+# OpenAI's error type for each status it answers (its client raises one class per status)
+OPENAI_TYPES = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    404: "NotFoundError",
+    429: "RateLimitError",
+    503: "ServiceUnavailableError",
+}
 
-    def __init__(self, status: int, kind: str, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.kind, self.param = status, kind, param
+
+@dataclass(frozen=True)
+class OpenAIError:
+    """A service error as OpenAI's API answers it."""
+
+    status: int
+    kind: str
+    message: str
+    param: str | None
 
 
 def error_body(status: int, kind: str, message: str, param: str | None) -> bytes:
@@ -86,16 +99,15 @@ def error_body(status: int, kind: str, message: str, param: str | None) -> bytes
 
 
 def as_openai(exc: ServiceError, single: bool = False) -> OpenAIError:
-    """A service error as the OpenAI error it is; a field of the ids path renamed to ``prompt``."""
-    if isinstance(exc, InvalidRequest):
-        param = prompt_field(exc.field, single)
-        message = str(exc).replace(exc.field, param, 1)
-        return OpenAIError(400, "BadRequestError", message, param)
-    if isinstance(exc, Overloaded):
-        return OpenAIError(429, "RateLimitError", str(exc))
-    if isinstance(exc, Unavailable):
-        return OpenAIError(503, "ServiceUnavailableError", str(exc))
-    return OpenAIError(500, "InternalServerError", str(exc))
+    """A service error as the OpenAI error it is: its class's status (the caller's mistakes,
+    422 in the REST API, are OpenAI's 400) and the type OpenAI gives that status; a field of
+    the ids path renamed to ``prompt``."""
+    status = 400 if exc.http_status == 422 else exc.http_status
+    kind = OPENAI_TYPES.get(status, "BadRequestError" if status < 500 else "InternalServerError")
+    if exc.field is None:
+        return OpenAIError(status, kind, str(exc), None)
+    param = prompt_field(exc.field, single)
+    return OpenAIError(status, kind, str(exc).replace(exc.field, param, 1), param)
 
 
 def prompt_field(field: str, single: bool) -> str:
@@ -166,29 +178,30 @@ async def prompt_sequences(prompt: Any, service: FusionService) -> list[list[int
     if not isinstance(prompt, list) or not prompt:
         raise InvalidRequest("prompt", "must be a list of token ids, a list of such lists, or text")
     rows = [prompt] if is_single(prompt) else prompt
-    size = service.target.vocab_size
-    checked = check_token_ids(rows, size, MAX_PROMPTS, service.max_block_tokens, min_tokens=1)
+    settings, size = service.settings, service.target.vocab_size
+    checked = check_token_ids(
+        rows, size, settings.max_prompts, settings.max_block_tokens, 1, "max_prompts"
+    )
     return [row.tolist() for row in checked]
 
 
 async def fuse_sequences(
-    service: FusionService, rows: list[list[int]], k: int, request: Request
+    service: FusionService, rows: list[list[int]], k: int | None, request: Request
 ) -> list[BlockResult | None]:
-    """Fused blocks of every row of two or more ids (None for a one-id row), in chunks of the
-    service's ``max_texts``, all at once; a caller that leaves cancels them."""
-    scored = [i for i, row in enumerate(rows) if len(row) > 1]
-    step = max(1, service.max_texts)
+    """Fused blocks of every row of two or more ids (None for a one-id row; every row when
+    ``k`` is None: nothing asked), in queries of the service's ``max_texts``, all answered at
+    once as one request; a caller that leaves cancels them."""
+    scored = [i for i, row in enumerate(rows) if len(row) > 1] if k is not None else []
+    step = max(1, service.settings.max_texts)
     chunks = [scored[at : at + step] for at in range(0, len(scored), step)]
-
-    async def one(chunk: list[int]) -> list[BlockResult]:
-        query = service.query(None, k=k, preset=PRESET, token_ids=[rows[i] for i in chunk])
-        return await service.fuse(query)
-
-    work = asyncio.gather(*(one(c) for c in chunks))
-    answers = await cancel_on_disconnect(request.receive, work)
+    calls = [
+        FuseCall("", (), k=k, preset=PRESET, token_ids=tuple(tuple(rows[i]) for i in chunk))
+        for chunk in chunks
+    ]
+    answers = await cancel_on_disconnect(request.receive, service.answer_all(calls, "openai"))
     out: list[BlockResult | None] = [None] * len(rows)
-    for chunk, results in zip(chunks, answers):
-        for i, result in zip(chunk, results):
+    for chunk, answer in zip(chunks, answers):
+        for i, result in zip(chunk, answer.blocks):
             out[i] = result
     return out
 
@@ -251,13 +264,12 @@ class OpenAIRoutes:
         self.model = model
         self.key = api_key.encode() if api_key else None
 
-    def error(self, exc: OpenAIError, retry_after_s: float | None = None) -> Response:
-        self.metrics.requests.labels("openai", exc.kind).inc()
-        headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if retry_after_s else None
-        if exc.status == 401:
-            headers = {"WWW-Authenticate": "Bearer"}
-        payload = error_body(exc.status, exc.kind, str(exc), exc.param)
-        return Response(payload, status_code=exc.status, media_type=JSON, headers=headers)
+    def error(self, exc: ServiceError, single: bool = False) -> Response:
+        answer = as_openai(exc, single)
+        self.metrics.requests.labels("openai", answer.kind).inc()
+        payload = error_body(answer.status, answer.kind, answer.message, answer.param)
+        headers = error_headers(exc) or None
+        return Response(payload, status_code=answer.status, media_type=JSON, headers=headers)
 
     def check_key(self, request: Request) -> None:
         if self.key is None:
@@ -265,7 +277,7 @@ class OpenAIRoutes:
         header = request.headers.get("authorization", "")
         token = header[len("Bearer ") :].strip() if header.startswith("Bearer ") else ""
         if not hmac.compare_digest(token.encode(), self.key):
-            raise OpenAIError(401, "AuthenticationError", "a valid bearer API key is required")
+            raise Unauthorized("a valid bearer API key is required")
 
     async def health(self) -> Response:
         if self.service.ready:
@@ -280,7 +292,7 @@ class OpenAIRoutes:
     async def models(self, request: Request) -> Response:
         try:
             self.check_key(request)
-        except OpenAIError as exc:
+        except Unauthorized as exc:
             return self.error(exc)
         card = {
             "id": self.model,
@@ -289,42 +301,35 @@ class OpenAIRoutes:
             "owned_by": "fuseserve",
             "root": self.model,
             "parent": None,
-            "max_model_len": self.service.max_block_tokens,
+            "max_model_len": self.service.settings.max_block_tokens,
             "permission": [],
         }
         return Response(json.dumps({"object": "list", "data": [card]}), media_type=JSON)
 
     async def completions(self, request: Request) -> Response:
-        start = time.perf_counter()
         single = False
         try:
             self.check_key(request)
             body = await asyncio.to_thread(parse_body, await request.body())
             check_options(body)
             if body.model is not None and body.model != self.model:
-                message = f"The model `{body.model}` does not exist."
-                raise OpenAIError(404, "NotFoundError", message, "model")
+                raise UnknownModel(body.model)
             single = is_single(body.prompt)
             rows = await prompt_sequences(body.prompt, self.service)
-            results: list[BlockResult | None] = [None] * len(rows)
+            k = None  # no prompt_logprobs: nothing to fuse (still answered, and counted, as one)
             if body.prompt_logprobs is not None:
-                k = max(body.prompt_logprobs, self.service.default_k)
-                results = await fuse_sequences(self.service, rows, k, request)
+                k = max(body.prompt_logprobs, self.service.settings.k)
+            results = await fuse_sequences(self.service, rows, k, request)
             sources: Counter[str] = Counter()
             payload = await asyncio.to_thread(
                 completion_json, body, rows, results, self.service, self.model, sources
             )
             for source, count in sources.items():
                 self.metrics.openai_positions.labels(source).inc(count)
-        except OpenAIError as exc:
-            return self.error(exc)
-        except ClientGone:
-            self.metrics.requests.labels("openai", "cancelled").inc()
+        except ClientGone:  # counted by the data plane
             return Response(status_code=499)
         except ServiceError as exc:
-            return self.error(as_openai(exc, single), getattr(exc, "retry_after_s", None))
-        self.metrics.requests.labels("openai", "ok").inc()
-        self.metrics.request_latency.labels("openai").observe(time.perf_counter() - start)
+            return self.error(exc, single)
         return Response(payload, media_type=JSON)
 
 

@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from fuseserve.aligner.alignment import AlignMethod
 from fuseserve.aligner.continuation import ContinuationTable, FirstTokens
 from fuseserve.aligner.service.faults import (
     MapMissing,
@@ -27,12 +29,14 @@ from fuseserve.aligner.service.faults import (
     TeacherUnavailable,
     UnknownTeacher,
 )
+from fuseserve.aligner.service.settings import AlignerSettings
 from fuseserve.aligner.tokenview import TokenizerView
 from fuseserve.aligner.vocabmap import StringMode, VocabMap
 from fuseserve.aligner.vocabmap_store import VocabMapStore
 from fuseserve.errors import DeadlineExceeded, InvalidRequest, Overloaded, ServiceError
 from fuseserve.teacher.client import TeacherClient
 from fuseserve.wire.descriptions import TeacherInfo, TeacherStatus
+from fuseserve.wire.grpc_channel import channel_credentials
 from fuseserve.wire.messages import TeacherScores
 
 log = logging.getLogger(__name__)
@@ -91,11 +95,46 @@ class Teacher:
     load: Load = field(default_factory=Load)
     failed_checks: int = 0
     reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # told after every change of readiness's inputs (the pool: the teacher_ready gauge)
+    on_change: Callable[[Teacher], None] = field(default=lambda teacher: None)
     _next: int = 0
 
     @property
     def ready(self) -> bool:
+        """The one readiness rule: a map onto the target, no problem, not down."""
         return self.vocab_map is not None and not self.problem and not self.down
+
+    def mark(self, problem: str | None = None, down: str | None = None) -> None:
+        """Set what keeps the teacher from being ready (None: unchanged; "": cleared) and tell
+        ``on_change``. Every write of ``problem``, ``down`` and the map goes through here or
+        ``loaded``."""
+        if problem is not None:
+            self.problem = problem
+        if down is not None:
+            self.down = down
+        self.on_change(self)
+
+    def loaded(
+        self,
+        info: TeacherInfo,
+        view: TokenizerView,
+        vocab_map: VocabMap,
+        continuations: ContinuationTable | None = None,
+    ) -> None:
+        """Every replica answered Info just now and the map onto the target is there: ready.
+        Another tokenizer than before drops the old one's other maps and table."""
+        if view is not self.view:
+            self.other_maps, self.continuations = {}, continuations
+        self.info, self.view, self.vocab_map = info, view, vocab_map
+        self.fingerprint, self.failed_checks = info.cache_fingerprint(), 0
+        self.mark(problem="", down="")
+
+    def handle(self, pool: TeacherPool) -> TeacherHandle:
+        """This teacher as one request uses it (see ``TeacherHandle``)."""
+        return TeacherHandle(
+            self, pool, self.ready, self.why, self.max_k, self.fingerprint, self.view,
+            self.vocab_map,
+        )  # fmt: skip
 
     @property
     def why(self) -> str:
@@ -133,46 +172,97 @@ class Teacher:
         return client
 
 
+@dataclass(frozen=True, eq=False)
+class TeacherHandle:
+    """One teacher as one request uses it, picked once (``TeacherPool.pick``): whether it was
+    ready (and why not), its top-k limit, its cache fingerprint, tokenizer view and map onto the
+    target as they were when picked (a refresh meanwhile cannot mix two tokenizers in one
+    answer), its live load, and its calls (``score``, ``map_for``, ``continuation_table``)."""
+
+    teacher: Teacher
+    pool: TeacherPool
+    ready: bool
+    why: str
+    max_k: int
+    fingerprint: str
+    view: TokenizerView | None
+    vocab_map: VocabMap | None  # in the service's string mode
+
+    @property
+    def name(self) -> str:
+        return self.teacher.name
+
+    @property
+    def load(self) -> Load:
+        return self.teacher.load
+
+    @property
+    def float_dtype(self) -> str:
+        """The float width its scores are asked in (part of their cache key)."""
+        return self.pool.float_dtype
+
+    def tokenizer(self) -> TokenizerView:
+        """The view picked; ``TeacherUnavailable`` when it had none."""
+        if self.view is None:
+            raise TeacherUnavailable(self.name, self.why)
+        return self.view
+
+    async def score(self, texts: list[str], k: int) -> list[TeacherScores]:
+        """``TeacherPool.score`` on this teacher."""
+        return await self.pool.score(self.teacher, texts, k)
+
+    async def map_for(self, mode: StringMode, cooc: bool = False) -> VocabMap:
+        """Its map onto the target in ``mode`` (in the service's own mode: the one picked)."""
+        if not cooc and mode == self.pool.mode and self.vocab_map is not None:
+            return self.vocab_map
+        return await self.pool.vocab_map(self.teacher, mode, cooc)
+
+    async def continuation_table(self) -> ContinuationTable:
+        return await self.pool.continuation_table(self.teacher)
+
+
 class TeacherPool:
+    """The teachers of ``settings`` (read where each is used: the teachers and their
+    addresses, the call deadline, retries and backoff, TLS and key, the payload float width,
+    the vocabulary-map folder, the string mode and alignment of the service's options, the
+    readiness policy), mapped onto ``target``; ``first_tokens``: the target tokenizer's, for
+    continuation tables."""
+
     def __init__(
         self,
-        endpoints,
+        settings: AlignerSettings,
         target: TokenizerView,
-        store: VocabMapStore,
-        mode: StringMode,
-        timeout_s: float = 120.0,
-        retries: int = 2,
-        backoff_s: float = 0.2,
-        max_message_bytes: int = 64 * 1024 * 1024,
-        float_dtype: str = "f32",
         metrics=None,
         first_tokens: FirstTokens | None = None,
-        continuations_at_start: bool = False,
-        credentials=None,
-        api_key: str | None = None,
-        min_ready: int = 0,
     ) -> None:
+        self.settings = settings
         self.target = target
-        self.store = store
-        self.mode = mode
-        self.first_tokens = first_tokens
-        self.continuations_at_start = continuations_at_start
-        self.retries = retries
-        self.backoff_s = backoff_s
-        self.float_dtype = float_dtype
         self.metrics = metrics
-        self.min_ready = min_ready
+        self.first_tokens = first_tokens
+        self.store = VocabMapStore(settings.vocab_map_dir)
+        options = settings.fusion_options()
+        self.mode = options.strings
+        self.continuations_at_start = options.alignment is AlignMethod.SPANS
         self.teachers: dict[str, Teacher] = {
             e.name: Teacher(
-                e.name,
-                tuple(e.addresses),
-                [
-                    TeacherClient(a, timeout_s, max_message_bytes, credentials, api_key)
-                    for a in e.addresses
-                ],
+                e.name, tuple(e.addresses), self._clients(e.addresses), on_change=self._publish
             )
-            for e in endpoints
+            for e in settings.teachers
         }
+
+    def _clients(self, addresses: Sequence[str]) -> list[TeacherClient]:
+        """One client per replica, with the deadline, TLS and key the settings give."""
+        s = self.settings
+        tls = channel_credentials(s.teacher_tls_ca, s.teacher_tls_cert, s.teacher_tls_key)
+        key = s.teacher_api_key.get_secret_value() if s.teacher_api_key else None
+        return [
+            TeacherClient(a, s.teacher_timeout_s, s.max_message_bytes, tls, key) for a in addresses
+        ]
+
+    @property
+    def float_dtype(self) -> str:
+        """The float width teachers answer in (part of the scores' cache key)."""
+        return self.settings.teacher_float_dtype
 
     # ------------------------------------------------------------------ start-up and refresh
     async def start(self, timeout_s: float) -> None:
@@ -188,7 +278,7 @@ class TeacherPool:
                 return
             except (ServiceError, TeacherFault) as exc:
                 reason = str(exc)
-                teacher.problem = f"waiting for teacher {teacher.name!r}: {reason}"
+                teacher.mark(problem=f"waiting for teacher {teacher.name!r}: {reason}")
                 if time.monotonic() + delay > deadline:
                     raise TeacherUnavailable(
                         teacher.name,
@@ -208,9 +298,8 @@ class TeacherPool:
             )
         info = infos[0]
         if teacher.view is not None and teacher.view.fingerprint == info.tokenizer_fingerprint:
-            teacher.info, teacher.fingerprint, teacher.problem = info, info.cache_fingerprint(), ""
-            teacher.down, teacher.failed_checks = "", 0  # every replica answered Info just now
-            self._set_ready(teacher)
+            assert teacher.vocab_map is not None  # loaded together with the view
+            teacher.loaded(info, teacher.view, teacher.vocab_map)
             return
         tokens = await teacher.clients[0].vocab()
         view = info.tokenizer(teacher.name, tokens, TokenizerView)
@@ -228,11 +317,7 @@ class TeacherPool:
             continuations = await asyncio.to_thread(
                 self.store.get_or_build_continuations, view, self.target, self.first_tokens, False
             )
-        teacher.view, teacher.vocab_map, teacher.info = view, vocab_map, info
-        teacher.other_maps, teacher.continuations = {}, continuations
-        teacher.fingerprint, teacher.problem = info.cache_fingerprint(), ""
-        teacher.down, teacher.failed_checks = "", 0
-        self._set_ready(teacher)
+        teacher.loaded(info, view, vocab_map, continuations)
         log.info(
             "teacher %s ready: %s (%d tokens, %s), map %.1f%% exact",
             teacher.name,
@@ -242,7 +327,8 @@ class TeacherPool:
             100 * vocab_map.exact_fraction,
         )
 
-    def _set_ready(self, teacher: Teacher) -> None:
+    def _publish(self, teacher: Teacher) -> None:
+        """Readiness may have changed: the gauge follows."""
         if self.metrics is not None:
             self.metrics.teacher_ready.labels(teacher.name).set(1.0 if teacher.ready else 0.0)
 
@@ -258,17 +344,15 @@ class TeacherPool:
                     i.tokenizer_fingerprint != teacher.view.fingerprint for i in infos
                 ):
                     old = teacher.view.fingerprint if teacher.view else "none"
-                    teacher.problem = (
-                        f"teacher {teacher.name!r} changed its tokenizer "
+                    teacher.mark(
+                        problem=f"teacher {teacher.name!r} changed its tokenizer "
                         f"({old} -> {infos[0].tokenizer_fingerprint}); rebuilding its map"
                     )
-                    self._set_ready(teacher)
                     log.warning(teacher.problem)
                     try:
                         await self._load(teacher)
                     except (ServiceError, TeacherFault) as exc:
-                        teacher.problem = f"teacher {teacher.name!r}: {exc}"
-                        self._set_ready(teacher)
+                        teacher.mark(problem=f"teacher {teacher.name!r}: {exc}")
 
     async def refresh_forever(self, interval_s: float) -> None:
         while True:
@@ -310,7 +394,7 @@ class TeacherPool:
                     try:
                         await self._load(teacher)
                     except (ServiceError, TeacherFault) as exc:
-                        teacher.down = f"teacher {teacher.name!r} is back but failed: {exc}"
+                        teacher.mark(down=f"teacher {teacher.name!r} is back but failed: {exc}")
                         return
                     log.info("teacher %s serves again", teacher.name)
             return
@@ -320,9 +404,8 @@ class TeacherPool:
         certain = all(p == "UNAVAILABLE" for p in problems)
         if (certain or teacher.failed_checks >= failures) and not teacher.down:
             where = ", ".join(f"{c.address}: {p}" for c, p in zip(teacher.clients, problems))
-            teacher.down = f"teacher {teacher.name!r} is not serving ({where})"
+            teacher.mark(down=f"teacher {teacher.name!r} is not serving ({where})")
             log.warning(teacher.down)
-            self._set_ready(teacher)
 
     # ------------------------------------------------------------------ scoring
     def get(self, name: str) -> Teacher:
@@ -335,26 +418,22 @@ class TeacherPool:
     def names(self) -> tuple[str, ...]:
         return tuple(self.teachers)
 
-    def status(self, name: str) -> TeacherStatus:
-        return self.get(name).status()
+    def pick(self, names: Sequence[str]) -> tuple[TeacherHandle, ...]:
+        """The handles one request uses, picked once (``UnknownTeacher`` for a name nobody
+        configured)."""
+        return tuple(self.get(name).handle(self) for name in names)
 
     def statuses(self) -> list[TeacherStatus]:
         return [t.status() for t in self.teachers.values()]
 
-    def fingerprint(self, name: str) -> str:
-        """The teacher's cache fingerprint (its scores' identity)."""
-        return self.get(name).fingerprint
-
-    def view(self, name: str) -> TokenizerView | None:
-        return self.get(name).view
-
-    def load(self, name: str) -> Load:
-        return self.get(name).load
+    def loads(self) -> dict[str, Load]:
+        """Every teacher's live load, by name."""
+        return {name: t.load for name, t in self.teachers.items()}
 
     @property
     def ready(self) -> bool:
         """The readiness policy: at least ``min_ready`` teachers ready (0: every teacher)."""
-        wanted = self.min_ready or len(self.teachers)
+        wanted = self.settings.ready_min_teachers or len(self.teachers)
         return bool(self.teachers) and self.ready_count >= min(wanted, len(self.teachers))
 
     @property
@@ -378,9 +457,8 @@ class TeacherPool:
             teacher.other_maps["cooc"] = vmap
         return vmap
 
-    async def continuation_table(self, name: str) -> ContinuationTable:
+    async def continuation_table(self, teacher: Teacher) -> ContinuationTable:
         """The teacher's continuation table onto the target (built or loaded once)."""
-        teacher = self.get(name)
         if teacher.continuations is not None:
             return teacher.continuations
         async with teacher.reloading:
@@ -400,12 +478,11 @@ class TeacherPool:
                 return table
             return teacher.continuations
 
-    async def vocab_map(self, name: str, mode: StringMode, cooc: bool = False) -> VocabMap:
+    async def vocab_map(self, teacher: Teacher, mode: StringMode, cooc: bool = False) -> VocabMap:
         """The teacher's map onto the target in ``mode``: the service's own mode is loaded at
         start-up; another mode (a request asking for another preset) is built or loaded from the
         store on first use, once. ``cooc``: the co-occurrence refined map, which must have been
         built beforehand (``fuseserve vocab-map --cooc-corpus``)."""
-        teacher = self.get(name)
         if cooc:
             return await self._refined_map(teacher)
         if mode == self.mode or teacher.vocab_map is None:
@@ -425,14 +502,14 @@ class TeacherPool:
                     teacher.other_maps[mode] = vmap
             return vmap
 
-    async def score(self, name: str, texts: list[str], k: int) -> list[TeacherScores]:
+    async def score(self, teacher: Teacher, texts: list[str], k: int) -> list[TeacherScores]:
         """Score texts on one teacher (truncating at its max length). UNAVAILABLE is retried
         with backoff on the next replica; RESOURCE_EXHAUSTED moves once to another replica if
         there is one, else it is ``TeacherOverloaded`` at once; nothing else is retried."""
-        teacher = self.get(name)
+        name = teacher.name
         if not teacher.ready:
             raise TeacherUnavailable(name, teacher.why)
-        delay = self.backoff_s
+        delay, retries = self.settings.teacher_backoff_s, self.settings.teacher_retries
         exhausted: set[str] = set()
         attempt = 0
         while True:
@@ -444,7 +521,7 @@ class TeacherPool:
                 raise TeacherRejected(name, f"teacher {name!r}: {exc}", exc.field) from exc
             except Overloaded as exc:
                 exhausted.add(client.address)
-                if len(exhausted) < len(teacher.clients) and attempt < self.retries:
+                if len(exhausted) < len(teacher.clients) and attempt < retries:
                     attempt += 1
                     continue  # another replica, at once
                 raise TeacherOverloaded(
@@ -454,7 +531,7 @@ class TeacherPool:
                 message = f"{where} did not answer within {client.timeout_s:g}s"
                 raise TeacherUnavailable(name, message) from exc
             except ServiceError as exc:
-                if exc.remote_status not in RETRYABLE or attempt >= self.retries:
+                if exc.remote_status not in RETRYABLE or attempt >= retries:
                     raise TeacherUnavailable(name, f"{where}: {exc.remote_status} {exc}") from exc
             attempt += 1
             await asyncio.sleep(delay)

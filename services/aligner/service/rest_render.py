@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fuseserve.aligner.service.dataplane import BlockResult
+from fuseserve.aligner.service.dataplane import BlockResult, FuseAnswer
 from fuseserve.wire.fuse_reply import MEDIA_TYPE, FuseReply, ReplyBlock, encode_reply
 from fuseserve.wire.rows import row_range, select_rows
 
@@ -111,34 +111,35 @@ def block_json(index: int, result: BlockResult, tokens: Sequence[str], cut: Cut)
     }
 
 
-@dataclass(frozen=True)
-class Answer:
+def header(answer: FuseAnswer, target_tokenizer: str) -> dict[str, Any]:
     """Everything an answer shows besides the blocks."""
-
-    target_tokenizer: str
-    target_fingerprint: str
-    k: int
-    options: dict[str, Any]
+    return {
+        "target_tokenizer": target_tokenizer,
+        "target_fingerprint": answer.target_fingerprint,
+        "k": answer.k,
+        "options": answer.options.model_dump(mode="json"),
+    }
 
 
 def render(
     kind: str,
-    answer: Answer,
-    results: Sequence[BlockResult],
+    answer: FuseAnswer,
+    target_tokenizer: str,
     tokens: Sequence[str],
     cut: Cut,
     float_dtype: str = "f16",
 ) -> bytes:
     """The body for ``kind`` ("json" or "binary"); ``float_dtype`` applies to binary only."""
+    results = answer.blocks
     if kind == "binary":
         blocks = []
         for i, r in enumerate(results):
             lo, hi = row_range(len(r.block.target_ids), cut.start, cut.end)
             blocks.append(ReplyBlock(i, lo, r.cache_hit, select_rows(r.block, cut.top, lo, hi)))
-        reply = FuseReply(tuple(blocks), **vars(answer))
+        reply = FuseReply(tuple(blocks), **header(answer, target_tokenizer))
         return encode_reply(reply, float_dtype)
     document = {
-        **vars(answer),
+        **header(answer, target_tokenizer),
         "blocks": [block_json(i, r, tokens, cut) for i, r in enumerate(results)],
     }
     return json.dumps(document, ensure_ascii=False, allow_nan=False).encode()

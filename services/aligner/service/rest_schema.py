@@ -26,6 +26,7 @@ from pydantic import (
 
 from fuseserve.errors import InvalidRequest
 from fuseserve.wire.fuse_reply import MEDIA_TYPE
+from fuseserve.wire.requests import FuseCall
 
 NonEmptyText = Annotated[str, Field(min_length=1)]
 
@@ -82,11 +83,26 @@ class FuseBody(BaseModel):
     def all_texts(self) -> list[str]:
         return [self.text] if self.text is not None else list(self.texts or [])
 
+    def call(self) -> FuseCall:
+        """The request as the data plane takes it (the cut, ``top``/``start``/``end``, and the
+        binary answer's ``float_dtype`` stay with the REST adapter)."""
+        return FuseCall(
+            id="",
+            texts=tuple(self.all_texts()),
+            k=self.k,
+            preset=self.preset,
+            options=self.options,
+            teachers=tuple(self.teachers) if self.teachers else None,
+            token_ids=self.token_ids,  # type: ignore[arg-type]  # lists: read, never changed
+        )
+
 
 class ErrorDetail(BaseModel):
     type: str = Field(description="InvalidRequest, Overloaded, Unavailable, Unauthorized, ...")
     message: str = Field(description="what is wrong, starting with the field when there is one")
-    field: str | None = Field(None, description="the request field at fault (422 only)")
+    field: str | None = Field(
+        None, description="the request field at fault (422; 413: body; 415: content-type)"
+    )
 
 
 class ErrorEnvelope(BaseModel):

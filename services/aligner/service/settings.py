@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fuseserve.aligner.options import FusionOptions
 from fuseserve.config_file import load_settings_file
-from fuseserve.wire.grpc_guard import ServerSecurity
+from fuseserve.wire.grpc_server import ServerSecurity
 
 
 def default_vocab_map_dir() -> str:
@@ -80,6 +80,11 @@ class AlignerSettings(BaseSettings, ServerSecurity):
         "most work an overload leaves behind, so normal latency returns within about this long",
     )
     max_stream_inflight: int = Field(8, ge=1, description="blocks in flight per FuseStream")
+    max_prompts: int = Field(
+        4096,
+        ge=1,
+        description="prompts per /v1/completions request (fused in requests of max_texts)",
+    )
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="REST body limit (413)")
     body_timeout_s: float = Field(
         30.0, gt=0, description="a REST body must arrive within this many seconds (408)"

@@ -1,32 +1,43 @@
-"""What guards every fuseserve gRPC server and channel: malformed payloads, a bearer token, TLS.
+"""Every fuseserve gRPC server: one way to start one, and what guards it.
 
-Covers registering a service so that a request that does not parse (bytes that are not the
-message, invalid UTF-8 in a string field) is answered INVALID_ARGUMENT instead of UNKNOWN, and a
-request larger than the server's ``max_message_bytes`` is answered INVALID_ARGUMENT naming that
-limit (not RESOURCE_EXHAUSTED, which callers retry although it can never succeed); a
-server interceptor that wants ``authorization: Bearer <key>`` on every method except
-``grpc.health.v1`` (probes carry no secrets) and answers UNAUTHENTICATED otherwise (constant-time
-comparison, like REST); TLS on the server (certificate + key, and a client CA for mutual TLS) and
-on channels (a CA bundle to trust, a client certificate + key for mutual TLS); and the call
-metadata that carries a key.
+Covers ``start_server`` (the one start-up both the teacher and the aligner use: a ``grpc.aio``
+server with explicit message-size limits, the bearer-key and error-status interceptors, the
+service registered behind the payload guard, ``grpc.health.v1`` and reflection, the port bound,
+TLS), the settings every server shares (``ServerSecurity``), the payload guard (a request that
+does not parse, bytes that are not the message or invalid UTF-8 in a string field, is answered
+INVALID_ARGUMENT instead of UNKNOWN, and one larger than ``max_message_bytes`` INVALID_ARGUMENT
+naming that limit, not RESOURCE_EXHAUSTED, which callers retry although it can never succeed:
+the server reads messages up to twice its limit so that it can say so), a server interceptor
+that wants ``authorization: Bearer <key>`` on every method except ``grpc.health.v1`` (probes carry
+no secrets; constant-time comparison, like REST), TLS on the server (certificate + key, and a
+client CA for mutual TLS), binding the port, and ``Health`` (NOT_SERVING until told otherwise,
+for the whole server and the named service).
 
-Leaves out: the services themselves, and where the settings come from (each service's settings).
+Leaves out: channels (``grpc_channel``), the error -> status mapping (``status``) and the
+services themselves (teacher, aligner).
 """
 
 from __future__ import annotations
 
 import hmac
-import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 from pydantic import BaseModel, Field, SecretStr
 
-from fuseserve.errors import StartupError
-from fuseserve.wire.status import FIELD_KEY
+from fuseserve.errors import (
+    InvalidRequest,
+    PayloadTooLarge,
+    ServiceError,
+    StartupError,
+    Unauthorized,
+)
+from fuseserve.wire.grpc_channel import read_pem
+from fuseserve.wire.status import ErrorStatus, abort_with
 
 OPEN_SERVICES = ("/grpc.health.v1.Health/",)
 
@@ -54,7 +65,7 @@ class ServerSecurity(BaseModel):
 
 @dataclass(frozen=True)
 class _Malformed:
-    message: str
+    error: ServiceError
 
 
 def _safe(
@@ -63,21 +74,23 @@ def _safe(
     def parse(data: bytes) -> object:
         if max_bytes is not None and len(data) > max_bytes:
             return _Malformed(
-                f"request: {len(data)} bytes exceed the server's max_message_bytes={max_bytes}; "
-                "send fewer or shorter texts per request"
+                PayloadTooLarge(
+                    "request",
+                    f"{len(data)} bytes exceed the server's max_message_bytes={max_bytes}; "
+                    "send fewer or shorter texts per request",
+                )
             )
         try:
             return deserializer(data)
         except Exception as exc:  # DecodeError, invalid UTF-8 in a string field, ...
-            return _Malformed(f"request: not a valid message ({str(exc) or type(exc).__name__})")
+            why = str(exc) or type(exc).__name__
+            return _Malformed(InvalidRequest("request", f"not a valid message ({why})"))
 
     return parse
 
 
 async def _reject(context, request: _Malformed) -> None:
-    await context.abort(
-        grpc.StatusCode.INVALID_ARGUMENT, request.message, ((FIELD_KEY, "request"),)
-    )
+    await abort_with(context, request.error)
 
 
 def _guard_handler(handler: grpc.RpcMethodHandler, max_bytes: int | None) -> grpc.RpcMethodHandler:
@@ -177,10 +190,8 @@ class TokenAuth(grpc.aio.ServerInterceptor):
 
 def _deny(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
     async def abort(request_or_iterator, context):
-        await context.abort(
-            grpc.StatusCode.UNAUTHENTICATED,
-            "a valid API key is required: metadata 'authorization: Bearer <key>'",
-        )
+        message = "a valid API key is required: metadata 'authorization: Bearer <key>'"
+        await abort_with(context, Unauthorized(message))
 
     async def abort_stream(request_or_iterator, context):
         await abort(request_or_iterator, context)
@@ -198,20 +209,6 @@ def _deny(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
     return make(abort_stream if kinds[1] else abort)
 
 
-def auth_metadata(key: str | None) -> tuple[tuple[str, str], ...] | None:
-    """Call metadata carrying ``key`` (None: no metadata)."""
-    return (("authorization", f"Bearer {key}"),) if key else None
-
-
-def _read(path: str | None, what: str) -> bytes | None:
-    if not path:
-        return None
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise StartupError(f"{what}: cannot read {path}: {exc.strerror or exc}") from None
-
-
 def server_credentials(
     cert: str | None, key: str | None, client_ca: str | None = None
 ) -> grpc.ServerCredentials | None:
@@ -223,44 +220,9 @@ def server_credentials(
         return None
     if not (cert and key):
         raise StartupError("tls_cert/tls_key: give both the certificate and its key")
-    pair = (_read(key, "tls_key"), _read(cert, "tls_cert"))
-    ca = _read(client_ca, "tls_client_ca")
+    pair = (read_pem(key, "tls_key"), read_pem(cert, "tls_cert"))
+    ca = read_pem(client_ca, "tls_client_ca")
     return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=bool(ca))
-
-
-def channel_credentials(
-    ca: str | None, cert: str | None = None, key: str | None = None
-) -> grpc.ChannelCredentials | None:
-    """TLS for a channel (None: plaintext): trust ``ca`` (a file; "system" trusts the system's
-    roots); ``cert`` + ``key``: the client certificate for mutual TLS."""
-    if not ca:
-        if cert or key:
-            raise StartupError("a client certificate needs TLS: set the CA to trust as well")
-        return None
-    if bool(cert) != bool(key):
-        raise StartupError("client tls cert/key: give both the certificate and its key")
-    roots = None if ca == "system" else _read(ca, "tls_ca")
-    return grpc.ssl_channel_credentials(
-        root_certificates=roots,
-        private_key=_read(key, "tls client key"),
-        certificate_chain=_read(cert, "tls client cert"),
-    )
-
-
-CLIENT_ENV = "FUSESERVE_CLIENT_"
-
-
-def client_security_from_env(environ=None) -> tuple[grpc.ChannelCredentials | None, str | None]:
-    """(TLS credentials, API key) for a client configured only by its environment (the trainer's
-    Ray workers): ``FUSESERVE_CLIENT_TLS_CA`` / ``_TLS_CERT`` / ``_TLS_KEY`` and
-    ``FUSESERVE_CLIENT_API_KEY``; unset: plaintext, no key."""
-    env = os.environ if environ is None else environ
-    credentials = channel_credentials(
-        env.get(CLIENT_ENV + "TLS_CA"),
-        env.get(CLIENT_ENV + "TLS_CERT"),
-        env.get(CLIENT_ENV + "TLS_KEY"),
-    )
-    return credentials, env.get(CLIENT_ENV + "API_KEY") or None
 
 
 def add_port(server, address: str, credentials: grpc.ServerCredentials | None) -> int:
@@ -287,15 +249,85 @@ def add_port(server, address: str, credentials: grpc.ServerCredentials | None) -
         ) from None
 
 
-def aio_channel(
-    address: str, credentials: grpc.ChannelCredentials | None, options
-) -> grpc.aio.Channel:
-    if credentials is None:
-        return grpc.aio.insecure_channel(address, options=options)
-    return grpc.aio.secure_channel(address, credentials, options=options)
+class Health:
+    """grpc.health.v1 status of the server ("") and of one named service, set together."""
+
+    def __init__(self, servicer: health.aio.HealthServicer, service_name: str) -> None:
+        self.servicer = servicer
+        self.service_name = service_name
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", self.service_name):
+            await self.servicer.set(name, status)
 
 
-def sync_channel(address: str, credentials: grpc.ChannelCredentials | None, options=None):
-    if credentials is None:
-        return grpc.insecure_channel(address, options=options)
-    return grpc.secure_channel(address, credentials, options=options)
+def receive_ceiling(max_message_bytes: int) -> int:
+    """What a server's gRPC core accepts before refusing a message on its own: twice the limit,
+    so that a request between the two is read and answered INVALID_ARGUMENT naming
+    ``max_message_bytes`` (the core would answer RESOURCE_EXHAUSTED, which callers retry)."""
+    return 2 * max_message_bytes
+
+
+def new_server(max_message_bytes: int, interceptors=None) -> grpc.aio.Server:
+    """A server that sends at most ``max_message_bytes`` per message and reads up to
+    ``receive_ceiling``; register its services with ``add_guarded`` and the same
+    limit, which refuses requests over it."""
+    options = [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", receive_ceiling(max_message_bytes)),
+    ]
+    return grpc.aio.server(options=options, interceptors=interceptors)
+
+
+async def add_health_and_reflection(server: grpc.aio.Server, service_name: str) -> Health:
+    """Health (NOT_SERVING) and reflection for ``service_name``; call before ``server.start``."""
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    reflection.enable_server_reflection(
+        [service_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    state = Health(servicer, service_name)
+    await state.set_serving(False)
+    return state
+
+
+@dataclass
+class RunningServer:
+    """A started gRPC server: the port it listens on and its health status (NOT_SERVING)."""
+
+    server: grpc.aio.Server
+    port: int
+    health: Health
+
+
+async def start_server(
+    service_name: str,
+    add_servicer: Callable,
+    servicer,
+    address: str,
+    max_message_bytes: int,
+    api_key: str | None = None,
+    credentials: grpc.ServerCredentials | None = None,
+    on_error: Callable[[ServiceError], None] | None = None,
+) -> RunningServer:
+    """Serve ``servicer`` (registered by its generated ``add_XServicer_to_server``) on
+    ``address``: every call but health needs ``api_key`` (None: none), ``credentials``: TLS,
+    every ``ServiceError`` a handler raises answered with its status (``on_error`` sees each
+    first: metrics), requests over ``max_message_bytes`` refused by name. Health NOT_SERVING until
+    ``Health.set_serving``; a port that cannot be bound is a ``StartupError`` naming it."""
+    errors = ErrorStatus(on_error)
+    server = new_server(max_message_bytes, [TokenAuth(api_key), errors] if api_key else [errors])
+    add_guarded(add_servicer, servicer, server, max_message_bytes)
+    health_state = await add_health_and_reflection(server, service_name)
+    try:
+        port = add_port(server, address, credentials)
+    except StartupError:
+        await server.stop(None)
+        raise
+    await server.start()
+    return RunningServer(server, port, health_state)
