@@ -248,6 +248,8 @@ def test_info_teachers_health_metrics(aligner, mistral):
     assert "/v1/fuse" in aligner.rest.get("/openapi.json").json()["paths"]
     metrics = aligner.rest.get("/metrics").text
     assert "fuseserve_aligner_blocks_total" in metrics
+    lag_count = "fuseserve_aligner_event_loop_lag_seconds_count "
+    assert float(metrics.split(lag_count)[1].split()[0]) > 0  # sampled since start-up
     stub, channel = stub_for(aligner)
     with channel:
         info = stub.Info(aligner_pb2.InfoRequest(), timeout=10)

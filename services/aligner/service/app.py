@@ -25,7 +25,7 @@ from fuseserve.aligner.service.cache import LRUCache, RedisCache
 from fuseserve.aligner.service.dataplane import FusionService
 from fuseserve.aligner.service.grpc_api import AlignerServicer, start_grpc
 from fuseserve.aligner.service.http_guard import guarded_http
-from fuseserve.aligner.service.metrics import AlignerMetrics
+from fuseserve.aligner.service.metrics import AlignerMetrics, sample_loop_lag
 from fuseserve.aligner.service.openai_api import add_openai_routes
 from fuseserve.aligner.service.pool import TeacherPool
 from fuseserve.aligner.service.rest import create_app
@@ -207,6 +207,7 @@ async def start_servers(
         settings, service, metrics, grpc_server, grpc_port, sock.getsockname()[1], rest, health
     )
     running.tasks.append(asyncio.create_task(rest.serve(sockets=[sock])))
+    running.tasks.append(asyncio.create_task(sample_loop_lag(metrics.loop_lag)))
     return running
 
 

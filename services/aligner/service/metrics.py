@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -73,6 +76,13 @@ class AlignerMetrics:
         self.inflight = Gauge(
             "fuseserve_aligner_inflight_blocks", "blocks being answered", registry=r
         )
+        self.loop_lag = Histogram(
+            "fuseserve_aligner_event_loop_lag_seconds",
+            "how late the event loop woke from a short sleep: what any request (a refusal "
+            "too) waits before this process reads it (CPU starvation, GIL, blocking work)",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
 
     def _add_teacher_metrics(self, r: CollectorRegistry) -> None:
         """The teachers as this aligner sees them."""
@@ -99,3 +109,11 @@ class AlignerMetrics:
         self.teacher_ready = Gauge(
             "fuseserve_aligner_teacher_ready", "1 when a teacher is usable", ["teacher"], registry=r
         )
+
+
+async def sample_loop_lag(histogram: Histogram, interval_s: float = 0.1) -> None:
+    """Forever: sleep ``interval_s`` and observe how much later than asked the loop woke."""
+    while True:
+        start = time.perf_counter()
+        await asyncio.sleep(interval_s)
+        histogram.observe(max(0.0, time.perf_counter() - start - interval_s))
