@@ -60,9 +60,18 @@ def add_settings_flags(
         if name in skip:
             continue
         flag = "--" + name.replace("_", "-")
-        default = field.default_factory() if field.default_factory else field.default
-        help_text = (field.description or name.replace("_", " ")) + f" (default: {default})"
-        parser.add_argument(flag, dest=name, default=None, help=help_text)
+        parser.add_argument(flag, dest=name, default=None, help=flag_help(name, field))
+
+
+def flag_help(name: str, field) -> str:
+    """A settings field's help line: its description, then "(required)" or a default that is set."""
+    text = field.description or name.replace("_", " ")
+    if field.is_required():
+        return text + " (required)"
+    default = field.default_factory() if field.default_factory else field.default
+    if "default" in text or default is None or default == [] or default == "":
+        return text  # the description says what happens when unset, or unset means off
+    return text + f" (default: {default})"
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"

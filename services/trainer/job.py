@@ -3,6 +3,9 @@
 Covers connecting to Ray (``RAY_ADDRESS`` or a local ``ray.init()``), ScalingConfig (workers, GPU
 or CPU, CPUs per worker), RunConfig (storage path, name, FailureConfig, CheckpointConfig), running
 ``fit()``, and copying the final Hugging Face model out of the last checkpoint (``export_dir``).
+A local Ray runs without its dashboard, so the State API that Ray Train's placement-group
+cleaner polls every second is absent; ``quiet_state_api_polling`` (a worker set-up hook) keeps
+that cleaner's once-a-second warning out of the job's log.
 A run started again with the same ``storage_path`` and ``name`` resumes from its latest
 checkpoint (same step, same data position).
 
@@ -22,6 +25,20 @@ from fuseserve.trainer.config import TrainConfig
 log = logging.getLogger(__name__)
 
 
+#: Ray Train's detached placement-group cleaner, which polls the State API once a second and warns
+#: on every failed poll (thousands of identical lines per run without a dashboard).
+PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_state_api_polling() -> None:
+    """Worker process set-up hook: show only errors from Ray Train's placement-group cleaner."""
+    logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
+
+
+#: The runtime environment of a Ray started by ``run_training``.
+RAY_RUNTIME_ENV = {"worker_process_setup_hook": f"{__name__}.{quiet_state_api_polling.__name__}"}
+
+
 @dataclass(frozen=True)
 class TrainResult:
     metrics: dict
@@ -38,7 +55,12 @@ def run_training(cfg: TrainConfig) -> TrainResult:
 
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, include_dashboard=False, log_to_driver=True)
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            log_to_driver=True,
+            runtime_env=RAY_RUNTIME_ENV,
+        )
     Path(cfg.storage_path).mkdir(parents=True, exist_ok=True)
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:

@@ -86,3 +86,14 @@ def test_cli_names_a_bad_scaling_flag(monkeypatch):
     help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
     for flag in ("--grad-accum", "--parallel", "--activation-checkpointing", "--chat"):
         assert flag in help_text
+
+
+def test_help_says_required_and_real_defaults_only():
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    help_of = {a.dest: a.help for a in train._actions}
+    assert help_of["model"].endswith("(required)")
+    assert help_of["data"].endswith("(required)")
+    assert help_of["block_size"].endswith("(default: 2048)")
+    assert "default" not in help_of["export_dir"]  # unset means off: no "(default: None)"
+    assert help_of["tokenizer"] == "target tokenizer spec (default: model's)"
+    assert not any("PydanticUndefined" in (h or "") for h in help_of.values())
