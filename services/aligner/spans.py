@@ -14,7 +14,12 @@ that follows, which ends at byte e'. With the teacher's tokens ending at bytes b
 3. **Chain rule for the gold**: when the target's next token ends on a teacher boundary e' = b_j'
    it spans the teacher's tokens j+1..j', and its probability is exactly the gold's (conditional)
    probability times the teacher's gold probabilities of tokens j+2..j'; that share of the gold's
-   mass goes to the target's actual next token, the rest to the gold's projection.
+   mass goes to the target's actual next token, the rest to the gold's projection. When the
+   target's next token ends *inside* the gold (the target splits the gold's bytes more finely),
+   all of the gold's mass goes to it: the gold is the text itself, and the target tokenizer
+   reading that text starts with its actual next token there, whatever the first-token table
+   says for the gold's bytes out of context (Mistral v1 reads " NUMPY" as ' N', 'U', 'MP', 'Y',
+   while "UM" alone would start with 'UM').
 4. **Tail**: a row at a shared boundary keeps the teacher's probabilities as they are (top-k is
    not renormalised): the mass on no listed id (outside the teacher's top-k, or on tokens with no
    target counterpart) is the row's tail. Rows from byte conditioning are renormalised over the
@@ -221,9 +226,11 @@ def _chain_rule_for_gold(
     factor = np.exp(cum[np.maximum(jp, 0)] - cum[np.minimum(at.j + 1, m)])  # tokens j+2..j'
     factor[partial] *= _prefix_mass(text, teacher, scores, s_ends, jp[partial], next_end[partial])
     chain = spans_gold & (on_boundary | partial)
+    # the target's next token ends inside the gold: the target splits the gold's own bytes there
+    within = at.has_next & (next_end > t_ends[at.pos]) & (next_end < s_ends[at.nxt])
     rows = np.arange(r)
     gold_mass = mass[rows, cands.gold_col] * (mapped[rows, cands.gold_col] >= 0)
-    exact = np.where(chain, gold_mass * np.minimum(factor, 1.0), 0.0)
+    exact = np.where(chain, gold_mass * np.minimum(factor, 1.0), np.where(within, gold_mass, 0.0))
     mass = mass.copy()
     mass[rows, cands.gold_col] -= exact
     ids = np.concatenate([mapped, np.where(exact > 0, labels[at.pos], -1)[:, None]], axis=1)

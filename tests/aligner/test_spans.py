@@ -136,6 +136,33 @@ def test_chain_rule_when_the_target_token_spans_two_teacher_tokens(
     assert tail == pytest.approx(1 - sum(probs.values()), abs=1e-6)
 
 
+def test_the_gold_goes_to_the_target_token_that_splits_it(
+    mistral_tok, mistral, smol, smol_tok, smol_to_mistral
+):
+    """Where the target's next token ends inside the gold, the gold's mass goes to that token,
+    not to the first token of the gold's bytes read out of context (which the target would
+    not produce on this text)."""
+    # Mistral: ▁( ack now led g ement )     SmolLM2: ( ack now ledge ment )
+    text = "(acknowledgement)"
+    vmap, table = smol_to_mistral
+    scores = hand_scores(
+        smol_tok, smol, text, {2: {"ledge": 0.6, "ledged": 0.2, "led": 0.1, "less": 0.05}}
+    )
+    ids, block = fuse_spans(text, mistral_tok, mistral, smol, vmap, table, scores)
+    assert [mistral.tokens[t] for t in ids] == ["▁(", "ack", "now", "led", "g", "ement", ")"]
+    # out of context "ledge" starts with Mistral's "ledge" and "ge" with "ge": tokens the target
+    # never emits in "acknowledgement"
+    assert mistral.tokens[table.at_start[smol.id_of["ledge"]]] == "ledge"
+    # after "(acknow" (a shared boundary): the gold "ledge" (0.6) is read by the target as "led"
+    # + ...; "ledged" (0.2) and "led" (0.1) start with "led" too; "less" stays; tail unchanged
+    probs, tail = row(block, mistral, 2)
+    assert probs == pytest.approx({"led": 0.9, "less": 0.05}) and tail == pytest.approx(0.05)
+    # after "(acknowled" (3 bytes into "ledge"): "ledge" and "ledged" are left (0.6 : 0.2); the
+    # gold's remainder "ge" is read as "g" + "ement"; "ledged"'s remainder "ged" out of context
+    probs, tail = row(block, mistral, 3)
+    assert probs == pytest.approx({"g": 0.75, "ged": 0.25}) and tail == 0
+
+
 def test_digits_and_whitespace_runs(mistral_tok, mistral, smol, smol_tok, smol_to_mistral):
     # digits: both split one by one; indentation: Mistral "▁▁▁▁▁▁▁▁" + "return", SmolLM2
     # "ĊĠĠĠĠĠĠĠ" + "Ġreturn": the target's boundary after the run is inside "Ġreturn"
