@@ -86,7 +86,8 @@ class FusionOptions(BaseModel):
 
 # 2: a byte-level teacher's runs of spaces are projected with the space and word that follow them
 # (``continuation.RUN_FOLLOWER``; issue #25, item 5)
-# 3: the gold's mass goes to the target's actual next token when that token ends inside the gold
+# 3: the gold's mass goes to the target's actual next token when that token ends inside the gold;
+# in byte-conditioned rows, candidates that end exactly at the bytes read are tail, not dropped
 SPANS_VERSION = 3
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -9,8 +9,9 @@ that follows, which ends at byte e'. With the teacher's tokens ending at bytes b
    first-token projection, exact matches pinned).
 2. **Byte conditioning** (no teacher position ends at e): take the teacher position j with the
    last boundary b < e; the bytes text[b:e] are already known, so keep only the candidates whose
-   text starts with them (the gold always does), renormalise over what is kept, and project each
-   candidate's remainder after e instead of its whole text.
+   text agrees with them (the gold always does), renormalise over those, and project each
+   candidate's remainder after e instead of its whole text. A candidate whose text is exactly
+   text[b:e] ends at e: what the teacher would say after it is not known, so its share is tail.
 3. **Chain rule for the gold**: when the target's next token ends on a teacher boundary e' = b_j'
    it spans the teacher's tokens j+1..j', and its probability is exactly the gold's (conditional)
    probability times the teacher's gold probabilities of tokens j+2..j'; that share of the gold's
@@ -23,7 +24,8 @@ that follows, which ends at byte e'. With the teacher's tokens ending at bytes b
 4. **Tail**: a row at a shared boundary keeps the teacher's probabilities as they are (top-k is
    not renormalised): the mass on no listed id (outside the teacher's top-k, or on tokens with no
    target counterpart) is the row's tail. Rows from byte conditioning are renormalised over the
-   kept candidates (tail 0). ``keep_tail=False`` renormalises every row instead.
+   candidates that agree with the bytes read (tail: the share of those that end there).
+   ``keep_tail=False`` renormalises every row over its listed candidates instead.
 
 When teacher and target tokenizers are the same, every position is case 1 with the target's own
 token, so each row is the teacher's own top-k plus gold, with the teacher's tail.
@@ -98,14 +100,19 @@ def project_spans(
     boundary = np.nonzero(s_ends >= 0)[0]  # teacher positions that end on a byte boundary
     at = _locate_rows(labels, t_ends, s_ends, boundary)
     cands = _candidates(scores, at)
-    mapped, mass = _project_candidates(text, teacher, table, t_ends, s_ends, at, cands)
+    mapped, mass, ended = _project_candidates(text, teacher, table, t_ends, s_ends, at, cands)
 
-    # byte-conditioned rows are renormalised over what is kept (and any row over 1 by rounding)
-    total = mass.sum(axis=1)
-    alive = total > 0
-    renorm = ~at.shared | (not keep_tail) | (total > 1.0)
+    # byte-conditioned rows are renormalised over what agrees with the bytes read, the candidates
+    # that end exactly there becoming tail (what follows them is unknown); any row over 1 by
+    # rounding is renormalised too
+    kept = mass.sum(axis=1)
+    alive = kept > 0
+    ended = ended if keep_tail else np.zeros_like(ended)
+    total = kept + ended
+    renorm = ~at.shared | (not keep_tail) | (kept > 1.0)
     mass = np.where((renorm & alive)[:, None], mass / np.where(alive, total, 1.0)[:, None], mass)
-    tail = np.where(renorm, 0.0, np.clip(1.0 - total, 0.0, 1.0))
+    tail = np.where(renorm, np.where(alive, ended / np.where(alive, total, 1.0), 0.0), 0.0)
+    tail = np.where(renorm, tail, np.clip(1.0 - kept, 0.0, 1.0))
     pair = np.full(n, -1, dtype=np.int64)
     pair[at.pos[alive]] = at.j[alive]
     alignment = Alignment(pair=pair, fallback=labels)
@@ -178,9 +185,13 @@ def _project_candidates(
     gold_offset = gold_len - (s_ends[at.nxt] - t_ends[at.pos])  # robust to a dummy-prefix space
     offset[np.arange(r), cands.gold_col] = np.where(shared, 0, gold_offset)
     keep = cands.ids >= 0
-    keep[~shared] &= _starts_with_known(
-        text, teacher, cands.ids[~shared], s_ends[at.j[~shared]], known[~shared]
-    )
+    ended = np.zeros(r)
+    if (~shared).any():
+        cand = cands.ids[~shared]
+        same = _agrees_with_known(text, teacher, cand, s_ends[at.j[~shared]], known[~shared])
+        size = nbytes[np.maximum(cand, 0)]
+        keep[~shared] &= same & (size > known[~shared][:, None])
+        ended[~shared] = (cands.mass[~shared] * (same & (size == known[~shared][:, None]))).sum(1)
     is_gold = np.zeros((r, width), dtype=bool)
     is_gold[np.arange(r), cands.gold_col] = at.has_next
     gold_ok = (offset >= 0) & (offset < np.maximum(nbytes[np.maximum(cands.ids, 0)], 1))
@@ -188,7 +199,7 @@ def _project_candidates(
     mapped = np.full((r, width), -1, dtype=np.int64)
     where = np.nonzero(keep)
     mapped[where] = table.lookup(cands.ids[where], offset[where])
-    return mapped, np.where(mapped >= 0, cands.mass, 0.0)
+    return mapped, np.where(mapped >= 0, cands.mass, 0.0), ended
 
 
 def _chain_rule_for_gold(
@@ -293,6 +304,16 @@ def _starts_with_known(
 ) -> np.ndarray:
     """[r, c] bool: candidate texts longer than ``known`` bytes that start with the text's bytes
     [start, start + known) of their row."""
+    longer = teacher.surface_nbytes[np.maximum(cand, 0)] > known[:, None]
+    starts: np.ndarray = _agrees_with_known(text, teacher, cand, start, known) & longer
+    return starts
+
+
+def _agrees_with_known(
+    text: str, teacher: TokenizerView, cand: np.ndarray, start: np.ndarray, known: np.ndarray
+) -> np.ndarray:
+    """[r, c] bool: candidates whose text agrees with the text's bytes [start, start + known)
+    of their row over the shorter of the two (and is at least ``known`` bytes long)."""
     if len(cand) == 0:
         return np.zeros(cand.shape, dtype=bool)
     data = np.frombuffer(text.encode("utf-8", "surrogatepass"), dtype=np.uint8)
@@ -305,6 +326,6 @@ def _starts_with_known(
     have = matrix[np.maximum(cand, 0), :width]  # [r, c, width]
     beyond = cols[None, :] >= known[:, None]  # [r, width]
     same = ((have == wanted[:, None, :]) | beyond[:, None, :]).all(axis=-1)
-    longer = teacher.surface_nbytes[np.maximum(cand, 0)] > known[:, None]
-    starts: np.ndarray = same & longer & (cand >= 0)
-    return starts
+    long_enough = teacher.surface_nbytes[np.maximum(cand, 0)] >= known[:, None]
+    agrees: np.ndarray = same & long_enough & (cand >= 0)
+    return agrees
