@@ -171,11 +171,12 @@ def _project_candidates(
     s_ends: np.ndarray,
     at: _Rows,
     cands: _Candidates,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each candidate's target token from the byte offset into its text that the row has
     already read, keeping only candidates consistent with those bytes.
 
-    Returns mapped target ids [r, k+1] (-1: dropped) and their mass (0 where dropped)."""
+    Returns mapped target ids [r, k+1] (-1: dropped), their mass (0 where dropped) and [r] the
+    mass of the candidates that end exactly at the bytes read (byte-conditioned rows)."""
     r, width = cands.ids.shape
     shared = at.shared
     known = (t_ends[at.pos] - s_ends[at.j]) * ~shared  # bytes of teacher token j+1 already read

@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 
 #: Ray Train's detached placement-group cleaner, which polls the State API once a second and warns
 #: on every failed poll (thousands of identical lines per run without a dashboard).
-PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+PLACEMENT_GROUP_CLEANER_LOGGER = (
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+)
 
 
 def quiet_state_api_polling() -> None:
