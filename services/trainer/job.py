@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +33,25 @@ PLACEMENT_GROUP_CLEANER_LOGGER = (
 )
 
 
+#: The cleaner's monitoring thread; with two local Ray instances on one machine its State API
+#: client cannot pick one and the thread dies with a 30-line traceback.
+PLACEMENT_GROUP_CLEANER_THREAD = "PlacementGroupCleanerMonitor"
+
+
 def quiet_state_api_polling() -> None:
-    """Worker process set-up hook: show only errors from Ray Train's placement-group cleaner."""
-    logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
+    """Worker process set-up hook: show only errors from Ray Train's placement-group cleaner, and
+    its monitoring thread's death as one line instead of a traceback."""
+    cleaner = logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER)
+    cleaner.setLevel(logging.ERROR)
+    previous = threading.excepthook
+
+    def one_line_for_the_cleaner(args: threading.ExceptHookArgs) -> None:
+        if args.thread is not None and args.thread.name == PLACEMENT_GROUP_CLEANER_THREAD:
+            cleaner.error("Ray Train's placement-group cleaner stopped: %s", args.exc_value)
+            return
+        previous(args)
+
+    threading.excepthook = one_line_for_the_cleaner
 
 
 #: The runtime environment of a Ray started by ``run_training``.
