@@ -186,15 +186,16 @@ def _project_candidates(
     gold_offset = gold_len - (s_ends[at.nxt] - t_ends[at.pos])  # robust to a dummy-prefix space
     offset[np.arange(r), cands.gold_col] = np.where(shared, 0, gold_offset)
     keep = cands.ids >= 0
+    is_gold = np.zeros((r, width), dtype=bool)
+    is_gold[np.arange(r), cands.gold_col] = at.has_next
     ended = np.zeros(r)
     if (~shared).any():
         cand = cands.ids[~shared]
         same = _agrees_with_known(text, teacher, cand, s_ends[at.j[~shared]], known[~shared])
         size = nbytes[np.maximum(cand, 0)]
         keep[~shared] &= same & (size > known[~shared][:, None])
-        ended[~shared] = (cands.mass[~shared] * (same & (size == known[~shared][:, None]))).sum(1)
-    is_gold = np.zeros((r, width), dtype=bool)
-    is_gold[np.arange(r), cands.gold_col] = at.has_next
+        ends_here = same & (size == known[~shared][:, None]) & ~is_gold[~shared]
+        ended[~shared] = (cands.mass[~shared] * ends_here).sum(axis=1)
     gold_ok = (offset >= 0) & (offset < np.maximum(nbytes[np.maximum(cands.ids, 0)], 1))
     keep = np.where(is_gold & ~shared[:, None], gold_ok & (cands.ids >= 0), keep)
     mapped = np.full((r, width), -1, dtype=np.int64)
@@ -313,8 +314,8 @@ def _starts_with_known(
 def _agrees_with_known(
     text: str, teacher: TokenizerView, cand: np.ndarray, start: np.ndarray, known: np.ndarray
 ) -> np.ndarray:
-    """[r, c] bool: candidates whose text agrees with the text's bytes [start, start + known)
-    of their row over the shorter of the two (and is at least ``known`` bytes long)."""
+    """[r, c] bool: candidates at least ``known`` bytes long whose text starts with the text's
+    bytes [start, start + known) of their row."""
     if len(cand) == 0:
         return np.zeros(cand.shape, dtype=bool)
     data = np.frombuffer(text.encode("utf-8", "surrogatepass"), dtype=np.uint8)
