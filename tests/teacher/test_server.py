@@ -211,7 +211,9 @@ def test_sequences_of_callers_that_have_gone_are_never_computed(loop_thread, tin
             for _ in range(3):
                 request = teacher_pb2.ScoreRequest(texts=["gone before it ran", "me too"], k=2)
                 with pytest.raises(grpc.RpcError) as err:
-                    list(stub.Score(request, timeout=0.3))
+                    # long enough to reach the queue on a loaded machine (0.3 s was not: a
+                    # request could expire before the server queued it, and was not counted)
+                    list(stub.Score(request, timeout=2.0))
                 assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             gated.gate.set()
             (result,), _ = holder.result(60)
