@@ -111,8 +111,8 @@ def project_spans(
     total = kept + ended
     renorm = ~at.shared | (not keep_tail) | (kept > 1.0)
     mass = np.where((renorm & alive)[:, None], mass / np.where(alive, total, 1.0)[:, None], mass)
-    tail = np.where(renorm, np.where(alive, ended / np.where(alive, total, 1.0), 0.0), 0.0)
-    tail = np.where(renorm, tail, np.clip(1.0 - kept, 0.0, 1.0))
+    ended_share = np.where(alive, ended / np.where(alive, total, 1.0), 0.0)
+    tail = np.where(renorm, ended_share, np.clip(1.0 - kept, 0.0, 1.0))
     pair = np.full(n, -1, dtype=np.int64)
     pair[at.pos[alive]] = at.j[alive]
     alignment = Alignment(pair=pair, fallback=labels)
