@@ -39,6 +39,10 @@ def test_minimal_demo_produces_the_table_and_the_plot(tmp_path):
     # the real SmolLM2 is far better than an (almost) untrained small model
     assert rows["teacher: SmolLM2-135M"]["prose"] < rows["target before training"]["prose"]
     assert (tmp_path / "fuseserve-demo.png").stat().st_size > 10_000
+    # 3 steps of 1 x 32 tokens over the target's text, counted with its tokenizer
+    assert results["target_text_tokens"] > 1000
+    assert results["passes"] == pytest.approx(3 * 32 / results["target_text_tokens"])
+    assert "passes over the target's" in run.stdout
     lines = (tmp_path / "fused-metrics.jsonl").read_text().splitlines()
     fused = [json.loads(line) for line in lines]
     assert len(fused) == 3 and all(m["fusion_loss"] > 0 for m in fused)
