@@ -440,7 +440,9 @@ def add_arguments(parser) -> None:
     default_dir = os.environ.get("FUSESERVE_DEMO_DIR", "demo-run")
     parser.add_argument("--work-dir", default=default_dir, help="outputs (default: ./demo-run)")
     parser.add_argument("--minimal", action="store_true", help="smoke-test size (minutes)")
-    parser.add_argument("--steps", type=int, help="training steps of each target run")
+    parser.add_argument(
+        "--steps", type=int, help="training steps of each target run (default: 300)"
+    )
     parser.add_argument("--lam", type=float, help="λ: weight of the CLM loss in the fused run")
     parser.add_argument(
         "--prepare-only",
