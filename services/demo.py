@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 DOMAINS = ("code", "prose")
 OOD = ("prose", "code")  # held-out text from outside the corpus, beside the test split
 HELDOUT = (*DOMAINS, *(f"ood-{k}" for k in OOD))
+ROWS = ("target before training", "CLM only", "fused (FuseLLM)")  # the target's rows
 
 
 @dataclass(frozen=True)
@@ -227,16 +228,32 @@ def write_plot(path: Path, curves: dict[str, list[dict]], table: dict[str, dict[
     ax1.set_ylabel("loss (nats/token)")
     ax1.set_title("training loss")
     ax1.legend()
-    models = list(table)
-    width = 0.8 / len(HELDOUT)
-    for d, domain in enumerate(HELDOUT):
-        xs = [m + d * width for m in range(len(models))]
-        ax2.bar(xs, [table[m][domain] for m in models], width, label=domain)
-    ax2.set_xticks([m + width * (len(HELDOUT) - 1) / 2 for m in range(len(models))])
-    ax2.set_xticklabels(models, rotation=20, ha="right")
+    # the target's three rows only, on an axis that starts near them: the teachers (in the
+    # printed table) would squash the differences that matter here
+    targets = [r for r in ROWS if r in table]
+    columns = [*DOMAINS, "mean", *(f"ood-{k}" for k in OOD), "ood mean"]
+    values = {r: [value_of(table[r], c) for c in columns] for r in targets}
+    width = 0.8 / len(targets)
+    for i, r in enumerate(targets):
+        xs = [c + i * width for c in range(len(columns))]
+        bars = ax2.bar(xs, values[r], width, label=r)
+        ax2.bar_label(bars, fmt="%.2f", fontsize=6, rotation=90, padding=2)
+    low = min(min(v) for v in values.values())
+    high = max(max(v) for v in values.values())
+    ax2.set_ylim(low - 0.15 * (high - low) - 0.05, high + 0.2 * (high - low) + 0.05)
+    ax2.set_xticks([c + width * (len(targets) - 1) / 2 for c in range(len(columns))])
+    ax2.set_xticklabels(columns, rotation=20, ha="right")
     ax2.set_ylabel("bits per byte (lower is better)")
-    ax2.set_title("held-out BPB")
-    ax2.legend()
+    if "CLM only" in table and "fused (FuseLLM)" in table:
+        gains = [
+            mean_of(table["CLM only"], names) - mean_of(table["fused (FuseLLM)"], names)
+            for names in (DOMAINS, [f"ood-{k}" for k in OOD])
+        ]
+        title = f"fused vs CLM only: {gains[0]:+.3f} BPB (test), {gains[1]:+.3f} (outside)"
+    else:
+        title = "held-out BPB"
+    ax2.set_title(f"the target, held out: {title}", fontsize=9)
+    ax2.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -258,6 +275,15 @@ def format_table(table: dict[str, dict[str, float]]) -> str:
 
 def mean_of(row: dict[str, float], names) -> float:
     return sum(row[d] for d in names) / len(names)
+
+
+def value_of(row: dict[str, float], column: str) -> float:
+    """A held-out column, or ``mean`` / ``ood mean`` of the test split / the outside text."""
+    if column == "mean":
+        return mean_of(row, DOMAINS)
+    if column == "ood mean":
+        return mean_of(row, [f"ood-{k}" for k in OOD])
+    return row[column]
 
 
 # ---------------------------------------------------------------------------------- main
@@ -338,9 +364,6 @@ def evaluate_models(models: dict[str, str], heldout: dict[str, list[str]]):
             measured[spec] = {d: r.value for d, r in results.items()}
         table[label] = measured[spec]
     return table
-
-
-ROWS = ("target before training", "CLM only", "fused (FuseLLM)")
 
 
 def count_tokens(corpus: Path, model: Path) -> int:
