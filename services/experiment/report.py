@@ -439,6 +439,16 @@ def _markdown(outcome: Outcome, table, claims: list[dict], gaps: dict, cross_tab
     return md
 
 
+def reference_levels(outcome: Outcome) -> dict[str, float]:
+    """The base, ensemble and merge as Figure 2 draws them: their mean over the test split's
+    domains, the curves' own measure (text from outside the corpus left out)."""
+    return {
+        row: _mean(bpb, outcome.config.corpus.domains)
+        for row, bpb in outcome.baselines.items()
+        if row in ("base", "ensemble", "merge")
+    }
+
+
 def plot_curves(outcome: Outcome, path: Path) -> None:
     """Figure 2: mean held-out BPB vs training tokens, mean over seeds with a ±1 std band."""
     import matplotlib
@@ -463,11 +473,9 @@ def plot_curves(outcome: Outcome, path: Path) -> None:
             crossed = tokens_to_reach(tokens.tolist(), mean.tolist(), level)
             if crossed is not None:
                 ax.plot([crossed], [level], marker="x", markersize=10, color=line.get_color())
-    for row, bpb in outcome.baselines.items():
-        if row in ("base", "ensemble", "merge"):
-            value = sum(bpb.values()) / len(bpb)
-            ax.axhline(value, linestyle=":", linewidth=1, color="grey")
-            ax.annotate(row, (0, value), fontsize=7, color="grey", va="bottom")
+    for row, value in reference_levels(outcome).items():
+        ax.axhline(value, linestyle=":", linewidth=1, color="grey")
+        ax.annotate(row, (0, value), fontsize=7, color="grey", va="bottom")
     ax.set_xlabel("training tokens")
     ax.set_ylabel("held-out BPB, mean over domains")
     ax.set_title(f"{outcome.config.name}: BPB vs training tokens")

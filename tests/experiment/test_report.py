@@ -159,3 +159,16 @@ def test_the_report_files_carry_both_held_out_means_and_the_gap(tmp_path):
     assert "| ood mean |" in md and "gap closed (mean, best: smollm2)" in md
     assert summary["claims"][1]["heldout"] == "ood"
     assert (tmp_path / "bpb-vs-tokens.png").exists()
+
+
+def test_figure_2_draws_the_baselines_at_their_test_split_mean():
+    """The curves are the test split's mean; the base line must be too (it had averaged the
+    outside-the-corpus columns in, drawing the base 0.3 BPB too high in table7-400)."""
+    from fuseserve.experiment.report import reference_levels
+
+    o = ood_outcome()
+    levels = reference_levels(o)
+    assert set(levels) == {"base"}  # the only one of base / ensemble / merge in this outcome
+    base = o.baselines["base"]
+    assert levels["base"] == sum(base[d] for d in ("code", "prose", "c")) / 3
+    assert levels["base"] < sum(base.values()) / len(base)  # outside text is harder here
